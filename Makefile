@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv, install the package, run the whole workflow on the embedded demo data
+#   make test   create .venv, install the package, run the test suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+CORES  ?= all
+
+.PHONY: demo test test-fast test-slurm bench clean venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,slurm]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
+	$(BIN)/bestie show-metrics results/demo/metrics.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slurm: $(STAMP)
+	bash tests/slurm/run_slurm_test.sh
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run --out benchmarks/results/bench.json
+
+clean:
+	rm -rf results logs .snakemake
