@@ -1,0 +1,102 @@
+"""Datasets and input file formats: images, VOC / COCO layouts, point records, demo data, augmentations.
+
+:func:`build_dataset` turns the ``dataset`` section of ``config.yaml`` into a dataset object; VOC and
+COCO datasets share the interface ``ids``, ``class_names``, ``num_classes``, ``len()``,
+``image_path(id)``, ``image(id)``, ``labels(id)``, ``semantic_gt(id)``, ``instances_gt(id)``, ``has_gt(id)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from bestie.errors import ConfigError
+from bestie.data.images import load_label_png, load_rgb
+from bestie.data.voc import VOC_CLASSES, VOCDataset
+from bestie.data.coco import COCODataset
+from bestie.data.points import (
+    centers_from_instances,
+    empty_points,
+    read_points_txt,
+    validate_points,
+    write_points_txt,
+)
+
+# ``bestie.data.demo`` is imported lazily (module ``__getattr__``) so that ``python -m bestie.data.demo``
+# does not find the module already imported by its package.
+_LAZY = {"DEMO_CLASSES": "bestie.data.demo", "generate_demo_dataset": "bestie.data.demo"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bestie.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = [
+    "load_rgb",
+    "load_label_png",
+    "VOC_CLASSES",
+    "VOCDataset",
+    "COCODataset",
+    "DEMO_CLASSES",
+    "generate_demo_dataset",
+    "read_points_txt",
+    "write_points_txt",
+    "validate_points",
+    "centers_from_instances",
+    "empty_points",
+    "build_dataset",
+    "DATASET_FORMATS",
+]
+
+DATASET_FORMATS = ("voc", "coco")
+
+
+def build_dataset(cfg: Mapping[str, Any], split: str | None = None) -> VOCDataset | COCODataset:
+    """Build the dataset described by the ``dataset`` section of ``config.yaml``.
+
+    Keys: ``format`` (``"voc"`` | ``"coco"``, required); VOC: ``root``, ``split`` (default ``"train"``),
+    ``list_file`` (optional ``<id> c1 c2 ...`` list), ``classes`` (None = :data:`VOC_CLASSES`);
+    COCO: ``ann_file``, ``image_dir`` (a ``{split}`` placeholder in either is replaced by the split);
+    both: ``skip_bad_images`` (default False). Keys of the other format are ignored.
+
+    Args:
+        cfg: the mapping.
+        split: overrides ``cfg["split"]``.
+
+    Raises:
+        ConfigError: unknown format (the valid ones are listed) or a missing required key.
+        DataError: from the dataset constructors (missing files, bad labels, ...).
+    """
+    if not isinstance(cfg, Mapping):
+        raise ConfigError(f"dataset: expected a mapping, got {type(cfg).__name__}")
+    fmt = cfg.get("format")
+    split_name = split if split is not None else cfg.get("split") or "train"
+    skip = bool(cfg.get("skip_bad_images", False))
+
+    def need(key: str) -> Any:
+        v = cfg.get(key)
+        if v is None or v == "":
+            raise ConfigError(f"dataset.{key} is required for dataset.format '{fmt}'")
+        return v
+
+    if fmt == "voc":
+        classes = cfg.get("classes")
+        return VOCDataset(
+            root=need("root"),
+            split=split_name,
+            list_file=cfg.get("list_file") or None,
+            class_names=tuple(classes) if classes else VOC_CLASSES,
+            skip_bad_images=skip,
+        )
+    if fmt == "coco":
+        ann = str(need("ann_file")).replace("{split}", split_name)
+        img_dir = str(need("image_dir")).replace("{split}", split_name)
+        return COCODataset(ann, img_dir, skip_bad_images=skip)
+    raise ConfigError(f"dataset.format: unknown format {fmt!r}; valid formats: {', '.join(DATASET_FORMATS)}")
