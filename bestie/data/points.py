@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from bestie.io.atomic import atomic_write
 from bestie.errors import DataError
 
 __all__ = [
@@ -45,22 +45,9 @@ def empty_points() -> np.ndarray:
 
 
 def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: a temp file in the same directory, fsync, ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``data`` to ``path`` atomically (see :func:`bestie.io.atomic.atomic_write`)."""
+    with atomic_write(path, "wb") as f:
+        f.write(data)
 
 
 def _as_points(points: np.ndarray, source: str) -> np.ndarray:
