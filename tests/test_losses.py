@@ -1,0 +1,133 @@
+"""Tests of bestie.losses on hand-computed cases (METHOD.md section 4, "Loss")."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bestie.errors import ConfigError, DataError
+from bestie.losses import BestieLoss, DeepLabCE, weighted_l1, weighted_mse
+
+
+def ce(logit_row, label):
+    return math.log(sum(math.exp(v) for v in logit_row)) - logit_row[label]
+
+
+def test_deeplab_ce_top_k_hand_case():
+    # 10 pixels, 2 classes, logits (0, a_i), label 0: CE_i = log(1 + e^{a_i})
+    a = [-3.0, -1.0, 0.0, 0.5, 1.0, 2.0, 3.0, -2.0, 4.0, 0.2]
+    logits = torch.tensor([[0.0] * 10, a]).reshape(1, 2, 1, 10)
+    labels = torch.zeros((1, 1, 10), dtype=torch.long)
+    per = sorted((ce([0.0, v], 0) for v in a), reverse=True)
+    # top 20 % of 10 pixels = the 2 hardest
+    assert DeepLabCE()(logits, labels).item() == pytest.approx((per[0] + per[1]) / 2, rel=1e-6)
+    assert DeepLabCE(top_k_percent=0.5)(logits, labels).item() == pytest.approx(sum(per[:5]) / 5, rel=1e-6)
+    assert DeepLabCE(top_k_percent=1.0)(logits, labels).item() == pytest.approx(sum(per) / 10, rel=1e-6)
+
+
+def test_deeplab_ce_ignore_label_counts_as_zero_loss_pixels():
+    a = [4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, -3.0, -4.0, -5.0]
+    logits = torch.tensor([[0.0] * 10, a]).reshape(1, 2, 1, 10)
+    labels = torch.tensor([255, 255, 0, 0, 0, 0, 0, 0, 255, 255]).reshape(1, 1, 10)
+    # ignored pixels have loss 0 (here the two hardest ones), the 2 hardest remaining are a = 2 and 1
+    exp = (ce([0, 2.0], 0) + ce([0, 1.0], 0)) / 2
+    assert DeepLabCE()(logits, labels).item() == pytest.approx(exp, rel=1e-6)
+    # mean over all 10 pixels with top_k 1.0 (ignored pixels count with 0 loss, as the reference)
+    exp_all = sum(ce([0, v], 0) for v in a[2:8]) / 10
+    assert DeepLabCE(top_k_percent=1.0)(logits, labels).item() == pytest.approx(exp_all, rel=1e-6)
+    all_ignored = torch.full((1, 1, 10), 255, dtype=torch.long)
+    assert DeepLabCE()(logits, all_ignored).item() == 0.0
+    tiny = DeepLabCE()(logits[..., :2], labels[..., 2:4])  # int(0.2 * 2) = 0 -> at least one pixel
+    assert tiny.item() == pytest.approx(ce([0, 4.0], 0), rel=1e-6)
+    with pytest.raises(ConfigError):
+        DeepLabCE(top_k_percent=0.0)
+    with pytest.raises(DataError):
+        DeepLabCE()(logits, labels[0])
+
+
+def test_weighted_mse_normalisation_and_gradient():
+    pred = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 0.0], [1.0, 1.0]]]], requires_grad=True)  # (1,2,2,2)
+    target = torch.zeros((1, 2, 2, 2))
+    weight = torch.tensor([[[0.0, 0.5], [1.0, 0.0]]])  # two weighted pixels
+    # sum over channels: pixel (0,1): 0.5 * (4 + 0); pixel (1,0): 1 * (9 + 1) -> 12 / 2 pixels
+    loss = weighted_mse(pred, target, weight)
+    assert loss.item() == pytest.approx(6.0)
+    loss.backward()
+    exp_grad = torch.tensor([[[[0.0, 0.5 * 2 * 2 / 2], [1 * 2 * 3 / 2, 0.0]], [[0.0, 0.0], [1 * 2 * 1 / 2, 0.0]]]])
+    torch.testing.assert_close(pred.grad, exp_grad)
+    assert weighted_mse(pred, target, weight[:, None]).item() == pytest.approx(6.0)  # (B, 1, H, W) weight
+
+
+def test_weighted_losses_zero_when_no_weight_with_live_graph():
+    pred = torch.randn(2, 3, 4, 5, requires_grad=True)
+    zero_w = torch.zeros(2, 4, 5)
+    for fn in (weighted_mse, weighted_l1):
+        loss = fn(pred, torch.randn(2, 3, 4, 5), zero_w)
+        assert loss.item() == 0.0 and loss.requires_grad
+        (g,) = torch.autograd.grad(loss, pred)
+        assert torch.count_nonzero(g) == 0
+
+
+def test_weighted_l1_normalisation_and_gradient():
+    pred = torch.tensor([[[[1.0, -2.0]], [[3.0, 0.5]]]], requires_grad=True)  # (1, 2, 1, 2)
+    target = torch.tensor([[[[0.0, 0.0]], [[0.0, 1.0]]]])
+    weight = torch.tensor([[[0.25, 1.0]]])
+    # pixel 0: 0.25 * (1 + 3) = 1; pixel 1: 1 * (2 + 0.5) = 2.5 -> 3.5 / 2
+    loss = weighted_l1(pred, target, weight)
+    assert loss.item() == pytest.approx(1.75)
+    loss.backward()
+    torch.testing.assert_close(pred.grad, torch.tensor([[[[0.125, -0.5]], [[0.125, -0.5]]]]))
+    with pytest.raises(DataError):
+        weighted_l1(pred, target[:, :1], weight)
+    with pytest.raises(DataError):
+        weighted_l1(pred, target, torch.ones(1, 3, 2))
+
+
+def loss_case():
+    seg = torch.zeros((1, 2, 2, 2), requires_grad=True)  # CE = log 2 on every pixel
+    center = torch.zeros((1, 1, 2, 2), requires_grad=True)
+    offset = torch.zeros((1, 2, 2, 2), requires_grad=True)
+    outputs = {"seg": seg, "center": center, "offset": offset}
+    pw = torch.tensor([[[1.0, 0.0], [0.0, 0.0]]])
+    pseudo = {"center": torch.full((1, 1, 2, 2), 0.5), "offset": torch.full((1, 2, 2, 2), 2.0), "weight": pw}
+    rw = torch.tensor([[[1.0, 0.5], [0.0, 0.0]]])
+    refined = {"center": torch.ones((1, 1, 2, 2)), "offset": torch.full((1, 2, 2, 2), 3.0), "weight": rw,
+               "has_center": True}
+    sem = torch.tensor([[[0, 1], [255, 1]]])
+    return outputs, pseudo, refined, sem
+
+
+def test_bestie_loss_weights_and_half_averaging():
+    outputs, pseudo, refined, sem = loss_case()
+    out = BestieLoss()(outputs, pseudo, refined, sem)
+    assert out["seg"].item() == pytest.approx(math.log(2))  # top 20 % of 4 pixels = 1 pixel
+    assert out["center_pseudo"].item() == pytest.approx(0.25 * 200)  # 0.5^2 on one pixel
+    assert out["center_refined"].item() == pytest.approx((1.0 + 0.5) / 2 * 200)
+    assert out["offset_pseudo"].item() == pytest.approx(4.0 * 0.01)  # |2| x 2 channels on one pixel
+    assert out["offset_refined"].item() == pytest.approx((6.0 + 3.0) / 2 * 0.01)
+    assert out["center"].item() == pytest.approx(0.5 * (50 + 150))
+    assert out["offset"].item() == pytest.approx(0.5 * (0.04 + 0.045))
+    assert out["total"].item() == pytest.approx(math.log(2) + 100 + 0.0425)
+    out["total"].backward()
+    for t in outputs.values():
+        assert t.grad is not None and torch.count_nonzero(t.grad) > 0
+
+
+def test_bestie_loss_without_refined_and_point_setting():
+    outputs, pseudo, refined, sem = loss_case()
+    plain = BestieLoss()(outputs, pseudo, None, sem)
+    assert plain["center"].item() == pytest.approx(50.0)  # the pseudo term takes the full weight
+    assert plain["offset"].item() == pytest.approx(0.04)
+    assert plain["total"].item() == pytest.approx(math.log(2) + 50 + 0.04)
+    point = dict(refined, has_center=False, center=torch.zeros((1, 1, 2, 2)))
+    out = BestieLoss()(outputs, pseudo, point, sem)
+    assert out["center"].item() == pytest.approx(50.0)  # no refined center target
+    assert out["offset"].item() == pytest.approx(0.5 * (0.04 + 0.045))
+    custom = BestieLoss(seg_weight=2.0, center_weight=1.0, offset_weight=1.0)(outputs, pseudo, refined, sem)
+    assert custom["total"].item() == pytest.approx(2 * math.log(2) + 0.5 * (0.25 + 0.75) + 0.5 * (4 + 4.5))
+    with pytest.raises(DataError):
+        BestieLoss()({"seg": outputs["seg"]}, pseudo, None, sem)
+    with pytest.raises(ConfigError):
+        BestieLoss(center_weight=-1)

@@ -1,0 +1,316 @@
+"""Tests of bestie.targets (pseudo instance labels, METHOD.md section 4) on hand-made maps and real data."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bestie.errors import ConfigError, DataError
+from bestie.targets import draw_gaussian, gaussian_kernel, make_pseudo_instance_labels
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-voc"
+
+
+def gauss_at(h, w, cy, cx, sigma=6.0):
+    """Independent reference: the kernel on the integer grid, |dy|, |dx| <= 3 sigma + 1, 0 elsewhere."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    g = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    r = int(round(3 * sigma + 1))
+    g[(np.abs(yy - cy) > r) | (np.abs(xx - cx) > r)] = 0
+    return g.astype(np.float32)
+
+
+def test_gaussian_kernel_size_and_values():
+    g = gaussian_kernel(6.0)
+    assert g.shape == (39, 39)  # 6 sigma + 3
+    assert g[19, 19] == 1.0
+    assert g[19 + 3, 19 + 4] == pytest.approx(math.exp(-25 / 72), rel=1e-6)
+    assert g[0, 0] == pytest.approx(math.exp(-(19**2 * 2) / 72), rel=1e-5)
+    assert gaussian_kernel(2).shape == (15, 15)
+    with pytest.raises(ConfigError):
+        gaussian_kernel(0)
+
+
+def test_draw_gaussian_clips_at_border_and_keeps_maximum():
+    heat = np.zeros((10, 12), np.float32)
+    heat[5, 5] = 0.99
+    draw_gaussian(heat, 0, 0, gaussian_kernel(6))
+    assert heat[0, 0] == 1.0
+    assert heat[2, 3] == pytest.approx(math.exp(-13 / 72), rel=1e-6)
+    assert heat[5, 5] == pytest.approx(0.99)  # exp(-50/72) = 0.5 < 0.99: the maximum is kept
+    np.testing.assert_allclose(heat[:, 6:], gauss_at(10, 12, 0, 0)[:, 6:], rtol=1e-6)
+    before = heat.copy()
+    draw_gaussian(heat, -1, 3, gaussian_kernel(6))  # outside the image: nothing
+    draw_gaussian(heat, 12, 3, gaussian_kernel(6))
+    np.testing.assert_array_equal(heat, before)
+    other = np.zeros((10, 12), np.float32)
+    draw_gaussian(other, 11, 9, gaussian_kernel(6))  # bottom-right corner
+    np.testing.assert_allclose(other, gauss_at(10, 12, 9, 11), rtol=1e-6)
+
+
+def test_one_point_component_image_setting_exact():
+    wsss = np.zeros((40, 50), np.uint8)
+    wsss[5:15, 10:30] = 3  # class 2, rows 5..14, cols 10..29: 200 px, mean (y, x) = (9.5, 19.5)
+    wsss[30:35, 0:3] = 255
+    pts = np.array([[12.4, 6.6, 2, 0.9]], np.float32)  # pixel (7, 12), inside
+    out = make_pseudo_instance_labels(wsss, [2], pts, num_classes=4)
+    comp = wsss == 3
+    # centroid (9.5, 19.5) -> nearest pixel with floor(v + 0.5): (10, 20) (the public code truncates: (9, 19))
+    assert out["num_instances"] == 1
+    assert out["center"].shape == (4, 40, 50) and out["center"].dtype == np.float32
+    np.testing.assert_allclose(out["center"][2], gauss_at(40, 50, 10, 20), rtol=1e-6, atol=0)
+    assert not out["center"][[0, 1, 3]].any()
+    yy, xx = np.mgrid[0:40, 0:50]
+    np.testing.assert_array_equal(out["offset"][0], np.where(comp, 10 - yy, 0).astype(np.float32))
+    np.testing.assert_array_equal(out["offset"][1], np.where(comp, 20 - xx, 0).astype(np.float32))
+    np.testing.assert_array_equal(out["weight"], comp.astype(np.float32))
+
+
+def test_centroid_without_tie():
+    wsss = np.zeros((30, 40), np.uint8)
+    wsss[4:13, 3:24] = 1  # rows 4..12 (mean 8), cols 3..23 (mean 13)
+    wsss[4, 3] = 0  # mean y = (9*21*8 - 4) / 188, mean x = (9*21*13 - 3) / 188
+    out = make_pseudo_instance_labels(wsss, [0], [[5, 5, 0, 1.0]], num_classes=1)
+    my, mx = (9 * 21 * 8 - 4) / 188, (9 * 21 * 13 - 3) / 188  # 8.02, 13.05
+    cy, cx = int(math.floor(my + 0.5)), int(math.floor(mx + 0.5))
+    assert (cy, cx) == (8, 13)
+    assert np.unravel_index(np.argmax(out["center"][0]), (30, 40)) == (8, 13)
+    assert out["offset"][0, 12, 23] == 8 - 12 and out["offset"][1, 12, 23] == 13 - 23
+
+
+def test_two_points_or_none_give_no_instance():
+    wsss = np.zeros((40, 60), np.uint8)
+    wsss[2:12, 2:12] = 1  # two points
+    wsss[20:30, 2:12] = 1  # no point
+    wsss[2:12, 30:40] = 1  # one point -> the only instance
+    pts = np.array([[3, 3, 0, 0.9], [8, 8, 0, 0.95], [35, 5, 0, 0.8]], np.float32)
+    out = make_pseudo_instance_labels(wsss, [0], pts, num_classes=1)
+    assert out["num_instances"] == 1
+    assert out["weight"][2:12, 2:12].sum() == 0 and out["weight"][20:30, 2:12].sum() == 0
+    assert out["weight"][2:12, 30:40].min() == 1 and out["weight"].sum() == 100
+    assert not out["offset"][:, 2:12, 2:12].any() and not out["offset"][:, 20:30].any()
+    # only one Gaussian, at the accepted component's centroid (6.5, 34.5) -> (7, 35)
+    np.testing.assert_allclose(out["center"][0], gauss_at(40, 60, 7, 35), rtol=1e-6)
+
+
+def test_diagonal_touch_is_one_component_8_connectivity():
+    wsss = np.zeros((30, 30), np.uint8)
+    wsss[0:8, 0:8] = 1
+    wsss[8:16, 8:16] = 1  # touches the first square only at a corner
+    pts = np.array([[2, 2, 0, 1.0], [12, 12, 0, 1.0]], np.float32)
+    out = make_pseudo_instance_labels(wsss, [0], pts, num_classes=1)
+    assert out["num_instances"] == 0 and out["weight"].sum() == 0
+
+
+def test_small_components_dropped():
+    wsss = np.zeros((30, 40), np.uint8)
+    wsss[1:8, 1:8] = 1  # 49 px
+    wsss[12:17, 1:11] = 1  # 50 px
+    pts = np.array([[3, 3, 0, 1.0], [4, 14, 0, 1.0]], np.float32)
+    out = make_pseudo_instance_labels(wsss, [0], pts, num_classes=1)
+    assert out["num_instances"] == 1
+    assert out["weight"][1:8, 1:8].sum() == 0
+    assert out["weight"][12:17, 1:11].min() == 1 and out["weight"].sum() == 50
+    assert make_pseudo_instance_labels(wsss, [0], pts, num_classes=1, min_area=49)["num_instances"] == 2
+
+
+def test_point_filters_threshold_class_and_image():
+    wsss = np.zeros((30, 60), np.uint8)
+    wsss[2:12, 2:12] = 1
+    wsss[2:12, 20:30] = 2  # class 1 is not in the labels
+    wsss[15:25, 2:12] = 1
+    pts = np.array(
+        [
+            [5, 5, 0, 0.9],
+            [7, 7, 0, 0.69],  # below the 0.7 threshold: ignored, so the first component has one point
+            [25, 5, 1, 1.0],  # class not present
+            [5, 20, 0, 0.7],  # exactly the threshold: kept
+            [100, 5, 0, 1.0],  # outside the image
+        ],
+        np.float32,
+    )
+    out = make_pseudo_instance_labels(wsss, [0], pts, num_classes=2)
+    assert out["num_instances"] == 2
+    assert out["weight"][2:12, 20:30].sum() == 0
+    assert out["weight"].sum() == 200
+    out2 = make_pseudo_instance_labels(wsss, [0], pts, num_classes=2, point_threshold=0.5)
+    assert out2["num_instances"] == 1  # now the first component holds two points
+
+
+def test_point_setting_gaussians_at_points_offsets_to_point():
+    wsss = np.zeros((50, 60), np.uint8)
+    wsss[2:12, 2:22] = 1  # one point -> accepted
+    wsss[20:30, 2:12] = 1  # two points -> rejected, but both Gaussians drawn
+    wsss[35:45, 40:50] = 2  # class 1, one point
+    pts = np.array(
+        [[4, 3, 0, 1.0], [3, 22, 0, 1.0], [9, 28, 0, 1.0], [44, 36, 1, 1.0], [55, 45, 2, 1.0]], np.float32
+    )
+    out = make_pseudo_instance_labels(wsss, [0, 1], pts, num_classes=3, setting="point")
+    expect0 = np.maximum.reduce([gauss_at(50, 60, 3, 4), gauss_at(50, 60, 22, 3), gauss_at(50, 60, 28, 9)])
+    np.testing.assert_allclose(out["center"][0], expect0, rtol=1e-6)
+    np.testing.assert_allclose(out["center"][1], gauss_at(50, 60, 36, 44), rtol=1e-6)
+    assert not out["center"][2].any()  # class 2 absent from the labels
+    assert out["num_instances"] == 2
+    yy, xx = np.mgrid[0:50, 0:60]
+    comp = wsss == 1
+    comp[20:30] = False
+    comp1 = wsss == 2
+    np.testing.assert_array_equal(out["weight"], (comp | comp1).astype(np.float32))
+    exp_dy = np.where(comp, 3 - yy, 0) + np.where(comp1, 36 - yy, 0)
+    exp_dx = np.where(comp, 4 - xx, 0) + np.where(comp1, 44 - xx, 0)
+    np.testing.assert_array_equal(out["offset"][0], exp_dy)
+    np.testing.assert_array_equal(out["offset"][1], exp_dx)
+
+
+def test_point_on_row_and_column_zero_counts():
+    wsss = np.zeros((30, 30), np.uint8)
+    wsss[0:10, 0:10] = 1
+    for setting in ("image", "point"):
+        out = make_pseudo_instance_labels(wsss, [0], [[0, 0, 0, 1.0]], num_classes=1, setting=setting)
+        assert out["num_instances"] == 1, setting
+        assert out["weight"][0:10, 0:10].min() == 1
+    out = make_pseudo_instance_labels(wsss, [0], [[0, 0, 0, 1.0]], num_classes=1, setting="point")
+    assert out["center"][0, 0, 0] == 1.0
+    assert out["offset"][0, 9, 9] == -9 and out["offset"][1, 9, 9] == -9
+    # a point on column 0 only
+    out = make_pseudo_instance_labels(wsss, [0], [[0, 7, 0, 1.0]], num_classes=1, setting="point")
+    assert out["num_instances"] == 1 and out["center"][0, 7, 0] == 1.0
+
+
+def test_two_hundred_points_of_one_class():
+    # 10 x 20 grid of 8x8 blocks (64 px each) separated by one background line, one point per block
+    wsss = np.zeros((90, 180), np.uint8)
+    pts = []
+    for i in range(10):
+        for j in range(20):
+            wsss[9 * i : 9 * i + 8, 9 * j : 9 * j + 8] = 6
+            pts.append([9 * j + (i % 8), 9 * i + (j % 8), 5, 1.0])  # includes x = 0 and y = 0
+    pts = np.array(pts, np.float32)
+    for setting in ("image", "point"):
+        out = make_pseudo_instance_labels(wsss, [5], pts, num_classes=20, setting=setting)
+        assert out["num_instances"] == 200
+        np.testing.assert_array_equal(out["weight"], (wsss == 6).astype(np.float32))
+    peaks = out["center"][5][pts[:, 1].astype(int), pts[:, 0].astype(int)]
+    np.testing.assert_array_equal(peaks, np.ones(200, np.float32))
+
+
+def test_numpy_types_object_arrays_tensors():
+    wsss = np.zeros((30, 30), np.int64)
+    wsss[3:13, 3:13] = 2
+    wsss[20:25, 20:25] = 255
+    ref = make_pseudo_instance_labels(wsss.astype(np.uint8), [1], np.array([[5, 5, 1, 0.9]], np.float32), num_classes=3)
+    variants = [
+        (wsss, np.array([1], np.uint8), np.array([[5, 5, np.int64(1), 0.9]], dtype=object)),
+        (wsss.astype(np.int32), [np.int64(1)], [[np.float64(5), 5, 1, np.float32(0.9)]]),
+        (torch.from_numpy(wsss), torch.tensor([1]), torch.tensor([[5.0, 5.0, 1.0, 0.9]])),
+        (wsss.astype(np.uint16), (1,), np.array([[5, 5, 1, 0.9]], np.float64)),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for w_, l_, p_ in variants:
+            out = make_pseudo_instance_labels(w_, l_, p_, num_classes=3)
+            for key in ("center", "offset", "weight"):
+                np.testing.assert_array_equal(out[key], ref[key])
+            assert out["num_instances"] == 1
+    empty = make_pseudo_instance_labels(wsss, [1], np.zeros((0, 4), np.float32), num_classes=3)
+    assert empty["num_instances"] == 0 and not empty["weight"].any()
+    assert make_pseudo_instance_labels(wsss, [1], None, num_classes=3)["num_instances"] == 0
+    assert make_pseudo_instance_labels(wsss, [1], [], num_classes=3)["num_instances"] == 0
+
+
+def test_bad_inputs_raise_clear_errors():
+    wsss = np.zeros((10, 10), np.uint8)
+    with pytest.raises(DataError, match="shape"):
+        make_pseudo_instance_labels(wsss, [0], np.zeros((3, 3)), num_classes=2)
+    with pytest.raises(DataError, match="class"):
+        make_pseudo_instance_labels(wsss, [0], [[1, 1, 5, 1.0]], num_classes=2)
+    with pytest.raises(DataError, match="class"):
+        make_pseudo_instance_labels(wsss, [2], [], num_classes=2)
+    with pytest.raises(DataError, match="non-finite"):
+        make_pseudo_instance_labels(wsss, [0], [[np.nan, 1, 0, 1.0]], num_classes=2)
+    with pytest.raises(DataError, match="label map"):
+        make_pseudo_instance_labels(np.zeros((2, 10, 10), np.uint8), [0], [], num_classes=2)
+    with pytest.raises(DataError, match="0..255"):
+        make_pseudo_instance_labels(np.full((10, 10), 300), [0], [], num_classes=2)
+    with pytest.raises(DataError, match="integer dtype"):
+        make_pseudo_instance_labels(np.zeros((10, 10), np.float32), [0], [], num_classes=2)
+    with pytest.raises(ConfigError, match="setting"):
+        make_pseudo_instance_labels(wsss, [0], [], num_classes=2, setting="box")
+    with pytest.raises(ConfigError, match="num_classes"):
+        make_pseudo_instance_labels(wsss, [0], [], num_classes=0)
+
+
+def reference_pseudo_weight(wsss, labels, pts, min_area=50):
+    """Independent loop implementation over cv2.connectedComponentsWithStats (as the public code)."""
+    weight = np.zeros(wsss.shape, np.float32)
+    for c in labels:
+        n, lab, stats, _ = cv2.connectedComponentsWithStats((wsss == c + 1).astype(np.uint8), connectivity=8)
+        for k in range(1, n):
+            if stats[k, cv2.CC_STAT_AREA] < min_area:
+                continue
+            inside = sum(1 for x, y, pc, _ in pts if pc == c and lab[int(y), int(x)] == k)
+            if inside == 1:
+                weight[lab == k] = 1
+    return weight
+
+
+def test_matches_loop_reference_on_random_blobs():
+    rng = np.random.default_rng(7)
+    for trial in range(4):
+        noise = cv2.GaussianBlur(rng.random((120, 160)).astype(np.float32), (0, 0), 4)
+        wsss = np.digitize(noise, np.quantile(noise, [0.4, 0.7])).astype(np.uint8)  # 0, 1, 2
+        wsss[rng.random(wsss.shape) < 0.01] = 255
+        pts = [[rng.integers(0, 160), rng.integers(0, 120), rng.integers(0, 2), 1.0] for _ in range(25)]
+        pts = np.array(pts, np.float32)
+        out = make_pseudo_instance_labels(wsss, [0, 1], pts, num_classes=2)
+        ref = reference_pseudo_weight(wsss, [0, 1], pts)
+        np.testing.assert_array_equal(out["weight"], ref)
+        assert ref.sum() > 0 or trial > 0
+
+
+def _voc_instances(stem):
+    from PIL import Image
+
+    cls = np.array(Image.open(DATA / "SegmentationClass" / f"{stem}.png"))
+    obj = np.array(Image.open(DATA / "SegmentationObject" / f"{stem}.png"))
+    return cls, obj
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"real data folder {DATA} absent")
+def test_real_voc_gt_instances_as_points():
+    """GT class map as WSSS, one point inside every GT instance: each instance that forms its own
+    component (>= 50 px, no other instance of its class touching it) must become exactly that instance."""
+    stems = sorted(p.stem for p in (DATA / "SegmentationObject").glob("*.png"))[:12]
+    assert stems
+    accepted_total = 0
+    for stem in stems:
+        cls, obj = _voc_instances(stem)
+        ids = [i for i in np.unique(obj) if i not in (0, 255)]
+        pts, labels = [], set()
+        for i in ids:
+            m = obj == i
+            c = int(np.bincount(cls[m]).argmax()) - 1
+            ys, xs = np.nonzero(m & (cls == c + 1))
+            j = len(ys) // 2
+            pts.append([xs[j], ys[j], c, 1.0])
+            labels.add(c)
+        pts = np.array(pts, np.float32).reshape(-1, 4)
+        out = make_pseudo_instance_labels(cls, sorted(labels), pts, num_classes=20)
+        ref = reference_pseudo_weight(cls, sorted(labels), pts)
+        np.testing.assert_array_equal(out["weight"], ref)
+        accepted_total += out["num_instances"]
+        # offsets point to a pixel whose center map value is 1 (the Gaussian peak) for every weighted pixel
+        w = out["weight"] > 0
+        if w.any():
+            ys, xs = np.nonzero(w)
+            ty = ys + out["offset"][0][w].astype(int)
+            tx = xs + out["offset"][1][w].astype(int)
+            peak = out["center"].max(axis=0)[ty, tx]
+            np.testing.assert_array_equal(peak, np.ones_like(peak))
+    assert accepted_total > 0
