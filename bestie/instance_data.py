@@ -1,0 +1,331 @@
+"""Training samples of the BESTIE network (METHOD.md section 4).
+
+:class:`BestieTrainDataset` turns one image of a dataset (``bestie.data.build_dataset``) into a training
+sample: the image, its WSSS map (stage 3, HDF5 ``wsss`` per id), its points (peak points of stage 2,
+HDF5 ``points`` per id, in the image setting; GT instance centers from ``instances_gt`` in the point
+setting), augmented jointly, and the pseudo instance labels computed **after** augmentation by
+:func:`bestie.targets.make_pseudo_instance_labels`.
+
+Augmentation, in order (reference settings of METHOD.md section 4; the public code's order):
+
+1. photometric distortion (image only),
+2. resize so that the long side is ``resize`` pixels (480; ``None``: keep the size),
+3. random scale, a factor drawn from ``scales`` (0.7 .. 1.3 in steps of 0.1),
+4. random crop ``crop_size`` (416). An image smaller than the crop is padded: the image with the mean
+   pixel of the encoder normalisation (0 after normalisation), the semantic map with **255 = ignore**.
+   (The public code padded the semantic map with 0 = background, which teaches the network that the
+   padding is background.) Points outside the crop are dropped.
+5. horizontal flip with probability 0.5.
+
+Determinism: the augmentation of a sample depends only on ``(seed, epoch, index)`` through
+``numpy.random.default_rng([seed, epoch, index])``: the same sample is produced in any worker process,
+under any number of DDP processes and after a resume. :class:`IterationSampler` yields those
+``(epoch, index)`` keys for iteration-based training.
+
+Images whose label set is empty cannot give an instance and are excluded (a documented skip, counted
+in :attr:`BestieTrainDataset.num_skipped_empty` and logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from bestie.data import transforms as T
+from bestie.data.points import centers_from_instances, validate_points
+from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.io.h5store import H5Reader
+from bestie.targets import make_pseudo_instance_labels
+
+__all__ = ["BestieTrainDataset", "IterationSampler", "MAX_POINTS"]
+
+log = logging.getLogger(__name__)
+
+#: Points kept per sample in the padded ``points`` tensor (the public code's class-wise buffer held 128).
+MAX_POINTS = 128
+
+
+def _fmt_ids(ids: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+class BestieTrainDataset(Dataset):
+    """BESTIE training samples with pseudo instance labels (see the module docstring).
+
+    Args:
+        dataset: a dataset of ``bestie.data`` (``ids``, ``num_classes``, ``image(id)``, ``labels(id)``,
+            ``instances_gt(id)``).
+        wsss_h5: HDF5 store with a ``wsss`` ``(H, W)`` uint8 map per id (0 bg, ``c + 1``, 255 ignore),
+            of the size of the image.
+        points_h5: HDF5 store with ``points`` ``(N, 4)`` float32 per id (image setting; required there,
+            ignored in the point setting).
+        setting: ``"image"`` or ``"point"``.
+        crop_size: square crop side in pixels (416).
+        resize: long side before the random scale (480), or None to keep the size.
+        scales: random-scale factors (0.7 .. 1.3).
+        mean, std: RGB normalisation of the encoder (inputs in [0, 1]).
+        sigma, min_area, point_threshold: pseudo-label parameters (6, 50, 0.7).
+        seed: augmentation seed (3407).
+        photometric, flip: enable those augmentations.
+        max_points: size of the padded ``points`` tensor.
+
+    Raises:
+        ConfigError: bad setting / sizes, or ``points_h5`` missing in the image setting.
+        ArtifactError: an id of the dataset missing from an HDF5 store (names the file and ids).
+        DataError: every image has an empty label set, or (point setting) an image has no GT instances.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        wsss_h5: str | os.PathLike,
+        points_h5: str | os.PathLike | None = None,
+        *,
+        setting: str = "image",
+        crop_size: int = 416,
+        resize: int | None = 480,
+        scales: Sequence[float] = T.DEFAULT_SCALES,
+        mean: Sequence[float] = T.IMAGENET_MEAN,
+        std: Sequence[float] = T.IMAGENET_STD,
+        sigma: float = 6.0,
+        min_area: int = 50,
+        point_threshold: float = 0.7,
+        seed: int = 3407,
+        photometric: bool = True,
+        flip: bool = True,
+        max_points: int = MAX_POINTS,
+    ) -> None:
+        if setting not in ("image", "point"):
+            raise ConfigError(f"bestie.setting must be 'image' or 'point', got {setting!r}")
+        if int(crop_size) < 1 or (resize is not None and int(resize) < 1):
+            raise ConfigError(f"bestie.crop_size / bestie.resize must be positive, got {crop_size}, {resize}")
+        if setting == "image" and points_h5 is None:
+            raise ConfigError("bestie: the image setting needs the peak points HDF5 (points_h5)")
+        self.dataset = dataset
+        self.num_classes = int(dataset.num_classes)
+        self.setting = setting
+        self.wsss_path = Path(wsss_h5)
+        self.points_path = Path(points_h5) if (points_h5 is not None and setting == "image") else None
+        self.crop_size = int(crop_size)
+        self.resize = None if resize is None else int(resize)
+        self.scales = tuple(float(s) for s in scales)
+        self.mean = tuple(float(v) for v in mean)
+        self.std = tuple(float(v) for v in std)
+        self.image_pad = tuple(int(round(255 * m)) for m in self.mean)
+        self.sigma, self.min_area, self.point_threshold = float(sigma), int(min_area), float(point_threshold)
+        self.seed = int(seed)
+        self.photometric, self.flip = bool(photometric), bool(flip)
+        self.max_points = int(max_points)
+
+        ids, labels, empty = [], [], []
+        for img_id in dataset.ids:
+            lab = tuple(int(c) for c in dataset.labels(img_id))
+            if lab:
+                ids.append(img_id)
+                labels.append(lab)
+            else:
+                empty.append(img_id)
+        self.num_skipped_empty = len(empty)
+        if empty:
+            log.info("BESTIE training: %d image(s) with an empty label set are excluded (no instance to learn): %s",
+                     len(empty), _fmt_ids(empty))
+        if not ids:
+            raise DataError(f"BESTIE training: all {len(empty)} image(s) of the dataset have an empty label set")
+        self.ids: list[str] = ids
+        self.labels: list[tuple[int, ...]] = labels
+        for path, what in ((self.wsss_path, "WSSS maps"), (self.points_path, "peak points")):
+            if path is None:
+                continue
+            with H5Reader(path) as reader:
+                missing = [i for i in ids if i not in reader]
+            if missing:
+                raise ArtifactError(f"{path}: {what} missing for {len(missing)} of {len(ids)} training image(s): "
+                                    f"{_fmt_ids(missing)}")
+        if setting == "point" and hasattr(dataset, "has_gt"):
+            no_gt = [i for i in ids if not dataset.has_gt(i)]
+            if no_gt:
+                raise DataError(f"point setting: {len(no_gt)} training image(s) have no GT instances to take the "
+                                f"points from: {_fmt_ids(no_gt)}")
+        self._readers: dict[str, H5Reader] = {}
+        self._reader_pid: int | None = None
+
+    # ------------------------------------------------------------------ lazy per-process HDF5 readers
+    def _reader(self, path: Path) -> H5Reader:
+        pid = os.getpid()
+        if self._reader_pid != pid:  # a forked worker must not share the parent's h5py handles
+            self._readers = {}
+            self._reader_pid = pid
+        key = str(path)
+        if key not in self._readers:
+            self._readers[key] = H5Reader(path)
+        return self._readers[key]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_readers"], state["_reader_pid"] = {}, None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    # ------------------------------------------------------------------ loading
+    def load_raw(self, index: int) -> dict[str, Any]:
+        """The un-augmented inputs of sample ``index``.
+
+        Returns:
+            ``{"id", "image" (H, W, 3) uint8, "semantic" (H, W) uint8 WSSS map, "points" (N, 4) float32
+            (off-image points dropped), "labels" tuple, "points_dropped" int}``.
+
+        Raises:
+            ArtifactError: a WSSS map of another size than the image (names file and id).
+            DataError: malformed points, or (point setting) missing GT instances.
+        """
+        img_id = self.ids[index]
+        image = self.dataset.image(img_id)
+        h, w = image.shape[:2]
+        wsss = np.asarray(self._reader(self.wsss_path).read_array(img_id, "wsss"))
+        if wsss.shape != (h, w):
+            raise ArtifactError(f"{self.wsss_path}: WSSS map of {img_id!r} is {wsss.shape} but the image is {(h, w)}")
+        if wsss.dtype != np.uint8:
+            if wsss.size and (wsss.min() < 0 or wsss.max() > 255):
+                raise ArtifactError(f"{self.wsss_path}: WSSS map of {img_id!r} has values outside 0..255")
+            wsss = wsss.astype(np.uint8)
+        if self.setting == "image":
+            assert self.points_path is not None
+            raw = self._reader(self.points_path).read_array(img_id, "points")
+            source = f"{self.points_path} [{img_id}]"
+        else:
+            gt = self.dataset.instances_gt(img_id)
+            if gt is None:
+                raise DataError(f"point setting: image {img_id!r} has no GT instances to take the points from")
+            raw = centers_from_instances(gt["masks"], gt["labels"])
+            source = f"GT centers of {img_id!r}"
+        points, dropped = validate_points(raw, h, w, self.num_classes, source)
+        return {"id": img_id, "image": image, "semantic": wsss, "points": points,
+                "labels": self.labels[index], "points_dropped": dropped}
+
+    def augment(self, raw: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        """Apply the training augmentation (module docstring) to a raw sample; returns the sample dict."""
+        sample = {"image": raw["image"], "semantic": raw["semantic"], "points": raw["points"]}
+        if self.photometric:
+            sample = T.photometric_distortion(sample, rng)
+        if self.resize is not None:
+            sample = T.resize_long(sample, self.resize)
+        sample = T.random_scale(sample, rng, self.scales)
+        sample = T.random_crop(sample, rng, self.crop_size, image_pad=self.image_pad, label_pad=255)
+        if self.flip:
+            sample = T.hflip(sample, rng)
+        return sample
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """One training sample; ``key`` is an index or an ``(epoch, index)`` pair (epoch 0 for an index).
+
+        Returns:
+            dict of tensors:
+            ``"image"`` ``(3, S, S)`` float32 normalised; ``"semantic"`` ``(S, S)`` int64 (0 bg, ``c + 1``,
+            255 ignore, incl. the crop padding); ``"center"`` ``(C, S, S)`` float32; ``"offset"`` ``(2, S, S)``
+            float32 ``(dy, dx)``; ``"weight"`` ``(S, S)`` float32; ``"labels"`` ``(C,)`` float32 multi-hot;
+            ``"points"`` ``(P, 4)`` float32 ``x, y, class, conf`` in crop pixels, padded with zeros,
+            highest confidence first; ``"num_points"`` int64 (valid rows); ``"num_instances"`` int64
+            (accepted pseudo instances); ``"points_dropped"`` int64 (off-image points in the input);
+            ``"index"`` int64. ``S`` = ``crop_size``, ``P`` = ``max_points``.
+        """
+        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (0, int(key))
+        if not 0 <= index < len(self.ids):
+            raise IndexError(f"sample index {index} outside 0..{len(self.ids) - 1}")
+        rng = np.random.default_rng([self.seed, epoch, index])
+        raw = self.load_raw(index)
+        sample = self.augment(raw, rng)
+        sem = sample["semantic"]
+        pts = np.asarray(sample["points"], dtype=np.float32).reshape(-1, 4)
+        targets = make_pseudo_instance_labels(
+            sem, raw["labels"], pts, num_classes=self.num_classes, setting=self.setting,
+            sigma=self.sigma, min_area=self.min_area, point_threshold=self.point_threshold,
+        )
+        order = np.argsort(-pts[:, 3], kind="stable")[: self.max_points]
+        padded = np.zeros((self.max_points, 4), dtype=np.float32)
+        padded[: order.size] = pts[order]
+        multi_hot = np.zeros(self.num_classes, dtype=np.float32)
+        multi_hot[list(raw["labels"])] = 1.0
+        image = T.normalize(sample["image"], self.mean, self.std)
+        return {
+            "image": torch.from_numpy(image),
+            "semantic": torch.from_numpy(sem.astype(np.int64)),
+            "center": torch.from_numpy(np.ascontiguousarray(targets["center"], dtype=np.float32)),
+            "offset": torch.from_numpy(np.ascontiguousarray(targets["offset"], dtype=np.float32)),
+            "weight": torch.from_numpy(np.ascontiguousarray(targets["weight"], dtype=np.float32)),
+            "labels": torch.from_numpy(multi_hot),
+            "points": torch.from_numpy(padded),
+            "num_points": torch.tensor(int(order.size), dtype=torch.int64),
+            "num_instances": torch.tensor(int(targets["num_instances"]), dtype=torch.int64),
+            "points_dropped": torch.tensor(int(raw["points_dropped"]), dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+
+
+class IterationSampler(Sampler):
+    """Infinite, resumable, DDP-consistent sample order for iteration-based training.
+
+    The global sample stream is the concatenation of epochs; epoch ``e`` visits every index once in the
+    order ``numpy.random.default_rng([seed, e]).permutation(n)`` (or ``0..n-1`` when ``shuffle`` is off).
+    Iteration ``t`` consumes stream positions ``t * B .. (t + 1) * B - 1`` (``B`` = global batch); process
+    ``rank`` of ``world_size`` takes the ``rank``-th slice of ``B / world_size`` of them. So the global batch
+    of an iteration is the same for any number of processes, and a run resumed at iteration ``t`` sees the
+    same batches as an uninterrupted one. Yields ``(epoch, index)`` keys for :class:`BestieTrainDataset`.
+
+    Args:
+        num_samples: dataset length ``n``.
+        global_batch: ``B``, divisible by ``world_size``.
+        rank, world_size: DDP position (0, 1 for a single process).
+        seed: order seed.
+        start_iteration: first iteration to yield samples for (resume).
+        shuffle: permute each epoch.
+
+    Raises:
+        ConfigError: ``B`` not divisible by ``world_size``, or non-positive sizes.
+    """
+
+    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start_iteration: int = 0, shuffle: bool = True) -> None:
+        if num_samples < 1 or global_batch < 1 or world_size < 1:
+            raise ConfigError(f"IterationSampler: need positive sizes, got n={num_samples}, B={global_batch}, "
+                              f"world={world_size}")
+        if global_batch % world_size:
+            raise ConfigError(f"bestie.batch_size {global_batch} is not divisible by the {world_size} processes")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"IterationSampler: rank {rank} outside 0..{world_size - 1}")
+        self.n, self.B, self.rank, self.world = int(num_samples), int(global_batch), int(rank), int(world_size)
+        self.local_batch = self.B // self.world
+        self.seed, self.start_iteration, self.shuffle = int(seed), int(start_iteration), bool(shuffle)
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
+                          else np.arange(self.n))
+            self._perm_epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+    def keys_for_iteration(self, iteration: int) -> list[tuple[int, int]]:
+        """The ``(epoch, index)`` keys of this process for ``iteration``."""
+        start = iteration * self.B + self.rank * self.local_batch
+        keys = []
+        for pos in range(start, start + self.local_batch):
+            epoch, k = divmod(pos, self.n)
+            keys.append((epoch, int(self._order(epoch)[k])))
+        return keys
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        t = self.start_iteration
+        while True:
+            yield from self.keys_for_iteration(t)
+            t += 1

@@ -1,0 +1,447 @@
+"""Stage 4: BESTIE training (semantic knowledge transfer + online self-refinement), METHOD.md section 4.
+
+Each iteration: forward the batch; the pseudo instance labels of the batch (made per sample after
+augmentation by :class:`bestie.instance_data.BestieTrainDataset`) are one target; from iteration
+``refine_iter`` on (when ``refine`` is on) the refined targets of :func:`bestie.refine.refine_targets`,
+computed from the network's own detached outputs, are the other; :class:`bestie.losses.BestieLoss`
+combines them; the NaN/inf guard runs; Adam steps; the warm-up + poly schedule steps.
+
+Launch: a plain ``python`` process (CPU or one GPU) or ``torchrun`` (DDP: Gloo on CPU, NCCL on GPUs, with
+SyncBatchNorm on GPUs; the global ``batch_size`` is split over the processes). No environment variable
+is required for a plain launch (the public code crashed without ``LOCAL_RANK``).
+
+Files:
+
+- ``out_checkpoint``: the **last** model (weights at ``max_iters``), written atomically at the end.
+- ``<stem>.best<suffix>`` next to it (e.g. ``model.best.pt``): the weights with the best validation
+  mAP50, written whenever validation improves (only when validation runs). The public code saved the
+  final "best" under the name of the last model; here the names are fixed and the checkpoint records
+  its ``kind`` (``"last"`` / ``"best"``) and iteration.
+- ``<out_checkpoint>.partial``: full training state (model, optimizer, scheduler, GradScaler, RNG,
+  iteration) every ``checkpoint_every`` iterations. A killed run started again with the same config
+  resumes from it and ends with the weights an uninterrupted run would have (data order and
+  augmentation depend only on ``(seed, epoch, index)``); it is removed when the final checkpoint exists.
+  A partial file from a different config is refused (ConfigError) rather than silently mixed.
+- ``out_log``: JSON lines: ``start``, ``train`` (losses every ``log_every`` iterations, averaged over the
+  processes), ``val`` and ``end`` records.
+
+All checkpoints are :func:`bestie.engine.save_checkpoint` files whose ``extra`` holds ``model_config``,
+``mean``, ``std``, ``class_names`` and ``kind``; :func:`bestie.stages.predict_instances.load_bestie_model`
+rebuilds the network from any of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch.utils.data import DataLoader
+
+from bestie.config import to_dict
+from bestie.data.transforms import DEFAULT_SCALES
+from bestie.errors import ConfigError, DataError
+from bestie import engine
+
+__all__ = ["BestieConfig", "best_checkpoint_path", "partial_checkpoint_path", "train_step", "run"]
+
+log = logging.getLogger(__name__)
+
+# Config keys that may change between a killed run and its resumption without changing the result.
+_RESUME_FREE_KEYS = {"num_workers", "checkpoint_every", "log_every", "val_every", "val_max_images", "val_split"}
+
+
+@dataclass(frozen=True)
+class BestieConfig:
+    """Settings of BESTIE training (config section ``bestie``). Defaults: METHOD.md section 4.
+
+    Attributes:
+        backbone: encoder (``tf_efficientnet_lite0`` on CPU; the paper's ``hrnet_w48`` needs a weights file).
+        weights: encoder weights: ``"imagenet"`` (EfficientNet-Lite0 package), a file path, or null (random).
+        head: ``"light"`` (HRNet-style heads) or ``"deeplab"`` (Panoptic-DeepLab decoders).
+        head_channels, fusion_channels, hrnet_fusion, output_stride: see :class:`~bestie.models.instance.BestieNet`.
+        setting: ``"image"`` (image-level labels + peak points) or ``"point"`` (GT center points).
+        sigma, min_area, point_threshold: pseudo-label parameters (6, 50, 0.7).
+        refine: online self-refinement on/off; ``refine_iter``: first (0-based) iteration that uses it
+            (the public code's default 0: refinement from the start).
+        center_threshold_refine, nms_kernel, beta, max_instances: refinement grouping (0.3, 41, 3, 5).
+        seg_weight, center_weight, offset_weight: loss weights (1, 200, 0.01); ``top_k_percent``: hard
+            pixel share of the DeepLab CE (0.2).
+        lr, weight_decay, warmup_iters, max_iters, poly_power: Adam + warm-up/poly schedule
+            (5e-5, 0, 2000, 50000, 0.9).
+        batch_size: global batch, split evenly over the DDP processes (16).
+        crop_size, resize, scales: augmentation (416, long side 480, 0.7..1.3 step 0.1).
+        photometric, flip: enable those augmentations.
+        bn_momentum: BatchNorm momentum (0.01). ``sync_bn``: SyncBatchNorm under DDP on GPUs.
+        seed: seed of model init, data order and augmentation (3407).
+        num_workers: DataLoader workers per process.
+        checkpoint_every: iterations between resumable partial checkpoints.
+        val_every: iterations between validations (0 = only at the end; validation needs ``val_split``).
+        val_split: split scored during training (mAP50 against GT masks), or null for no validation.
+        val_max_images: score at most this many images of ``val_split`` (null = all).
+        val_flip: flip TTA during validation (the public image-label script turns it off).
+        log_every: iterations between ``train`` log records.
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); ignored on CPU.
+    """
+
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str | None = "imagenet"
+    head: str = "light"
+    head_channels: int = 256
+    fusion_channels: int = 64
+    hrnet_fusion: str = "branch0"
+    output_stride: int | None = None
+    setting: str = "image"
+    sigma: float = 6.0
+    min_area: int = 50
+    point_threshold: float = 0.7
+    refine: bool = True
+    refine_iter: int = 0
+    center_threshold_refine: float = 0.3
+    nms_kernel: int = 41
+    beta: float = 3.0
+    max_instances: int = 5
+    seg_weight: float = 1.0
+    center_weight: float = 200.0
+    offset_weight: float = 0.01
+    top_k_percent: float = 0.2
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_iters: int = 2000
+    max_iters: int = 50000
+    poly_power: float = 0.9
+    batch_size: int = 16
+    crop_size: int = 416
+    resize: int | None = 480
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    photometric: bool = True
+    flip: bool = True
+    bn_momentum: float = 0.01
+    sync_bn: bool = True
+    seed: int = 3407
+    num_workers: int = 4
+    checkpoint_every: int = 1000
+    val_every: int = 1000
+    val_split: str | None = "val"
+    val_max_images: int | None = None
+    val_flip: bool = False
+    log_every: int = 20
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.setting in ("image", "point"), f"bestie.setting must be 'image' or 'point', got {self.setting!r}"),
+            (self.head in ("light", "deeplab"), f"bestie.head must be 'light' or 'deeplab', got {self.head!r}"),
+            (self.max_iters >= 1, f"bestie.max_iters must be >= 1, got {self.max_iters}"),
+            (self.batch_size >= 1, f"bestie.batch_size must be >= 1, got {self.batch_size}"),
+            (self.crop_size >= 8, f"bestie.crop_size must be >= 8, got {self.crop_size}"),
+            (self.resize is None or self.resize >= 8, f"bestie.resize must be >= 8 or null, got {self.resize}"),
+            (len(self.scales) > 0 and min(self.scales) > 0, f"bestie.scales must be positive, got {self.scales}"),
+            (self.lr > 0, f"bestie.lr must be > 0, got {self.lr}"),
+            (self.warmup_iters >= 0, f"bestie.warmup_iters must be >= 0, got {self.warmup_iters}"),
+            (self.refine_iter >= 0, f"bestie.refine_iter must be >= 0, got {self.refine_iter}"),
+            (self.checkpoint_every >= 1, f"bestie.checkpoint_every must be >= 1, got {self.checkpoint_every}"),
+            (self.val_every >= 0, f"bestie.val_every must be >= 0, got {self.val_every}"),
+            (self.log_every >= 1, f"bestie.log_every must be >= 1, got {self.log_every}"),
+            (self.num_workers >= 0, f"bestie.num_workers must be >= 0, got {self.num_workers}"),
+            (0.0 < self.top_k_percent <= 1.0, f"bestie.top_k_percent must be in (0, 1], got {self.top_k_percent}"),
+            (0.0 < self.bn_momentum <= 1.0, f"bestie.bn_momentum must be in (0, 1], got {self.bn_momentum}"),
+            (self.nms_kernel >= 1 and self.nms_kernel % 2 == 1,
+             f"bestie.nms_kernel must be odd, got {self.nms_kernel}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+
+def best_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:
+    """``model.pt`` -> ``model.best.pt``: where the best-validation weights go."""
+    p = Path(out_checkpoint)
+    return p.with_name(f"{p.stem}.best{p.suffix}")
+
+
+def partial_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:
+    """``model.pt`` -> ``model.pt.partial``: the resumable training state."""
+    p = Path(out_checkpoint)
+    return p.with_name(p.name + ".partial")
+
+
+def _model_kwargs(cfg: BestieConfig) -> dict[str, Any]:
+    return dict(head_channels=cfg.head_channels, fusion_channels=cfg.fusion_channels, hrnet_fusion=cfg.hrnet_fusion,
+                bn_momentum=cfg.bn_momentum, output_stride=cfg.output_stride)
+
+
+def _resume_key(cfg: BestieConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg).items() if k not in _RESUME_FREE_KEYS}
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    loss_fn: torch.nn.Module,
+    cfg: BestieConfig,
+    iteration: int,
+    device: torch.device,
+    *,
+    amp: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Forward, targets and loss of one iteration (no backward, no optimizer step).
+
+    Args:
+        model: the network (possibly DDP-wrapped), in train mode.
+        batch: a collated batch of :class:`~bestie.instance_data.BestieTrainDataset` samples.
+        loss_fn: :class:`bestie.losses.BestieLoss`.
+        cfg: refinement settings (``refine``, ``refine_iter``, grouping parameters, ``setting``).
+        iteration: 0-based iteration (refinement runs when ``refine`` and ``iteration >= refine_iter``).
+        device: the model's device.
+        amp: run the forward under :func:`bestie.engine.autocast_context`.
+
+    Returns:
+        The loss dict of ``loss_fn`` (scalar tensors incl. ``"total"``) plus ``"refined"`` (1.0 when the
+        refined targets were used, else 0.0).
+    """
+    from bestie.refine import refine_targets
+
+    images = batch["image"].to(device, non_blocking=True)
+    semantic = batch["semantic"].to(device, non_blocking=True)
+    pseudo = {k: batch[k].to(device, non_blocking=True) for k in ("center", "offset", "weight")}
+    with engine.autocast_context(device, amp):
+        out = model(images)
+    out = {k: v.float() for k, v in out.items()}
+    refined = None
+    if cfg.refine and iteration >= cfg.refine_iter:
+        labels = [torch.nonzero(row > 0.5).flatten().tolist() for row in batch["labels"]]
+        points = [batch["points"][i, : int(n)].to(device) for i, n in enumerate(batch["num_points"])]
+        with torch.no_grad():
+            refined = refine_targets(
+                out["seg"].detach(), out["center"].detach(), out["offset"].detach(), semantic, labels, points,
+                setting=cfg.setting, sigma=cfg.sigma, min_area=cfg.min_area,
+                center_threshold=cfg.center_threshold_refine, nms_kernel=cfg.nms_kernel, beta=cfg.beta,
+                max_instances=cfg.max_instances, point_threshold=cfg.point_threshold,
+            )
+    losses = dict(loss_fn(out, pseudo, refined, semantic))
+    losses["refined"] = torch.tensor(1.0 if refined is not None else 0.0, device=device)
+    return losses
+
+
+def _make_loss(cfg: BestieConfig) -> torch.nn.Module:
+    from bestie.losses import BestieLoss
+
+    return BestieLoss(seg_weight=cfg.seg_weight, center_weight=cfg.center_weight, offset_weight=cfg.offset_weight,
+                      top_k_percent=cfg.top_k_percent)
+
+
+def _build_val(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], jlog: engine.JsonLog) -> Any:
+    """The validation dataset, or None (no val split, or it cannot be built: logged, training goes on)."""
+    if cfg.val_split is None:
+        return None
+    from bestie.data import build_dataset
+
+    try:
+        ds = build_dataset(dataset_cfg, cfg.val_split)
+    except (DataError, ConfigError) as exc:
+        log.warning("validation disabled: split %r cannot be loaded: %s", cfg.val_split, exc)
+        jlog.write(event="warning", message=f"validation disabled: split {cfg.val_split!r}: {exc}")
+        return None
+    return ds
+
+
+def _validate(model: torch.nn.Module, val_ds: Any, cfg: BestieConfig, device: torch.device) -> dict[str, Any]:
+    from bestie.stages.predict_instances import InferenceConfig, evaluate_model
+
+    net = engine.unwrap_model(model)
+    ids = val_ds.ids if cfg.val_max_images is None else val_ds.ids[: cfg.val_max_images]
+    inf = InferenceConfig(nms_kernel=cfg.nms_kernel, beta=cfg.beta, min_area=cfg.min_area, flip=cfg.val_flip)
+    res = evaluate_model(net, val_ds, inf, device, mean=net.mean, std=net.std, ids=ids)
+    res.pop("voc", None)
+    return res
+
+
+def run(
+    cfg: BestieConfig,
+    dataset_cfg: Mapping[str, Any],
+    wsss_h5: str | os.PathLike,
+    points_h5: str | os.PathLike | None,
+    out_checkpoint: str | os.PathLike,
+    out_log: str | os.PathLike,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train the BESTIE network (module docstring) and write the final checkpoint atomically.
+
+    Args:
+        cfg: training settings.
+        dataset_cfg: the ``dataset`` config section; the training split is ``train_split`` (or ``split``,
+            default ``train``).
+        wsss_h5: WSSS maps (stage 3).
+        points_h5: peak points (stage 2; image setting), None in the point setting.
+        out_checkpoint: the final (last-iteration) checkpoint; ``model.best.pt`` and ``model.pt.partial``
+            are derived from it (module docstring).
+        out_log: JSON-lines log.
+        device: ``"cpu"`` / ``"cuda"`` / None (CUDA when available). Under torchrun the CUDA index is
+            LOCAL_RANK.
+
+    Returns:
+        Summary dict (iterations, best validation, paths).
+
+    Raises:
+        ConfigError / DataError / ArtifactError / WeightsError: bad settings or inputs (named).
+        TrainingError: a loss became NaN/inf (the partial checkpoint stays for inspection).
+    """
+    dist = engine.init_distributed(device)
+    out_checkpoint = Path(out_checkpoint)
+    if cfg.batch_size % dist.world_size:
+        raise ConfigError(f"bestie.batch_size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
+    jlog = engine.JsonLog(out_log, rank=dist.rank)
+    try:
+        return _train(cfg, dataset_cfg, wsss_h5, points_h5, out_checkpoint, dist, jlog)
+    finally:
+        jlog.close()
+
+
+def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, points_h5: Any, out_checkpoint: Path,
+           dist: engine.DistInfo, jlog: engine.JsonLog) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from bestie.data import build_dataset
+    from bestie.instance_data import BestieTrainDataset, IterationSampler
+    from bestie.models.instance import BestieNet, convert_sync_batchnorm
+
+    dev = dist.device
+    partial = partial_checkpoint_path(out_checkpoint)
+    best_path = best_checkpoint_path(out_checkpoint)
+    split = dataset_cfg.get("train_split") or None
+    dataset = build_dataset(dataset_cfg, split)
+
+    engine.seed_everything(cfg.seed, rank=0)  # same init on every rank (DDP also broadcasts rank 0's)
+    model = BestieNet(cfg.backbone, dataset.num_classes, cfg.weights, cfg.head, **_model_kwargs(cfg))
+    model_config, mean, std = dict(model.config), list(model.mean), list(model.std)
+    engine.seed_everything(cfg.seed, rank=dist.rank)  # per-rank streams (dropout) from here on
+    model.to(dev)
+    if dist.is_distributed and dev.type == "cuda" and cfg.sync_bn:
+        model = convert_sync_batchnorm(model)
+    elif dist.is_distributed and cfg.sync_bn:
+        log.warning("SyncBatchNorm needs GPUs: DDP on %s keeps per-process BatchNorm statistics", dev.type)
+    ddp_model: torch.nn.Module = model
+    if dist.is_distributed:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    train_ds = BestieTrainDataset(
+        dataset, wsss_h5, points_h5, setting=cfg.setting, crop_size=cfg.crop_size, resize=cfg.resize,
+        scales=cfg.scales, mean=mean, std=std, sigma=cfg.sigma, min_area=cfg.min_area,
+        point_threshold=cfg.point_threshold, seed=cfg.seed, photometric=cfg.photometric, flip=cfg.flip,
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = engine.WarmupPolyLR(optimizer, cfg.warmup_iters, cfg.max_iters, cfg.poly_power)
+    use_amp = bool(cfg.amp) and dev.type == "cuda"
+    scaler = engine.create_grad_scaler(dev, use_amp)
+    loss_fn = _make_loss(cfg).to(dev)
+
+    extra_base = {"model_config": model_config, "mean": mean, "std": std,
+                  "class_names": list(dataset.class_names), "train_config": to_dict(cfg),
+                  "resume_key": _resume_key(cfg)}
+    start_iter = 0
+    best: dict[str, Any] = {"mAP50": None, "iteration": None}
+    if partial.is_file():
+        state = engine.read_checkpoint(partial)
+        old_key = (state.get("extra") or {}).get("resume_key")
+        if old_key != _resume_key(cfg):
+            diff = sorted(k for k in set(old_key or {}) | set(_resume_key(cfg))
+                          if (old_key or {}).get(k) != _resume_key(cfg).get(k))
+            raise ConfigError(f"{partial}: partial checkpoint of a run with other settings (differs in: "
+                              f"{', '.join(diff) or 'unknown'}); delete it to start afresh")
+        info = engine.load_checkpoint(partial, model, optimizer, scheduler, scaler)
+        start_iter = info["iteration"]
+        best = dict(info["extra"].get("best") or best)
+        log.info("resuming from %s at iteration %d", partial, start_iter)
+
+    sampler = IterationSampler(len(train_ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
+                               start_iteration=start_iter)
+    loader = DataLoader(
+        train_ds, batch_size=sampler.local_batch, sampler=sampler, num_workers=cfg.num_workers,
+        pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
+    )
+    val_ds = _build_val(cfg, dataset_cfg, jlog) if dist.is_main else None
+    jlog.write(event="start", iteration=start_iter, resumed=start_iter > 0, world_size=dist.world_size,
+               device=str(dev), num_images=len(train_ds), skipped_empty_labels=train_ds.num_skipped_empty,
+               config=to_dict(cfg), model_config=model_config)
+
+    def save_partial(iteration: int) -> None:
+        engine.save_checkpoint(partial, model, optimizer, scheduler, scaler, iteration=iteration,
+                               extra={**extra_base, "kind": "partial", "best": best}, rank=dist.rank)
+
+    def validate(iteration: int) -> None:
+        if dist.is_main and val_ds is not None:
+            res = _validate(ddp_model, val_ds, cfg, dev)
+            jlog.write(event="val", iteration=iteration, split=cfg.val_split, **res)
+            m = res.get("mAP50")
+            if m is not None and (best["mAP50"] is None or m > best["mAP50"]):
+                best.update({"mAP50": m, "iteration": iteration})
+                engine.save_checkpoint(best_path, model, iteration=iteration,
+                                       extra={**extra_base, "kind": "best", "val": res}, rank=0)
+        if dist.is_distributed:
+            torch.distributed.barrier()
+
+    ddp_model.train()
+    data_iter = iter(loader)
+    sums: dict[str, float] = {}
+    n_sum = 0
+    inst_sum = drop_sum = 0
+    t_last = time.time()
+    bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="bestie", disable=not dist.is_main,
+               mininterval=5.0 if sys.stderr.isatty() else 60.0)
+    it = start_iter
+    for it in range(start_iter, cfg.max_iters):
+        batch = next(data_iter)
+        losses = train_step(ddp_model, batch, loss_fn, cfg, it, dev, amp=use_amp)
+        engine.check_finite({k: v for k, v in losses.items() if k != "refined"}, it)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses["total"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        for k, v in losses.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        n_sum += 1
+        inst_sum += int(batch["num_instances"].sum())
+        drop_sum += int(batch["points_dropped"].sum())
+        bar.update(1)
+        done = it + 1
+        if done % cfg.log_every == 0 or done == cfg.max_iters:
+            keys = sorted(sums)
+            vec = torch.tensor([sums[k] / n_sum for k in keys] + [inst_sum, drop_sum, n_sum], dtype=torch.float64,
+                               device=dev)
+            if dist.is_distributed:
+                torch.distributed.all_reduce(vec)
+                vec[: len(keys)] /= dist.world_size
+            now = time.time()
+            rec = {k: float(vec[i]) for i, k in enumerate(keys)}
+            jlog.write(event="train", iteration=done, lr=scheduler.get_last_lr()[0],
+                       pseudo_instances_per_image=float(vec[-3] / max(1.0, float(vec[-1]) * sampler.local_batch)),
+                       points_dropped=int(vec[-2]), sec_per_iter=(now - t_last) / n_sum, **rec)
+            bar.set_postfix(loss=f"{rec.get('total', float('nan')):.4f}")
+            sums, n_sum, inst_sum, drop_sum, t_last = {}, 0, 0, 0, now
+        if done % cfg.checkpoint_every == 0 and done < cfg.max_iters:
+            save_partial(done)
+        if cfg.val_every and done % cfg.val_every == 0 and done < cfg.max_iters:
+            validate(done)
+    bar.close()
+    done = cfg.max_iters
+    validate(done)
+    engine.save_checkpoint(out_checkpoint, model, iteration=done,
+                           extra={**extra_base, "kind": "last", "best": best}, rank=dist.rank)
+    if dist.is_distributed:
+        torch.distributed.barrier()
+    if dist.is_main and partial.exists():
+        partial.unlink()
+    summary = {"iterations": done, "resumed_from": start_iter, "checkpoint": str(out_checkpoint),
+               "best_checkpoint": str(best_path) if best["iteration"] is not None else None, "best": best,
+               "skipped_empty_labels": train_ds.num_skipped_empty}
+    jlog.write(event="end", **summary)
+    return summary
