@@ -1,0 +1,1 @@
+"""bestie.models"""

@@ -1,0 +1,200 @@
+"""Training engine: exact resume, NaN guard, weights_only checkpoints, schedules, sampler, JSON log."""
+
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from bestie.engine import (
+    JsonLog,
+    ResumableSampler,
+    WarmupMultiStepLR,
+    WarmupPolyLR,
+    autocast_context,
+    check_finite,
+    create_grad_scaler,
+    infinite_loader,
+    init_distributed,
+    load_checkpoint,
+    sample_rng,
+    save_checkpoint,
+)
+from bestie.errors import ArtifactError, TrainingError
+
+
+class NoisyData(torch.utils.data.Dataset):
+    """x_i fixed; each draw adds augmentation noise from the per-sample generator."""
+
+    def __init__(self, n=13):
+        g = torch.Generator().manual_seed(123)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = torch.randn(n, 2, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, key):
+        i = key[0]
+        noise = torch.from_numpy(sample_rng(key, seed=7).normal(0, 0.1, 4).astype(np.float32))
+        return self.x[i] + noise, self.y[i]
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = WarmupPolyLR(opt, warmup_iters=3, max_iters=20)
+    data = NoisyData()
+    sampler = ResumableSampler(len(data), seed=5)
+    # own generator: a DataLoader without one draws its base seed from the global torch RNG at every
+    # epoch start, which would shift the dropout stream of a resumed run
+    loader = torch.utils.data.DataLoader(data, batch_size=3, sampler=sampler,
+                                         generator=torch.Generator().manual_seed(0))  # 5 batches / epoch
+    return model, opt, sched, loader, sampler
+
+
+def _train(model, opt, sched, loader, sampler, start, stop):
+    stream = infinite_loader(loader, sampler, start_iteration=start)
+    model.train()
+    for it in range(start, stop):
+        x, y = next(stream)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        check_finite({"loss": loss}, it)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def test_resume_matches_straight_training(tmp_path):
+    # 2N straight
+    model_a, opt_a, sched_a, loader_a, sampler_a = _setup()
+    _train(model_a, opt_a, sched_a, loader_a, sampler_a, 0, 14)
+    # N, checkpoint, fresh objects (different init seed, different global RNG), load, N more
+    model_b, opt_b, sched_b, loader_b, sampler_b = _setup()
+    _train(model_b, opt_b, sched_b, loader_b, sampler_b, 0, 7)  # stops mid-epoch (5 batches/epoch)
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, model_b, opt_b, sched_b, None, 7, {"note": "half", "cfg": {"a": [1, 2]}})
+    model_c, opt_c, sched_c, loader_c, sampler_c = _setup(seed=99)
+    torch.manual_seed(1234)
+    np.random.seed(1)
+    random.seed(2)
+    state = load_checkpoint(path, model_c, opt_c, sched_c)
+    assert state == {"iteration": 7, "extra": {"note": "half", "cfg": {"a": [1, 2]}}}
+    _train(model_c, opt_c, sched_c, loader_c, sampler_c, state["iteration"], 14)
+    for (k, a), (_, c) in zip(model_a.state_dict().items(), model_c.state_dict().items()):
+        assert torch.equal(a, c), k
+    assert sched_c.last_epoch == sched_a.last_epoch == 14
+    # the comparison is sensitive: without the restored RNG (dropout) the result differs
+    model_d, opt_d, sched_d, loader_d, sampler_d = _setup(seed=99)
+    load_checkpoint(path, model_d, opt_d, sched_d, restore_rng=False)
+    torch.manual_seed(4321)
+    _train(model_d, opt_d, sched_d, loader_d, sampler_d, 7, 14)
+    assert not torch.equal(model_d[0].weight, model_a[0].weight)
+
+
+def test_checkpoint_is_weights_only_loadable(tmp_path):
+    model, opt, sched, _, _ = _setup()
+    scaler = create_grad_scaler("cpu")
+    path = tmp_path / "sub" / "ck.pt"
+    save_checkpoint(path, torch.nn.DataParallel(model), opt, sched, scaler, 3, {"names": ["a", "b"], "x": 1.5})
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    assert raw["iteration"] == 3 and raw["extra"]["names"] == ["a", "b"]
+    assert all(not k.startswith("module.") for k in raw["model"])  # DataParallel unwrapped
+    assert {"python", "numpy", "torch"} <= set(raw["rng"])
+    assert not [p for p in os.listdir(path.parent) if p != "ck.pt"]  # no temp file left
+    save_checkpoint(tmp_path / "other.pt", model, rank=1)  # rank != 0 writes nothing
+    assert not (tmp_path / "other.pt").exists()
+
+
+def test_bad_checkpoints_raise_artifact_error(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ArtifactError, match="missing.pt"):
+        load_checkpoint(tmp_path / "missing.pt", model)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="bad.pt"):
+        load_checkpoint(bad, model)
+    save_checkpoint(tmp_path / "lin.pt", torch.nn.Linear(3, 2))
+    with pytest.raises(ArtifactError, match="does not fit"):
+        load_checkpoint(tmp_path / "lin.pt", model)
+
+
+def test_nan_loss_raises_with_iteration_and_values():
+    check_finite({"a": torch.tensor(1.0), "b": torch.tensor([0.5])}, 3)  # finite: no error
+    with pytest.raises(TrainingError, match=r"iteration 42.*seg=0\.25.*center=nan"):
+        check_finite({"seg": torch.tensor(0.25), "center": torch.tensor(float("nan"))}, 42)
+    with pytest.raises(TrainingError, match=r"iteration 7.*loss=inf"):
+        check_finite({"loss": torch.tensor(float("inf"))}, 7)
+
+
+def test_schedules_by_hand():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([{"params": [p], "lr": 1.0}, {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 10.0}])
+    s = WarmupPolyLR(opt, warmup_iters=4, max_iters=10, power=0.9, warmup_factor=0.2)
+    lrs = []
+    for _ in range(11):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    expected = [0.2, 0.4, 0.6, 0.8] + [(1 - t / 10) ** 0.9 for t in range(4, 11)]
+    np.testing.assert_allclose(lrs, expected, rtol=1e-12)
+    assert opt.param_groups[1]["lr"] == 0.0  # both groups scaled, 0 at max_iters
+    opt2 = torch.optim.SGD([p], lr=1.0)
+    m = WarmupMultiStepLR(opt2, milestones=[3, 5], gamma=0.1)
+    got = []
+    for _ in range(7):
+        got.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        m.step()
+    np.testing.assert_allclose(got, [1, 1, 1, 0.1, 0.1, 0.01, 0.01], rtol=1e-12)
+
+
+def test_sampler_epochs_shards_and_skip():
+    s = ResumableSampler(10, seed=3)
+    s.set_epoch(0)
+    e0 = [i for i, _ in s]
+    s.set_epoch(1)
+    e1 = list(s)
+    assert sorted(e0) == list(range(10)) and [i for i, _ in e1] != e0 and all(e == 1 for _, e in e1)
+    s.set_epoch(0)
+    s.set_start(4)
+    assert [i for i, _ in s] == e0[4:] and len(s) == 6
+    shards = [ResumableSampler(10, seed=3, rank=r, world_size=3) for r in range(3)]
+    got = []
+    for sh in shards:
+        sh.set_epoch(0)
+        got += [i for i, _ in sh]
+    assert len(got) == 12 and set(got) == set(range(10))  # padded to a multiple of 3, disjoint cover
+
+
+def test_infinite_loader_without_set_start_skips_batches():
+    data = list(range(7))
+    loader = torch.utils.data.DataLoader(data, batch_size=2, shuffle=False)  # 4 batches / epoch
+    stream = infinite_loader(loader, start_iteration=5)  # epoch 1, batch 1
+    assert [next(stream).tolist() for _ in range(4)] == [[2, 3], [4, 5], [6], [0, 1]]
+
+
+def test_json_log_and_single_process(tmp_path):
+    info = init_distributed("cpu")
+    assert (info.rank, info.world_size, info.is_distributed, info.device.type) == (0, 1, False, "cpu")
+    path = tmp_path / "log.jsonl"
+    with JsonLog(path) as log:
+        log.write({"iteration": 1, "loss": torch.tensor(0.5)}, lr=0.01)
+        log.write(iteration=2, loss=float("nan"))
+    JsonLog(path, rank=1).write(iteration=3)
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    assert [l["iteration"] for l in lines] == [1, 2]
+    assert lines[0]["loss"] == 0.5 and lines[0]["lr"] == 0.01 and math.isfinite(lines[0]["time"])
+    assert lines[1]["loss"] == "nan"
+
+
+def test_amp_is_noop_on_cpu():
+    with autocast_context("cpu", True):
+        y = torch.nn.Linear(2, 2)(torch.ones(1, 2))
+    assert y.dtype == torch.float32
+    assert not create_grad_scaler("cpu", True).is_enabled()
