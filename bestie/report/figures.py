@@ -1,0 +1,241 @@
+"""Figures of the HTML report: loss curves, precision-recall curves and instance overlays, as PNG bytes.
+
+Plots use matplotlib's object API with the Agg canvas (``matplotlib.figure.Figure`` +
+``FigureCanvasAgg``), so no global pyplot state or backend switch is involved and nothing needs a display.
+Overlays are drawn with numpy/OpenCV: each instance mask is alpha-blended in its own colour, outlined,
+and tagged with its class name (and score for predictions).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "png_bytes",
+    "figure_png",
+    "loss_curve_png",
+    "pr_curve_png",
+    "draw_instances",
+    "overlay_panel",
+    "instance_colors",
+]
+
+_LOSS_X_KEYS = ("iteration", "iter", "step", "epoch")
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """PNG encoding of an ``(H, W, 3)`` uint8 RGB image (lossless, via OpenCV).
+
+    Raises:
+        ValueError: not an (H, W, 3) uint8 array, or encoding failed.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"png_bytes: expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}")
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(image[:, :, ::-1]))
+    if not ok:
+        raise ValueError("png_bytes: OpenCV could not encode the image")
+    return buf.tobytes()
+
+
+def figure_png(fig: Any, dpi: int = 100) -> bytes:
+    """Render a ``matplotlib.figure.Figure`` to PNG bytes with the Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _numeric(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def loss_curve_png(records: Sequence[Mapping[str, Any]], title: str) -> bytes | None:
+    """Loss curves of a JSON-lines training log.
+
+    Args:
+        records: log records; the x axis is the first of ``iteration`` / ``iter`` / ``step`` / ``epoch``
+            present (else the record index); every key containing ``"loss"`` with a finite number is one
+            curve (``loss`` itself drawn thicker). Non-finite values (logged as strings) are skipped.
+        title: plot title.
+
+    Returns:
+        PNG bytes, or None when no record has a loss value.
+    """
+    from matplotlib.figure import Figure
+
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for i, rec in enumerate(records):
+        x = next((_numeric(rec.get(k)) for k in _LOSS_X_KEYS if _numeric(rec.get(k)) is not None), float(i))
+        for key, value in rec.items():
+            y = _numeric(value)
+            if "loss" in key.lower() and y is not None:
+                xs, ys = series.setdefault(key, ([], []))
+                xs.append(x)
+                ys.append(y)
+    if not series:
+        return None
+    fig = Figure(figsize=(6.4, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    positive = all(y > 0 for _, ys in series.values() for y in ys)
+    for key in sorted(series, key=lambda k: (k != "loss", k)):
+        xs, ys = series[key]
+        ax.plot(xs, ys, label=key, linewidth=2.0 if key == "loss" else 1.0)
+    if positive:
+        ax.set_yscale("log")
+    ax.set_xlabel(next((k for k in _LOSS_X_KEYS if any(k in r for r in records)), "record"))
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return figure_png(fig)
+
+
+def pr_curve_png(curve: Mapping[str, Any], title: str) -> bytes | None:
+    """Precision-recall plot of a ``pr_curve`` entry of the evaluation metrics.
+
+    Args:
+        curve: ``{"recall": [R], "precision": [R] (mean over classes, None where undefined), "iou",
+            "per_class": [{"name", "precision": [R] or None}]}`` (as :func:`bestie.stages.evaluate.pr_curves`).
+
+    Returns:
+        PNG bytes (mean curve thick, one thin line per class with GT), or None without data.
+    """
+    from matplotlib.figure import Figure
+
+    recall = curve.get("recall") or []
+    mean = curve.get("precision") or []
+    if not recall or not any(p is not None for p in mean):
+        return None
+    fig = Figure(figsize=(5.2, 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    for entry in curve.get("per_class") or []:
+        p = entry.get("precision")
+        if p:
+            ax.plot(recall, p, linewidth=0.8, alpha=0.6, label=str(entry.get("name", "")))
+    ax.plot(recall, [np.nan if p is None else p for p in mean], color="black", linewidth=2.2, label="mean")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"{title} (IoU {curve.get('iou', 0.5):g})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=6, ncol=2, loc="lower left")
+    return figure_png(fig)
+
+
+def instance_colors(n: int) -> np.ndarray:
+    """``(n, 3)`` uint8 RGB colours, well apart in hue (golden-ratio steps), full saturation/value."""
+    hues = (np.arange(n) * 0.618033988749895) % 1.0
+    hsv = np.stack([hues * 179.0, np.full(n, 220.0), np.full(n, 255.0)], axis=1).astype(np.uint8)
+    return cv2.cvtColor(hsv[None], cv2.COLOR_HSV2RGB)[0] if n else np.zeros((0, 3), np.uint8)
+
+
+def draw_instances(
+    image: np.ndarray,
+    instances: Mapping[str, Any] | None,
+    class_names: Sequence[str],
+    alpha: float = 0.45,
+) -> np.ndarray:
+    """Draw instances on a copy of ``image``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        instances: ``{"masks": (N, H, W) bool, "labels": (N,) int 0-based[, "scores": (N,)]}`` or None.
+        class_names: names per class index (an index outside the list is printed as a number).
+        alpha: mask opacity.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB: masks blended in per-instance colours, 1-px outlines, and a tag
+        ``name`` / ``name score`` at the top-left of each mask.
+
+    Raises:
+        ValueError: masks whose size differs from the image.
+    """
+    out = image.astype(np.float32).copy()
+    if not instances or len(instances.get("labels", [])) == 0:
+        return image.copy()
+    masks = np.asarray(instances["masks"]).astype(bool)
+    if masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f"draw_instances: masks {masks.shape[1:]} do not match the image {image.shape[:2]}")
+    labels = np.asarray(instances["labels"])
+    scores = instances.get("scores")
+    colors = instance_colors(len(masks))
+    # Paint low scores first so the best instances end on top.
+    order = np.argsort(np.asarray(scores)) if scores is not None else np.arange(len(masks))
+    for k in order:
+        out[masks[k]] = out[masks[k]] * (1 - alpha) + colors[k].astype(np.float32) * alpha
+    canvas = np.clip(out, 0, 255).astype(np.uint8)
+    font = max(0.35, min(image.shape[:2]) / 600.0)
+    for k in order:
+        contours, _ = cv2.findContours(masks[k].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(canvas, contours, -1, tuple(int(c) for c in colors[k]), 1)
+        ys, xs = np.nonzero(masks[k])
+        if ys.size == 0:
+            continue
+        c = int(labels[k])
+        text = class_names[c] if 0 <= c < len(class_names) else str(c)
+        if scores is not None:
+            text = f"{text} {float(np.asarray(scores)[k]):.2f}"
+        org = (int(xs.min()), max(int(ys.min()) - 2, int(24 * font)))
+        cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), 2, cv2.LINE_AA)
+        cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), 1, cv2.LINE_AA)
+    return canvas
+
+
+def _upscale(inst: Mapping[str, Any] | None, f: int) -> Mapping[str, Any] | None:
+    if not inst or len(inst.get("labels", [])) == 0:
+        return inst
+    masks = np.asarray(inst["masks"])
+    return {**inst, "masks": np.repeat(np.repeat(masks, f, axis=1), f, axis=2)}
+
+
+def overlay_panel(
+    image: np.ndarray,
+    pred: Mapping[str, Any] | None,
+    gt: Mapping[str, Any] | None,
+    class_names: Sequence[str],
+    max_side: int = 720,
+) -> np.ndarray:
+    """Side-by-side ``[GT | prediction]`` panel (the GT half is omitted when ``gt`` is None).
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB; pred / gt: instance dicts (see :func:`draw_instances`).
+        max_side: the panel is downscaled (area interpolation) so that its longer side is at most this;
+            small images (longer side under 160 px) are first enlarged by the largest integer factor
+            (nearest neighbour, image and masks alike) that keeps their longer side at most 320 px and
+            the panel within ``max_side``, so that outlines and tags stay legible.
+
+    Returns:
+        ``(h, w, 3)`` uint8 RGB panel with a 4-px white gap between the halves.
+    """
+    h, w = image.shape[:2]
+    halves = 2 if gt is not None else 1
+    up = max(1, min(320 // max(h, w), (max_side - 4 * (halves - 1)) // (halves * w), max_side // h))
+    if up > 1:
+        image = np.repeat(np.repeat(image, up, axis=0), up, axis=1)
+        pred, gt = (_upscale(inst, up) for inst in (pred, gt))
+    parts = []
+    if gt is not None:
+        parts.append(draw_instances(image, gt, class_names))
+    parts.append(draw_instances(image, pred, class_names))
+    if len(parts) == 2:
+        gap = np.full((image.shape[0], 4, 3), 255, dtype=np.uint8)
+        panel = np.concatenate([parts[0], gap, parts[1]], axis=1)
+    else:
+        panel = parts[0]
+    f = max_side / max(panel.shape[:2])
+    if f < 1:
+        panel = cv2.resize(panel, (max(1, round(panel.shape[1] * f)), max(1, round(panel.shape[0] * f))),
+                           interpolation=cv2.INTER_AREA)
+    return panel

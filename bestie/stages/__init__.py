@@ -1,0 +1,1 @@
+"""bestie.stages"""

@@ -1,0 +1,374 @@
+"""Stage 6b: evaluate the trained Mask R-CNN on the held-out split (docs/METHOD.md, "Evaluation protocol").
+
+For every image of the split the detector predicts instances (``score >= score_threshold``, at most
+``max_dets`` per image, masks = mask probability ``> mask_threshold`` at the original image size). They
+are scored with
+
+- the VOC protocol (:class:`bestie.evaluation.VOCInstanceEvaluator`): mAP at IoU 0.25 / 0.5 / 0.7 /
+  0.75 and AP per class, against the GT instances of the dataset (COCO crowd regions left out);
+- COCO mask AP (:func:`bestie.evaluation.coco.coco_segm_eval`, pycocotools ``COCOeval`` ``segm``): the
+  dataset's own COCO object for COCO datasets (restricted to the dataset's images); for VOC-layout datasets a COCO ground truth built in
+  memory from ``instances_gt`` (images ``1..N`` in dataset order, category ids ``1..C``);
+- a precision-recall curve at IoU ``pr_iou`` (default 0.5) for the report: pycocotools' interpolated
+  precision at its 101 recall points (``COCOeval.eval["precision"]``, all areas, 100 detections), per
+  class and averaged over the classes with GT.
+
+All AP and precision/recall values in the metrics JSON are fractions in ``[0, 1]`` (None where a class
+has no GT). Images without GT masks (VOC images lacking ``SegmentationObject``) are predicted but not
+scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from bestie.errors import ArtifactError, ConfigError, DataError
+
+__all__ = ["EvalConfig", "load_maskrcnn", "predict_image", "eval_dataset_cfg", "build_coco_gt", "pr_curves", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Settings of the final evaluation (config section ``evaluate``).
+
+    Attributes:
+        score_threshold: detections below this score are dropped (torchvision's default 0.05).
+        mask_threshold: a pixel belongs to a predicted mask when its probability is above this.
+        max_dets: detections kept per image, highest score first (COCO's 100).
+        pr_iou: IoU threshold of the precision-recall curve written for the report.
+    """
+
+    score_threshold: float = 0.05
+    mask_threshold: float = 0.5
+    max_dets: int = 100
+    pr_iou: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_threshold < 1.0:
+            raise ConfigError(f"evaluate.score_threshold must be in [0, 1), got {self.score_threshold}")
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ConfigError(f"evaluate.mask_threshold must be in (0, 1), got {self.mask_threshold}")
+        if self.max_dets < 1:
+            raise ConfigError(f"evaluate.max_dets must be >= 1, got {self.max_dets}")
+        if not 0.5 <= self.pr_iou <= 0.95 or abs(round(self.pr_iou * 20) - self.pr_iou * 20) > 1e-6:
+            raise ConfigError(f"evaluate.pr_iou must be one of COCO's IoU thresholds 0.50:0.05:0.95, got {self.pr_iou}")
+
+
+def load_maskrcnn(
+    checkpoint: str | os.PathLike, *, score_threshold: float = 0.05, max_dets: int = 100
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a Mask R-CNN from a checkpoint of :mod:`bestie.stages.train_maskrcnn`.
+
+    Returns:
+        ``(model in eval mode on the CPU, extra)`` with ``extra`` the checkpoint's metadata
+        (``model_spec``, ``class_names``, ``category_ids``, ...).
+
+    Raises:
+        ArtifactError: missing/corrupt file, not a Mask R-CNN checkpoint, or weights that do not fit.
+    """
+    from bestie.engine import read_checkpoint
+    from bestie.models.maskrcnn import build_maskrcnn
+
+    state = read_checkpoint(checkpoint)
+    extra = dict(state.get("extra") or {})
+    if extra.get("kind") != "maskrcnn" or "model_spec" not in extra:
+        raise ArtifactError(f"{checkpoint}: not a Mask R-CNN checkpoint of bestie train-maskrcnn (kind {extra.get('kind')!r})")
+    spec = dict(extra["model_spec"])
+    spec.update(box_score_thresh=float(score_threshold), box_detections_per_img=int(max_dets))
+    model = build_maskrcnn(**spec, weights=None, warn_random=False)
+    try:
+        model.load_state_dict(state["model"], strict=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"checkpoint {checkpoint} does not fit its model spec {spec}: {exc}") from exc
+    model.eval()
+    return model, extra
+
+
+@torch.inference_mode()
+def predict_image(
+    model: torch.nn.Module, image: np.ndarray, device: torch.device | str, *,
+    score_threshold: float = 0.05, mask_threshold: float = 0.5, max_dets: int = 100,
+) -> dict[str, np.ndarray]:
+    """Mask R-CNN instances of one image.
+
+    Args:
+        model: a torchvision ``MaskRCNN`` in eval mode on ``device``.
+        image: ``(H, W, 3)`` uint8 RGB.
+
+    Returns:
+        ``{"masks": (N, H, W) bool, "labels": (N,) int64 0-based, "scores": (N,) float32}``, by
+        descending score, ``N <= max_dets``, all scores ``>= score_threshold``.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DataError(f"predict_image: expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    x = torch.tensor(np.ascontiguousarray(image), device=device).permute(2, 0, 1).float().div_(255.0)
+    out = model([x])[0]
+    scores = out["scores"].float()
+    keep = torch.nonzero(scores >= score_threshold).flatten()
+    keep = keep[torch.argsort(scores[keep], descending=True, stable=True)][:max_dets]
+    masks = out["masks"][keep, 0] > mask_threshold
+    return {
+        "masks": masks.cpu().numpy(),
+        "labels": (out["labels"][keep] - 1).cpu().numpy().astype(np.int64),
+        "scores": scores[keep].cpu().numpy().astype(np.float32),
+    }
+
+
+def eval_dataset_cfg(dataset_cfg: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """The dataset section adapted to the held-out split.
+
+    - VOC: ``list_file`` (image labels of the training list) is dropped, so the split's own
+      ``ImageSets/Segmentation/<split>.txt`` lists the images;
+    - COCO: when ``split`` is the config's ``eval_split`` and ``eval_ann_file`` / ``eval_image_dir``
+      are set, they replace ``ann_file`` / ``image_dir``.
+    """
+    cfg = dict(dataset_cfg)
+    cfg.pop("list_file", None)
+    if cfg.get("format") == "coco" and split == cfg.get("eval_split", "val"):
+        if cfg.get("eval_ann_file"):
+            cfg["ann_file"] = cfg["eval_ann_file"]
+        if cfg.get("eval_image_dir"):
+            cfg["image_dir"] = cfg["eval_image_dir"]
+    return cfg
+
+
+def build_coco_gt(
+    gts: Sequence[Mapping[str, np.ndarray]], image_ids: Sequence[int], cat_ids: Sequence[int], class_names: Sequence[str]
+):
+    """A ``pycocotools.coco.COCO`` ground truth made from per-image GT instance dicts.
+
+    Args:
+        gts: per image ``{"masks": (M, H, W) bool, "labels": (M,) int64 0-based}``.
+        image_ids: the COCO image id of each entry of ``gts``.
+        cat_ids: COCO category id per 0-based class.
+        class_names: name per class.
+
+    Returns:
+        The indexed ``COCO`` object (annotations with RLE masks, ``iscrowd`` 0).
+    """
+    from pycocotools.coco import COCO
+
+    from bestie.io.coco_json import make_annotation
+
+    images, anns = [], []
+    for iid, gt in zip(image_ids, gts):
+        h, w = np.asarray(gt["masks"]).shape[1:]
+        images.append({"id": int(iid), "height": int(h), "width": int(w), "file_name": str(iid)})
+        for mask, label in zip(gt["masks"], gt["labels"]):
+            anns.append(make_annotation(len(anns) + 1, int(iid), int(cat_ids[int(label)]), mask))
+    coco = COCO()
+    coco.dataset = {
+        "images": images, "annotations": anns,
+        "categories": [{"id": int(c), "name": n} for c, n in zip(cat_ids, class_names)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _coco_subset(coco: Any, image_ids: Sequence[int]) -> Any:
+    """``coco`` restricted to ``image_ids`` (itself when it holds no other image), so that images left
+    out of the dataset (e.g. by ``skip_bad_images``) do not count as missed GT."""
+    from pycocotools.coco import COCO
+
+    keep = set(int(i) for i in image_ids)
+    if set(coco.getImgIds()) <= keep:
+        return coco
+    sub = COCO()
+    sub.dataset = {
+        **{k: v for k, v in coco.dataset.items() if k not in ("images", "annotations")},
+        "images": [im for im in coco.dataset["images"] if int(im["id"]) in keep],
+        "annotations": [a for a in coco.dataset["annotations"] if int(a["image_id"]) in keep],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        sub.createIndex()
+    return sub
+
+
+def pr_curves(coco_gt: Any, results: Sequence[Mapping[str, Any]], iou: float = 0.5) -> dict[str, Any]:
+    """Precision-recall curves at one IoU from pycocotools' ``COCOeval`` (iouType ``segm``).
+
+    Precision is COCO's interpolated precision (the maximum precision at any recall >= r) at the 101
+    recall points ``0, 0.01, ..., 1``, for all object areas and 100 detections per image.
+
+    Returns:
+        ``{"iou": float, "recall": [101 floats], "precision": [101 floats or None] (mean over the
+        classes with GT), "per_class": [{"category_id", "name", "precision": [101] or None}],
+        "source": str}``. With no results at all, every precision is 0.
+    """
+    import copy
+
+    from pycocotools.cocoeval import COCOeval
+
+    cats = coco_gt.loadCats(coco_gt.getCatIds())
+    recall = np.linspace(0.0, 1.0, 101)
+    out: dict[str, Any] = {
+        "iou": float(iou), "recall": recall.round(2).tolist(),
+        "source": "pycocotools COCOeval segm, interpolated precision at 101 recall points",
+    }
+    has_gt = {int(c["id"]): bool(coco_gt.getAnnIds(catIds=[c["id"]])) for c in cats}
+    if not results:
+        out["per_class"] = [{"category_id": int(c["id"]), "name": c["name"],
+                             "precision": [0.0] * 101 if has_gt[int(c["id"])] else None} for c in cats]
+        out["precision"] = [0.0] * 101 if any(has_gt.values()) else [None] * 101
+        return out
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = coco_gt.loadRes(copy.deepcopy(list(results)))
+        ev = COCOeval(coco_gt, dt, iouType="segm")
+        ev.params.iouThrs = np.array([float(iou)])
+        ev.evaluate()
+        ev.accumulate()
+    prec = ev.eval["precision"][0, :, :, list(ev.params.areaRngLbl).index("all"), -1]  # (R, K)
+    cat_index = {cid: k for k, cid in enumerate(ev.params.catIds)}
+    per_class, valid = [], []
+    for c in cats:
+        p = prec[:, cat_index[c["id"]]]
+        if (p < 0).all():
+            per_class.append({"category_id": int(c["id"]), "name": c["name"], "precision": None})
+            continue
+        p = np.clip(p, 0.0, 1.0)
+        valid.append(p)
+        per_class.append({"category_id": int(c["id"]), "name": c["name"], "precision": p.round(6).tolist()})
+    out["per_class"] = per_class
+    out["precision"] = np.mean(valid, axis=0).round(6).tolist() if valid else [None] * 101
+    return out
+
+
+def run(
+    cfg: EvalConfig,
+    dataset_cfg: Mapping[str, Any],
+    split: str,
+    checkpoint: str | os.PathLike,
+    out_metrics: str | os.PathLike,
+    out_predictions: str | os.PathLike,
+    device: str | None = None,
+    *,
+    dataset: Any = None,
+) -> dict[str, Any]:
+    """Predict the held-out split with the Mask R-CNN and score it (METHOD.md, "Evaluation protocol").
+
+    Args:
+        cfg: evaluation settings.
+        dataset_cfg: the ``dataset`` config section (adapted by :func:`eval_dataset_cfg`).
+        split: the held-out split (e.g. ``val``).
+        checkpoint: final checkpoint of :mod:`bestie.stages.train_maskrcnn`.
+        out_metrics: metrics JSON (written atomically)::
+
+            {"split", "checkpoint", "num_images", "num_images_scored", "num_detections",
+             "mAP25", "mAP50", "mAP70", "mAP75",            # VOC protocol, fractions in [0, 1]
+             "AP", "AP50", "AP75", "APs", "APm", "APl",    # COCO segm, fractions in [0, 1] or None
+             "per_class": [{"class", "category_id", "num_gt", "AP25", "AP50", "AP70", "AP75", "coco_AP"}],
+             "voc": <VOCInstanceEvaluator.evaluate()>, "coco": <coco_segm_eval()>,
+             "pr_curve": <pr_curves()>, "config": {...}}
+
+        out_predictions: COCO results JSON (``image_id``, ``category_id``, ``segmentation`` RLE,
+            ``score``, ``bbox``, plus ``image_key`` = the dataset's image id), written atomically.
+        device: ``"cpu"`` / ``"cuda"`` (default: CUDA when available).
+        dataset: an already built dataset of the split (instead of :func:`bestie.data.build_dataset`).
+
+    Returns:
+        The metrics dict.
+
+    Raises:
+        ArtifactError: unusable checkpoint.
+        ConfigError: the checkpoint's classes differ from the dataset's.
+        DataError: no image of the split has GT instances.
+    """
+    from bestie.config import to_dict
+    from bestie.evaluation import VOCInstanceEvaluator
+    from bestie.evaluation.coco import coco_segm_eval
+    from bestie.io.atomic import write_json_atomic
+    from bestie.io.coco_json import instances_to_coco_results, write_coco_results
+    from bestie.stages.export_pseudo_labels import category_ids
+
+    if dataset is None:
+        from bestie.data import build_dataset
+
+        dataset = build_dataset(eval_dataset_cfg(dataset_cfg, split), split=split)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, extra = load_maskrcnn(checkpoint, score_threshold=cfg.score_threshold, max_dets=cfg.max_dets)
+    if list(extra.get("class_names", [])) != list(dataset.class_names):
+        raise ConfigError(
+            f"{checkpoint}: trained for classes {extra.get('class_names')}, but the {split} split has "
+            f"{list(dataset.class_names)}"
+        )
+    model.to(dev)
+    cat_ids = category_ids(dataset)
+    is_coco = getattr(dataset, "coco", None) is not None
+    evaluator = VOCInstanceEvaluator(dataset.num_classes)
+    results: list[dict[str, Any]] = []
+    gts, gt_image_ids = [], []
+    scored = 0
+    from tqdm import tqdm
+
+    for k, image_id in enumerate(tqdm(dataset.ids, desc=f"evaluate {split}", mininterval=5.0), start=1):
+        pred = predict_image(model, dataset.image(image_id), dev, score_threshold=cfg.score_threshold,
+                             mask_threshold=cfg.mask_threshold, max_dets=cfg.max_dets)
+        coco_id = int(image_id) if is_coco else k
+        recs = instances_to_coco_results(coco_id, pred, lambda c: cat_ids[c])
+        for r in recs:
+            r["image_key"] = image_id
+        gt = dataset.instances_gt(image_id)
+        if gt is None:
+            results.extend(recs)
+            continue
+        if "iscrowd" in gt:
+            keep = ~np.asarray(gt["iscrowd"], dtype=bool)
+            gt = {"masks": gt["masks"][keep], "labels": gt["labels"][keep]}
+        evaluator.update(pred, gt)
+        scored += 1
+        results.extend(recs)
+        if not is_coco:
+            gts.append({"masks": gt["masks"], "labels": gt["labels"]})
+            gt_image_ids.append(k)
+    if scored == 0:
+        raise DataError(f"split {split!r}: no image has GT instances; nothing to evaluate")
+    voc = evaluator.evaluate()
+    if is_coco:
+        coco_gt = _coco_subset(dataset.coco, [int(i) for i in dataset.ids])
+    else:
+        coco_gt = build_coco_gt(gts, gt_image_ids, cat_ids, dataset.class_names)
+    scored_ids = set(coco_gt.getImgIds())
+    scored_results = [r for r in results if r["image_id"] in scored_ids]
+    coco = coco_segm_eval(coco_gt, scored_results)
+    pr = pr_curves(coco_gt, scored_results, cfg.pr_iou)
+
+    per_class = []
+    coco_ap = {int(c["category_id"]): c["AP"] for c in coco["per_class"]}
+    for c, name in enumerate(dataset.class_names):
+        row = {"class": name, "category_id": cat_ids[c], "num_gt": voc["num_gt"][c]}
+        for t, key in ((0.25, "AP25"), (0.5, "AP50"), (0.7, "AP70"), (0.75, "AP75")):
+            row[key] = voc["per_class"][f"{t:g}"][c]
+        row["coco_AP"] = coco_ap.get(cat_ids[c])
+        per_class.append(row)
+    metrics: dict[str, Any] = {
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "num_images": len(dataset.ids),
+        "num_images_scored": scored,
+        "num_detections": len(results),
+        **{k: voc[k] for k in ("mAP25", "mAP50", "mAP70", "mAP75")},
+        **{k: coco[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+        "per_class": per_class,
+        "voc": voc,
+        "coco": coco,
+        "pr_curve": pr,
+        "config": to_dict(cfg),
+    }
+    write_coco_results(out_predictions, results)
+    write_json_atomic(out_metrics, metrics)
+    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    log.info("Mask R-CNN on %s (%d images scored): mAP25 %s mAP50 %s mAP70 %s mAP75 %s | COCO AP %s AP50 %s",
+             split, scored, *(fmt(metrics[k]) for k in ("mAP25", "mAP50", "mAP70", "mAP75", "AP", "AP50")))
+    return metrics

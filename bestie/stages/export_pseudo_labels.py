@@ -1,0 +1,261 @@
+"""Stage 5: BESTIE instance predictions on the training images -> a COCO pseudo-label dataset.
+
+docs/METHOD.md, "5-6. Pseudo labels and Mask R-CNN": the trained instance model predicts the train
+images; its instances (masks as RLE, class, score) form a COCO JSON on which Mask R-CNN is trained.
+
+Per image, the predicted instances (read from the instances HDF5 of ``bestie predict-instances``: arrays
+``masks`` ``(N, H, W)`` bool/uint8, ``labels`` ``(N,)`` int 0-based, ``scores`` ``(N,)`` float) are
+filtered, in this order:
+
+1. ``score >= score_threshold``;
+2. ``area >= min_area`` pixels;
+3. (``filter_by_image_labels``) the class is one of the image-level labels of the image. Those labels are
+   the weak supervision of the training split, so this uses no mask or box annotation;
+4. the ``max_per_image`` highest-scoring instances are kept.
+
+The written JSON is a COCO instances dataset (loads in ``pycocotools.coco.COCO``):
+
+- ``images``: ``id`` = 1, 2, ... in dataset order, ``file_name`` (base name of the image file),
+  ``height``, ``width`` (pixels, the size of the predicted masks), and the extra field ``image_key`` = the
+  dataset's image id string (how :mod:`bestie.stages.train_maskrcnn` finds the image). Every image of the
+  split is listed, also those left without instances.
+- ``annotations``: ``segmentation`` compressed RLE (``counts`` str), ``bbox`` ``[x, y, w, h]`` from the
+  mask, ``area`` (pixel count), ``iscrowd`` 0, ``category_id``, and the extra field ``score``.
+- ``categories``: the dataset's categories, in class-index order: VOC-layout datasets use ids
+  ``1..C`` (class ``c`` -> id ``c + 1``), COCO datasets their original category ids
+  (:func:`category_ids`).
+- ``info``: the split, the source file and the export settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+
+from bestie.errors import ArtifactError, ConfigError, DataError
+
+__all__ = ["ExportConfig", "category_ids", "filter_instances", "run"]
+
+log = logging.getLogger(__name__)
+
+InstanceSource = Union[str, os.PathLike, Mapping[str, Mapping[str, np.ndarray]], Callable[[str], Mapping[str, Any]]]
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Settings of the pseudo-label export (config section ``export``).
+
+    Attributes:
+        score_threshold: instances scoring below this are dropped (BESTIE scores are in ``[0, 1]``:
+            center score x mean class probability, METHOD.md section 4 "Inference").
+        min_area: instances with fewer mask pixels are dropped (pixels of the original image; 50 is
+            the component size limit of METHOD.md section 4).
+        filter_by_image_labels: drop instances of classes absent from the image-level labels.
+        max_per_image: keep at most this many instances per image, highest score first.
+    """
+
+    score_threshold: float = 0.1
+    min_area: int = 50
+    filter_by_image_labels: bool = True
+    max_per_image: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_threshold <= 1.0:
+            raise ConfigError(f"export.score_threshold must be in [0, 1], got {self.score_threshold}")
+        if self.min_area < 0:
+            raise ConfigError(f"export.min_area must be >= 0, got {self.min_area}")
+        if self.max_per_image < 1:
+            raise ConfigError(f"export.max_per_image must be >= 1, got {self.max_per_image}")
+
+
+def category_ids(dataset: Any) -> list[int]:
+    """COCO category id of each 0-based class index of ``dataset``.
+
+    COCO datasets (with ``index_to_cat_id``) keep their original ids; other (VOC-layout) datasets get
+    ``1..C`` in class order.
+    """
+    if hasattr(dataset, "index_to_cat_id"):
+        return [int(dataset.index_to_cat_id(c)) for c in range(dataset.num_classes)]
+    return list(range(1, dataset.num_classes + 1))
+
+
+def filter_instances(
+    instances: Mapping[str, Any],
+    cfg: ExportConfig,
+    image_labels: tuple[int, ...] | None = None,
+    source: str = "instances",
+) -> dict[str, np.ndarray]:
+    """Apply the export filters (score, area, image labels, count; see the module docstring).
+
+    Args:
+        instances: ``{"masks": (N, H, W) bool/0-1, "labels": (N,) int 0-based, "scores": (N,) float}``.
+        cfg: thresholds.
+        image_labels: 0-based classes of the image-level label (used when ``cfg.filter_by_image_labels``).
+        source: name used in error messages (file and image id).
+
+    Returns:
+        ``{"masks": (K, H, W) bool, "labels": (K,) int64, "scores": (K,) float32}``, by descending score
+        (ties keep the input order).
+
+    Raises:
+        DataError: missing keys, inconsistent shapes, non-integer labels, non-finite scores.
+    """
+    for key in ("masks", "labels", "scores"):
+        if key not in instances:
+            raise DataError(f"{source}: lacks array {key!r} (has {sorted(instances)})")
+    masks = np.asarray(instances["masks"])
+    labels = np.asarray(instances["labels"])
+    scores = np.asarray(instances["scores"], dtype=np.float32)
+    if masks.ndim != 3 or masks.shape[1] == 0 or masks.shape[2] == 0:
+        raise DataError(f"{source}: masks must be (N, H, W) with H, W > 0, got shape {masks.shape}")
+    n = masks.shape[0]
+    if labels.shape != (n,) or scores.shape != (n,):
+        raise DataError(f"{source}: {n} masks but labels {labels.shape} and scores {scores.shape}")
+    if n and not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{source}: labels must be integers, got dtype {labels.dtype}")
+    if not np.all(np.isfinite(scores)):
+        raise DataError(f"{source}: scores hold NaN or inf")
+    masks = masks.astype(bool, copy=False)
+    labels = labels.astype(np.int64)
+    keep = scores >= cfg.score_threshold
+    keep &= masks.sum(axis=(1, 2)) >= max(cfg.min_area, 1)  # empty masks never become labels
+    if cfg.filter_by_image_labels and image_labels is not None:
+        keep &= np.isin(labels, np.asarray(image_labels, dtype=np.int64))
+    idx = np.flatnonzero(keep)
+    idx = idx[np.argsort(-scores[idx], kind="stable")][: cfg.max_per_image]
+    return {"masks": masks[idx], "labels": labels[idx], "scores": scores[idx]}
+
+
+class _Source:
+    """Uniform ``get(image_id) -> instances`` over an HDF5 store, a mapping or a callable."""
+
+    def __init__(self, predictions: InstanceSource) -> None:
+        self._reader = None
+        if isinstance(predictions, (str, os.PathLike)):
+            from bestie.io.h5store import H5Reader
+
+            self.name = os.fspath(predictions)
+            self._reader = H5Reader(predictions)
+            self._get = self._from_reader
+        elif isinstance(predictions, Mapping):
+            self.name = "predictions mapping"
+            self._map = predictions
+            self._get = self._from_map
+        elif callable(predictions):
+            self.name = getattr(predictions, "__name__", "predictions callable")
+            self._get = predictions
+        else:
+            raise ConfigError(f"export: predictions must be an HDF5 path, a mapping or a callable, got {predictions!r}")
+
+    def _from_reader(self, image_id: str) -> Mapping[str, Any]:
+        if image_id not in self._reader:
+            raise ArtifactError(f"{self.name}: no predictions for image id {image_id!r}")
+        return self._reader.read(image_id)
+
+    def _from_map(self, image_id: str) -> Mapping[str, Any]:
+        if image_id not in self._map:
+            raise ArtifactError(f"{self.name}: no predictions for image id {image_id!r}")
+        return self._map[image_id]
+
+    def get(self, image_id: str) -> Mapping[str, Any]:
+        return self._get(image_id)
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+
+
+def run(
+    cfg: ExportConfig,
+    dataset_cfg: Mapping[str, Any],
+    split: str,
+    predictions: InstanceSource,
+    out_json: str | os.PathLike,
+    *,
+    dataset: Any = None,
+) -> dict[str, Any]:
+    """Write the COCO pseudo-label JSON of ``split`` (METHOD.md stage 5).
+
+    Args:
+        cfg: export settings.
+        dataset_cfg: the ``dataset`` config section (:func:`bestie.data.build_dataset`).
+        split: the split whose predictions are exported (the training split).
+        predictions: the instances HDF5 written by ``bestie predict-instances`` (per image id:
+            ``masks`` ``(N, H, W)``, ``labels`` ``(N,)`` 0-based, ``scores`` ``(N,)``), or a mapping /
+            callable ``image_id -> instances dict`` (same arrays).
+        out_json: output path, written atomically.
+        dataset: an already built dataset to use instead of ``build_dataset(dataset_cfg, split)``.
+
+    Returns:
+        Summary ``{"num_images", "num_images_with_instances", "num_instances", "num_dropped"}``.
+
+    Raises:
+        ArtifactError: the predictions file is missing/corrupt or lacks an image of the split.
+        DataError: malformed predictions (names the file and image id).
+        ConfigError: bad settings.
+    """
+    if dataset is None:
+        from bestie.data import build_dataset
+
+        dataset = build_dataset(dataset_cfg, split=split)
+    from bestie.config import to_dict
+    from bestie.io.coco_json import make_annotation, write_coco_dataset
+
+    cat_ids = category_ids(dataset)
+    categories = [
+        {"id": cid, "name": name, "supercategory": ""} for cid, name in zip(cat_ids, dataset.class_names)
+    ]
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    dropped = 0
+    with_instances = 0
+    source = _Source(predictions)
+    try:
+        for k, image_id in enumerate(dataset.ids, start=1):
+            raw = source.get(image_id)
+            where = f"{source.name}, image {image_id!r}"
+            labels = dataset.labels(image_id) if cfg.filter_by_image_labels else None
+            inst = filter_instances(raw, cfg, labels, where)
+            n_raw = int(np.asarray(raw["labels"]).shape[0])
+            if inst["labels"].size and int(inst["labels"].max()) >= dataset.num_classes:
+                raise DataError(
+                    f"{where}: class index {int(inst['labels'].max())} outside 0..{dataset.num_classes - 1}"
+                )
+            dropped += n_raw - int(inst["labels"].size)
+            h, w = inst["masks"].shape[1:]
+            images.append({
+                "id": k,
+                "file_name": Path(dataset.image_path(image_id)).name,
+                "height": int(h),
+                "width": int(w),
+                "image_key": image_id,
+            })
+            with_instances += bool(inst["labels"].size)
+            for mask, label, score in zip(inst["masks"], inst["labels"], inst["scores"]):
+                annotations.append(make_annotation(len(annotations) + 1, k, cat_ids[int(label)], mask, float(score)))
+    finally:
+        source.close()
+    info = {
+        "description": "BESTIE pseudo labels (bestie export-pseudo-labels)",
+        "split": split,
+        "source": source.name,
+        "export": to_dict(cfg),
+    }
+    write_coco_dataset(out_json, images, annotations, categories, info=info)
+    summary = {
+        "num_images": len(images),
+        "num_images_with_instances": with_instances,
+        "num_instances": len(annotations),
+        "num_dropped": dropped,
+    }
+    log.info(
+        "pseudo labels of %s: %d instances on %d/%d images (%d predictions dropped) -> %s",
+        split, len(annotations), with_instances, len(images), dropped, out_json,
+    )
+    return summary

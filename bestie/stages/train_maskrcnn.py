@@ -1,0 +1,486 @@
+"""Stage 6a: train a Mask R-CNN on the COCO pseudo labels of stage 5 (docs/METHOD.md, "5-6").
+
+The loop follows torchvision's detection reference (``references/detection/train.py``): SGD with
+momentum, a linear warm-up over at most the first epoch, step decay of the learning rate, the sum of the
+detector's loss dict (``loss_classifier``, ``loss_box_reg``, ``loss_mask``, ``loss_objectness``,
+``loss_rpn_box_reg``) as the objective, horizontal-flip augmentation, one image size range set by the
+model (``min_size`` / ``max_size``).
+
+Data: :class:`PseudoLabelDataset` reads the pseudo-label JSON and takes each image from the dataset by
+its ``image_key``. **Images without any pseudo instance are skipped**: for pseudo labels, "no instance"
+mostly means the instance model missed the objects, and training on such images as pure background would
+teach the detector to suppress them (detectron2 filters empty images by default for the same reason).
+
+Robustness: the NaN/inf guard (:func:`bestie.engine.check_finite`) stops a diverging run with a
+:class:`~bestie.errors.TrainingError`; every ``checkpoint_every`` iterations a resumable checkpoint
+``<out_checkpoint>.partial`` (model, optimizer, scheduler, GradScaler, RNG states, data position) is
+written atomically, and a restarted run with the same settings and pseudo-label file continues from it
+and ends with the weights of an uninterrupted run (a partial file of other settings is refused with a
+:class:`~bestie.errors.ConfigError`, as in the BESTIE stage); the final checkpoint is written atomically
+to ``out_checkpoint`` and the partial one removed. Multi-GPU runs use
+``torchrun`` (DistributedDataParallel, one process per GPU, batch size per process); CUDA runs use
+autocast (bf16 where supported, else fp16 with a GradScaler) when ``amp``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bestie.errors import ArtifactError, ConfigError, DataError
+
+__all__ = ["MaskRCNNConfig", "PseudoLabelDataset", "load_pseudo_json", "masks_to_boxes", "collate", "run"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "maskrcnn"
+
+
+@dataclass(frozen=True)
+class MaskRCNNConfig:
+    """Settings of Mask R-CNN training (config section ``maskrcnn``).
+
+    METHOD.md gives no Mask R-CNN hyper-parameters; the defaults are torchvision's reference recipe
+    (SGD lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4, 26 epochs with lr x0.1 after epochs 16
+    and 22, warm-up factor 0.001) with the learning rate scaled linearly to ``batch_size``
+    (``0.02 * 4 / 16 = 0.005``; with ``N`` processes the effective batch is ``N * batch_size``).
+
+    Attributes:
+        model: architecture (:data:`bestie.models.maskrcnn.MASKRCNN_MODELS`).
+        weights: ``"imagenet"`` (EfficientNet-Lite0 package), a weights file, or None (random init).
+        min_size, max_size: input resize, pixels (None: the architecture's default).
+        trainable_backbone_layers: backbone stages trained (0..5, output side first) with pretrained weights.
+        lr, momentum, weight_decay: SGD settings (lr per run, not per image).
+        epochs: training length in passes over the images with pseudo labels (used when ``max_iters`` is 0).
+        max_iters: training length in iterations (0: from ``epochs``).
+        batch_size: images per process and iteration.
+        warmup_iters: linear warm-up length, capped at one epoch minus one iteration (as the reference).
+        warmup_factor: lr factor at iteration 0 of the warm-up.
+        lr_steps: fractions of the run after which the lr is multiplied by ``lr_gamma``
+            (16/26 and 22/26 = the reference's epochs 16 and 22 of 26).
+        lr_gamma: step decay factor.
+        clip_grad_norm: clip the gradient norm to this value (0: no clipping, as the reference).
+        hflip: probability of a horizontal flip per image.
+        seed: seed of initialisation, data order and augmentation.
+        amp: mixed precision on CUDA (ignored on CPU).
+        checkpoint_every: iterations between resumable checkpoints (0: none).
+        log_every: iterations between JSON log records (the last iteration is always logged).
+        num_workers: data-loader worker processes per training process.
+    """
+
+    model: str = "maskrcnn_efficientnet_lite0_fpn"
+    weights: str | None = "imagenet"
+    min_size: int | None = None
+    max_size: int | None = None
+    trainable_backbone_layers: int = 3
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 26
+    max_iters: int = 0
+    batch_size: int = 4
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    lr_steps: tuple[float, ...] = (16 / 26, 22 / 26)
+    lr_gamma: float = 0.1
+    clip_grad_norm: float = 0.0
+    hflip: float = 0.5
+    seed: int = 3407
+    amp: bool = True
+    checkpoint_every: int = 500
+    log_every: int = 20
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.lr > 0, "lr must be > 0"),
+            (self.momentum >= 0, "momentum must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.epochs >= 0 and self.max_iters >= 0, "epochs and max_iters must be >= 0"),
+            (self.epochs > 0 or self.max_iters > 0, "one of epochs / max_iters must be > 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.warmup_iters >= 0, "warmup_iters must be >= 0"),
+            (0 < self.warmup_factor <= 1, "warmup_factor must be in (0, 1]"),
+            (all(0 < f < 1 for f in self.lr_steps), "lr_steps must be fractions in (0, 1)"),
+            (0 < self.lr_gamma <= 1, "lr_gamma must be in (0, 1]"),
+            (self.clip_grad_norm >= 0, "clip_grad_norm must be >= 0"),
+            (0 <= self.hflip <= 1, "hflip must be a probability in [0, 1]"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            (self.num_workers >= 0, "num_workers must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(f"maskrcnn.{msg}")
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_pseudo_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check a pseudo-label COCO JSON written by :mod:`bestie.stages.export_pseudo_labels`.
+
+    Returns:
+        The parsed dict (``images`` with ``image_key``, ``annotations``, ``categories``, ``info``).
+
+    Raises:
+        ArtifactError: missing file, invalid JSON, or missing ``images`` / ``annotations`` /
+            ``categories`` lists or ``image_key`` fields (names the file).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"pseudo-label JSON {p} does not exist")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{p}: not a readable JSON file ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{p}: expected a COCO dataset object, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ArtifactError(f"{p}: lacks the COCO list {key!r}")
+    for rec in data["images"]:
+        if not isinstance(rec, dict) or not {"id", "image_key", "height", "width"} <= set(rec):
+            raise ArtifactError(f"{p}: image record without id/image_key/height/width: {str(rec)[:200]}")
+    return data
+
+
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """Tight boxes of binary masks, vectorised.
+
+    Args:
+        masks: ``(N, H, W)`` bool, each with at least one pixel.
+
+    Returns:
+        ``(N, 4)`` float32 ``x1, y1, x2, y2`` in pixels, ``x2 = last column + 1``, ``y2 = last row + 1``
+        (the COCO box ``[x, y, w, h]`` as corners; a single pixel at column 3, row 5 gives
+        ``[3, 5, 4, 6]``), the box convention torchvision's detection models train on.
+    """
+    n, h, w = masks.shape
+    if n == 0:
+        return np.zeros((0, 4), dtype=np.float32)
+    cols = masks.any(axis=1)  # (N, W)
+    rows = masks.any(axis=2)  # (N, H)
+    x1 = cols.argmax(axis=1)
+    x2 = w - cols[:, ::-1].argmax(axis=1)
+    y1 = rows.argmax(axis=1)
+    y2 = h - rows[:, ::-1].argmax(axis=1)
+    return np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
+
+
+class PseudoLabelDataset(torch.utils.data.Dataset):
+    """Training samples of the pseudo-label JSON (images with at least one instance only).
+
+    ``dataset[key]`` with ``key`` an index or the ``(index, epoch)`` of
+    :class:`bestie.engine.ResumableSampler` returns ``(image, target)``:
+
+    - ``image``: ``(3, H, W)`` float32 RGB in ``[0, 1]`` (the model normalises);
+    - ``target``: ``boxes`` ``(N, 4)`` float32 ``x1, y1, x2, y2`` pixels (from the masks, after the flip),
+      ``labels`` ``(N,)`` int64 **1-based** (class ``c`` -> ``c + 1``), ``masks`` ``(N, H, W)`` uint8,
+      ``image_id`` int (the JSON's image id).
+
+    The flip (probability ``hflip``) is drawn from :func:`bestie.engine.sample_rng` of ``(seed, epoch,
+    index)``, so a resumed run augments exactly as an uninterrupted one.
+
+    Args:
+        pseudo: the parsed JSON (:func:`load_pseudo_json`).
+        dataset: the image dataset (``image(id)``, ``ids``, ``num_classes``, ``class_names``).
+        hflip: flip probability.
+        seed: augmentation seed.
+        source: file name for error messages.
+
+    Raises:
+        DataError: an ``image_key`` not in the dataset, a category id not among the dataset's
+            categories, or no image with an instance at all (names the file).
+    """
+
+    def __init__(self, pseudo: Mapping[str, Any], dataset: Any, hflip: float = 0.5, seed: int = 0,
+                 source: str = "pseudo labels") -> None:
+        from bestie.stages.export_pseudo_labels import category_ids
+
+        self.dataset = dataset
+        self.hflip = float(hflip)
+        self.seed = int(seed)
+        self.source = source
+        cat_to_label = {cid: i + 1 for i, cid in enumerate(category_ids(dataset))}
+        known_ids = set(dataset.ids)
+        images = {int(r["id"]): r for r in pseudo["images"]}
+        per_image: dict[int, list[tuple[dict, int]]] = defaultdict(list)
+        for ann in pseudo["annotations"]:
+            if ann.get("iscrowd", 0):
+                continue
+            cid = int(ann["category_id"])
+            if cid not in cat_to_label:
+                raise DataError(
+                    f"{source}: annotation {ann.get('id')} has category id {cid}, not one of the dataset's "
+                    f"{sorted(cat_to_label)}"
+                )
+            if int(ann["image_id"]) not in images:
+                raise DataError(f"{source}: annotation {ann.get('id')} refers to unknown image id {ann['image_id']}")
+            per_image[int(ann["image_id"])].append((ann["segmentation"], cat_to_label[cid]))
+        self.records: list[dict[str, Any]] = []
+        for iid in sorted(per_image):
+            rec = images[iid]
+            key = str(rec["image_key"])
+            if key not in known_ids:
+                raise DataError(f"{source}: image_key {key!r} (image id {iid}) is not an image of the dataset")
+            self.records.append({
+                "image_id": iid, "image_key": key, "height": int(rec["height"]), "width": int(rec["width"]),
+                "segmentations": [s for s, _ in per_image[iid]],
+                "labels": np.asarray([lab for _, lab in per_image[iid]], dtype=np.int64),
+            })
+        self.num_skipped = len(images) - len(self.records)
+        if not self.records:
+            raise DataError(f"{source}: no image has a pseudo instance; nothing to train Mask R-CNN on")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from bestie.engine import sample_rng
+        from bestie.io.coco_json import decode_rle
+
+        index = int(key[0]) if isinstance(key, (tuple, list)) else int(key)
+        rec = self.records[index]
+        image = self.dataset.image(rec["image_key"])
+        h, w = rec["height"], rec["width"]
+        if image.shape[:2] != (h, w):
+            raise DataError(
+                f"{self.source}: image {rec['image_key']!r} is {image.shape[1]}x{image.shape[0]} (WxH) but its "
+                f"pseudo labels are {w}x{h}"
+            )
+        masks = np.stack([decode_rle(s) for s in rec["segmentations"]])
+        if masks.shape[1:] != (h, w):
+            raise DataError(f"{self.source}: a mask of image {rec['image_key']!r} is not {h}x{w}")
+        labels = rec["labels"]
+        keep = masks.reshape(len(masks), -1).any(axis=1)  # empty masks have no box
+        masks, labels = masks[keep], labels[keep]
+        if self.hflip > 0 and sample_rng(key, self.seed).random() < self.hflip:
+            image = image[:, ::-1]
+            masks = masks[:, :, ::-1]
+        image_t = torch.tensor(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)  # copy: images may be read-only
+        target = {
+            "boxes": torch.from_numpy(masks_to_boxes(masks)),
+            "labels": torch.from_numpy(labels),
+            "masks": torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8)),
+            "image_id": int(rec["image_id"]),
+        }
+        return image_t, target
+
+
+def collate(batch: Sequence[Any]) -> tuple[list, list]:
+    """Keep images of different sizes as lists: ``([image, ...], [target, ...])``."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _reduce_mean(values: dict[str, float], dist_info: Any) -> dict[str, float]:
+    """Average scalar logs over ranks (identity for a single process)."""
+    if not dist_info.is_distributed:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=dist_info.device)
+    torch.distributed.all_reduce(t)
+    t /= dist_info.world_size
+    return dict(zip(values, t.tolist()))
+
+
+_RESUME_FREE = ("checkpoint_every", "log_every", "num_workers")  # may change between a crash and the rerun
+
+
+def _resume_key(cfg: Any, pseudo_json: Path) -> dict[str, Any]:
+    """What must be unchanged for a partial checkpoint to be resumed: every setting that affects the
+    result (``maskrcnn.<key>``) and the pseudo-label file (size and modification time)."""
+    from bestie.config import to_dict
+
+    stat = pseudo_json.stat()
+    key = {f"maskrcnn.{k}": v for k, v in to_dict(cfg).items() if k not in _RESUME_FREE}
+    key.update(pseudo_json_size=int(stat.st_size), pseudo_json_mtime_ns=int(stat.st_mtime_ns))
+    return key
+
+
+def run(
+    cfg: MaskRCNNConfig,
+    dataset_cfg: Mapping[str, Any],
+    pseudo_json: str | os.PathLike,
+    out_checkpoint: str | os.PathLike,
+    out_log: str | os.PathLike,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train Mask R-CNN on the pseudo labels (METHOD.md stage 6).
+
+    Args:
+        cfg: training settings.
+        dataset_cfg: the ``dataset`` config section; the split is the pseudo-label JSON's
+            ``info.split`` (else ``dataset_cfg["train_split"]``, else ``"train"``).
+        pseudo_json: COCO JSON of :mod:`bestie.stages.export_pseudo_labels`.
+        out_checkpoint: final checkpoint (``bestie.engine.save_checkpoint`` format; ``extra`` holds
+            ``kind="maskrcnn"``, ``model_spec`` (:func:`bestie.models.maskrcnn.build_maskrcnn` keywords),
+            ``class_names``, ``category_ids``, ``config``, ``split``, ``iterations``).
+        out_log: JSON-lines log: per record ``iteration``, ``epoch``, ``lr``, ``loss`` and each loss term
+            (means over ranks), ``sec_per_iter``; a resumed run appends to it.
+        device: ``"cpu"`` / ``"cuda"`` (default: CUDA when available; under torchrun ``cuda:LOCAL_RANK``).
+
+    Returns:
+        ``{"iterations": int, "num_train_images": int, "num_skipped_images": int, "final_loss": float}``.
+
+    Raises:
+        ArtifactError: a missing/corrupt pseudo-label JSON or an unreadable partial checkpoint.
+        ConfigError: a partial checkpoint written with other settings or another pseudo-label file.
+        DataError: pseudo labels that do not fit the dataset (see :class:`PseudoLabelDataset`).
+        WeightsError: configured weights missing or not matching.
+        TrainingError: a NaN/inf loss.
+    """
+    from tqdm import tqdm
+
+    from bestie.config import to_dict
+    from bestie.data import build_dataset
+    from bestie.engine import (
+        JsonLog,
+        ResumableSampler,
+        WarmupMultiStepLR,
+        autocast_context,
+        check_finite,
+        create_grad_scaler,
+        infinite_loader,
+        init_distributed,
+        load_checkpoint,
+        read_checkpoint,
+        save_checkpoint,
+        seed_everything,
+    )
+    from bestie.models.maskrcnn import build_maskrcnn
+    from bestie.stages.export_pseudo_labels import category_ids
+
+    pseudo_json = Path(pseudo_json)
+    out_checkpoint = Path(out_checkpoint)
+    out_log = Path(out_log)
+    dist = init_distributed(device)
+    seed_everything(cfg.seed, dist.rank)
+
+    pseudo = load_pseudo_json(pseudo_json)
+    info = pseudo.get("info") or {}
+    split = info.get("split") or dataset_cfg.get("train_split") or "train"
+    dataset = build_dataset(dataset_cfg, split=split)
+    train_set = PseudoLabelDataset(pseudo, dataset, cfg.hflip, cfg.seed, source=str(pseudo_json))
+    if dist.is_main:
+        log.info("Mask R-CNN: %d training images with pseudo labels, %d without (skipped)",
+                 len(train_set), train_set.num_skipped)
+
+    model = build_maskrcnn(
+        cfg.model, dataset.num_classes, cfg.weights, min_size=cfg.min_size, max_size=cfg.max_size,
+        trainable_backbone_layers=cfg.trainable_backbone_layers,
+    )
+    spec = dict(model.bestie_spec)
+    model.to(dist.device)
+    if dist.is_distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+    sampler = ResumableSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=dist.rank, world_size=dist.world_size)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
+        pin_memory=dist.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+    )
+    iters_per_epoch = math.ceil(sampler.per_rank / cfg.batch_size)
+    max_iters = cfg.max_iters or cfg.epochs * iters_per_epoch
+    warmup = min(cfg.warmup_iters, max(iters_per_epoch - 1, 0))
+    milestones = sorted({int(round(f * max_iters)) for f in cfg.lr_steps})
+    scheduler = WarmupMultiStepLR(optimizer, milestones, cfg.lr_gamma, warmup, cfg.warmup_factor)
+    scaler = create_grad_scaler(dist.device, cfg.amp)
+
+    partial = out_checkpoint.with_name(out_checkpoint.name + ".partial")
+    resume_key = _resume_key(cfg, pseudo_json)
+    start = 0
+    if partial.is_file():
+        old_key = (read_checkpoint(partial).get("extra") or {}).get("resume_key") or {}
+        if old_key != resume_key:
+            diff = sorted(k for k in set(old_key) | set(resume_key) if old_key.get(k) != resume_key.get(k))
+            raise ConfigError(
+                f"{partial}: partial checkpoint of a run with other settings or pseudo labels (differs in: "
+                f"{', '.join(diff)}); delete it to start afresh"
+            )
+        start = load_checkpoint(partial, model, optimizer, scheduler, scaler)["iteration"]
+        if dist.is_main:
+            log.info("resuming Mask R-CNN training from %s at iteration %d", partial, start)
+    if start == 0 and dist.is_main and out_log.exists():
+        out_log.unlink()  # a fresh run starts a fresh log; a resumed one appends
+    if dist.is_distributed:
+        torch.distributed.barrier()
+
+    extra_common = {
+        "kind": CHECKPOINT_KIND,
+        "model_spec": spec,
+        "class_names": list(dataset.class_names),
+        "category_ids": category_ids(dataset),
+        "config": to_dict(cfg),
+        "split": split,
+        "pseudo_json": str(pseudo_json),
+    }
+    jlog = JsonLog(out_log, rank=dist.rank)
+    model.train()
+    it = start
+    last_loss = float("nan")
+    t0 = time.time()
+    t_last, it_last = t0, start
+    bar = tqdm(total=max_iters, initial=start, disable=not dist.is_main, desc="maskrcnn", mininterval=5.0)
+    try:
+        batches = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=iters_per_epoch)
+        while it < max_iters:
+            images, targets = next(batches)
+            images = [im.to(dist.device, non_blocking=True) for im in images]
+            targets = [{k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+            with autocast_context(dist.device, cfg.amp):
+                loss_dict = model(images, targets)
+            loss = sum(loss_dict.values())
+            check_finite({**loss_dict, "loss": loss}, it)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            it += 1
+            bar.update(1)
+            if it % cfg.log_every == 0 or it == max_iters:
+                vals = _reduce_mean({"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in loss_dict.items()}}, dist)
+                last_loss = vals["loss"]
+                now = time.time()
+                jlog.write({"iteration": it, "epoch": (it - 1) // iters_per_epoch, "lr": lr, **vals,
+                            "sec_per_iter": (now - t_last) / max(it - it_last, 1)})
+                t_last, it_last = now, it
+                bar.set_postfix(loss=f"{last_loss:.3f}")
+            if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < max_iters:
+                save_checkpoint(partial, model, optimizer, scheduler, scaler, it,
+                                {**extra_common, "resume_key": resume_key}, rank=dist.rank)
+    finally:
+        bar.close()
+        jlog.close()
+    save_checkpoint(out_checkpoint, model, None, None, None, it, {**extra_common, "iterations": it}, rank=dist.rank)
+    if dist.is_main:
+        partial.unlink(missing_ok=True)
+        log.info("Mask R-CNN: %d iterations in %.0f s, final loss %.4f -> %s", it - start, time.time() - t0,
+                 last_loss, out_checkpoint)
+    if dist.is_distributed:
+        torch.distributed.barrier()
+    return {
+        "iterations": it,
+        "num_train_images": len(train_set),
+        "num_skipped_images": train_set.num_skipped,
+        "final_loss": last_loss,
+    }
