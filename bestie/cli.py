@@ -1,0 +1,274 @@
+"""Command line: ``bestie <stage> ...`` (also ``python -m bestie``; under ``torchrun -m bestie``).
+
+Each subcommand is a thin wrapper around one stage's ``run`` function (``bestie.stages.*``): the
+Snakemake rules call these, passing the stage's config section as JSON (``--params``) and the dataset
+section as JSON (``--dataset``), plus the exact input and output paths. Errors of this package
+(:class:`~bestie.errors.BestieError`) end the process with exit status 2 and a one-line message naming
+the file or key at fault, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from bestie.errors import BestieError, ConfigError
+
+__all__ = ["main"]
+
+log = logging.getLogger("bestie")
+
+
+def _json_arg(text: str) -> Any:
+    """Parse a JSON argument, or the contents of a file when the text names one."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        path = Path(text)
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        raise ConfigError(f"not valid JSON and not a file: {text[:80]!r}") from None
+
+
+def _cmd_demo_data(a: argparse.Namespace) -> None:
+    from bestie.data.demo import generate_demo_dataset
+
+    p = a.params or {}
+    p = {k: v for k, v in p.items() if k != "generate"}
+    if "image_size" in p:
+        p["image_size"] = tuple(p["image_size"])
+    generate_demo_dataset(a.root, **p)
+
+
+def _cmd_train_classifier(a: argparse.Namespace) -> None:
+    from bestie.config import from_dict
+    from bestie.stages import train_classifier as st
+
+    cfg = from_dict(st.ClassifierConfig, a.params, "classifier")
+    st.run(cfg, a.dataset, Path(a.out_checkpoint), Path(a.out_log), device=a.device)
+
+
+def _cmd_make_cams(a: argparse.Namespace) -> None:
+    from bestie.config import from_dict
+    from bestie.stages import make_cams as st
+
+    cfg = from_dict(st.CamConfig, a.params, "cams")
+    st.run(
+        cfg,
+        a.dataset,
+        Path(a.checkpoint),
+        Path(a.out_cams),
+        Path(a.out_points) if a.out_points else None,
+        Path(a.out_diagnostics),
+        Path(a.overlay_dir) if a.overlay_dir else None,
+        device=a.device,
+    )
+
+
+def _cmd_make_wsss(a: argparse.Namespace) -> None:
+    from bestie.config import from_dict
+    from bestie.stages import make_wsss as st
+
+    cfg = from_dict(st.WsssConfig, a.params, "wsss")
+    st.run(
+        cfg,
+        a.dataset,
+        Path(a.cams),
+        Path(a.out_wsss),
+        Path(a.out_diagnostics),
+        Path(a.png_dir) if a.png_dir else None,
+        device=a.device,
+        cam_diagnostics=Path(a.cam_diagnostics) if a.cam_diagnostics else None,
+    )
+
+
+def _cmd_import_wsss(a: argparse.Namespace) -> None:
+    from bestie.data import build_dataset
+    from bestie.stages import make_wsss as st
+
+    st.import_wsss_pngs(Path(a.png_dir), build_dataset(a.dataset), Path(a.out_wsss))
+
+
+def _cmd_train_bestie(a: argparse.Namespace) -> None:
+    from bestie.config import from_dict
+    from bestie.stages import train_bestie as st
+
+    cfg = from_dict(st.BestieConfig, a.params, "bestie")
+    st.run(
+        cfg,
+        a.dataset,
+        Path(a.wsss),
+        Path(a.points) if a.points else None,
+        Path(a.out_checkpoint),
+        Path(a.out_log),
+        device=a.device,
+    )
+
+
+def _cmd_predict_instances(a: argparse.Namespace) -> None:
+    from bestie.config import from_dict
+    from bestie.stages import predict_instances as st
+
+    cfg = from_dict(st.InferenceConfig, a.params, "inference")
+    st.run(cfg, a.dataset, a.split, Path(a.checkpoint), Path(a.out_instances), Path(a.out_metrics), device=a.device)
+
+
+def _cmd_score_baseline(a: argparse.Namespace) -> None:
+    from bestie.config import from_dict
+    from bestie.stages import baseline as st
+    from bestie.stages.train_bestie import BestieConfig
+
+    cfg = from_dict(BestieConfig, a.params, "bestie")
+    st.run(cfg, a.dataset, a.split, Path(a.wsss), Path(a.points) if a.points else None, Path(a.out_metrics))
+
+
+def _cmd_export(a: argparse.Namespace) -> None:
+    from bestie.config import from_dict
+    from bestie.stages import export_pseudo_labels as st
+
+    cfg = from_dict(st.ExportConfig, a.params, "export")
+    st.run(cfg, a.dataset, a.split, Path(a.instances), Path(a.out_json))
+
+
+def _cmd_train_maskrcnn(a: argparse.Namespace) -> None:
+    from bestie.config import from_dict
+    from bestie.stages import train_maskrcnn as st
+
+    cfg = from_dict(st.MaskRCNNConfig, a.params, "maskrcnn")
+    st.run(cfg, a.dataset, Path(a.pseudo_json), Path(a.out_checkpoint), Path(a.out_log), device=a.device)
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> None:
+    from bestie.config import from_dict
+    from bestie.stages import evaluate as st
+
+    cfg = from_dict(st.EvalConfig, a.params, "evaluate")
+    st.run(cfg, a.dataset, a.split, Path(a.checkpoint), Path(a.out_metrics), Path(a.out_predictions), device=a.device)
+
+
+def _cmd_report(a: argparse.Namespace) -> None:
+    from bestie.stages import report as st
+
+    st.run_workflow_report(a.run, a.dataset, a.inputs, Path(a.out_html), Path(a.out_metrics))
+
+
+def _cmd_show_metrics(a: argparse.Namespace) -> None:
+    from bestie.stages import report as st
+
+    path = Path(a.metrics)
+    if not path.is_file():
+        raise BestieError(f"{path}: no metrics file (has the workflow finished?)")
+    print(st.metrics_table(json.loads(path.read_text())))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bestie", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], None], help: str, params: bool = True,
+            dataset: bool = True, device: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=fn)
+        if params:
+            p.add_argument("--params", type=_json_arg, default={}, help="the stage's config section (JSON or file)")
+        if dataset:
+            p.add_argument("--dataset", type=_json_arg, required=True, help="the dataset config section (JSON or file)")
+        if device:
+            p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+        return p
+
+    p = add("demo-data", _cmd_demo_data, "generate the synthetic demo dataset", dataset=False)
+    p.add_argument("--root", required=True)
+
+    p = add("train-classifier", _cmd_train_classifier, "stage 1: train the PAM or dense CAM classifier", device=True)
+    p.add_argument("--out-checkpoint", required=True)
+    p.add_argument("--out-log", required=True)
+
+    p = add("make-cams", _cmd_make_cams, "stage 2: CAMs, peak points and their diagnostics", device=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out-cams", required=True)
+    p.add_argument("--out-points")
+    p.add_argument("--out-diagnostics", required=True)
+    p.add_argument("--overlay-dir")
+
+    p = add("make-wsss", _cmd_make_wsss, "stage 3: WSSS maps from dense CAMs", device=True)
+    p.add_argument("--cams", required=True)
+    p.add_argument("--cam-diagnostics")
+    p.add_argument("--out-wsss", required=True)
+    p.add_argument("--out-diagnostics", required=True)
+    p.add_argument("--png-dir", help="also export palette PNGs WSSS_maps/<id>.png here")
+
+    p = add("import-wsss", _cmd_import_wsss, "import existing WSSS maps (palette PNGs) instead of stage 3", params=False)
+    p.add_argument("--png-dir", required=True)
+    p.add_argument("--out-wsss", required=True)
+
+    p = add("train-bestie", _cmd_train_bestie, "stage 4: train the BESTIE instance model", device=True)
+    p.add_argument("--wsss", required=True)
+    p.add_argument("--points")
+    p.add_argument("--out-checkpoint", required=True)
+    p.add_argument("--out-log", required=True)
+
+    p = add("predict-instances", _cmd_predict_instances, "stage 4: BESTIE predictions of a split (+ metrics)", device=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out-instances", required=True)
+    p.add_argument("--out-metrics", required=True)
+
+    p = add("score-baseline", _cmd_score_baseline, "pseudo-label baseline: WSSS components holding one point")
+    p.add_argument("--split", required=True)
+    p.add_argument("--wsss", required=True)
+    p.add_argument("--points")
+    p.add_argument("--out-metrics", required=True)
+
+    p = add("export-pseudo-labels", _cmd_export, "stage 5: BESTIE instances -> COCO pseudo-label JSON")
+    p.add_argument("--split", required=True)
+    p.add_argument("--instances", required=True)
+    p.add_argument("--out-json", required=True)
+
+    p = add("train-maskrcnn", _cmd_train_maskrcnn, "stage 6: train Mask R-CNN on the pseudo labels", device=True)
+    p.add_argument("--pseudo-json", required=True)
+    p.add_argument("--out-checkpoint", required=True)
+    p.add_argument("--out-log", required=True)
+
+    p = add("evaluate", _cmd_evaluate, "stage 6: evaluate Mask R-CNN on the held-out split", device=True)
+    p.add_argument("--split", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out-metrics", required=True)
+    p.add_argument("--out-predictions", required=True)
+
+    p = add("report", _cmd_report, "metrics table of every stage + HTML report", params=False)
+    p.add_argument("--run", required=True)
+    p.add_argument("--inputs", type=_json_arg, required=True, help="JSON: name -> input path")
+    p.add_argument("--out-html", required=True)
+    p.add_argument("--out-metrics", required=True)
+
+    p = add("show-metrics", _cmd_show_metrics, "print the metrics table of a finished run", params=False, dataset=False)
+    p.add_argument("metrics")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bestie`` console script. Returns the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.func(args)
+    except BestieError as exc:
+        print(f"bestie {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

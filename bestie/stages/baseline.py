@@ -1,0 +1,134 @@
+"""Pseudo-label baseline: the instances that semantic knowledge transfer alone would give.
+
+An instance is a WSSS component (8-connected region of one class, at least ``min_area`` pixels) that
+holds exactly one point of its class with ``conf >= point_threshold``, scored by that point's conf
+(METHOD.md section 4, "Semantic knowledge transfer"). BESTIE's self-refinement must beat this at mAP50
+(issue 5); the figure goes into the report as "pseudo-label baseline".
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = ["baseline_instances", "run"]
+
+log = logging.getLogger(__name__)
+
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def baseline_instances(
+    wsss: np.ndarray,
+    labels: tuple[int, ...] | list[int],
+    points: np.ndarray,
+    *,
+    min_area: int = 50,
+    point_threshold: float = 0.7,
+) -> dict[str, np.ndarray]:
+    """Instances = WSSS components holding exactly one confident point of their class.
+
+    Args:
+        wsss: (H, W) uint8 WSSS map: 0 background, ``c + 1`` for class ``c``, 255 uncertain.
+        labels: present classes (0-based); components of other classes are ignored.
+        points: (N, 4) float32 rows ``x, y, class, conf`` in pixels of this map.
+        min_area: components smaller than this many pixels are dropped.
+        point_threshold: points with a lower conf are ignored.
+
+    Returns:
+        ``{"masks": (K, H, W) bool, "labels": (K,) int64, "scores": (K,) float32}``.
+    """
+    h, w = wsss.shape
+    pts = np.asarray(points, dtype=np.float32).reshape(-1, 4)
+    pts = pts[pts[:, 3] >= point_threshold]
+    xs = np.clip(np.round(pts[:, 0]).astype(np.int64), 0, w - 1)
+    ys = np.clip(np.round(pts[:, 1]).astype(np.int64), 0, h - 1)
+    masks, out_labels, scores = [], [], []
+    for c in sorted(set(int(c) for c in labels)):
+        comp, n = ndimage.label(wsss == c + 1, structure=_EIGHT)
+        if n == 0:
+            continue
+        sel = pts[:, 2].astype(np.int64) == c
+        ids = comp[ys[sel], xs[sel]]
+        inside = ids > 0
+        counts = np.bincount(ids[inside], minlength=n + 1)
+        areas = np.bincount(comp.ravel(), minlength=n + 1)
+        best = np.zeros(n + 1, dtype=np.float32)
+        np.maximum.at(best, ids[inside], pts[sel][inside, 3])
+        for k in np.flatnonzero((counts == 1) & (areas >= min_area)):
+            masks.append(comp == k)
+            out_labels.append(c)
+            scores.append(best[k])
+    if not masks:
+        return {
+            "masks": np.zeros((0, h, w), dtype=bool),
+            "labels": np.zeros((0,), dtype=np.int64),
+            "scores": np.zeros((0,), dtype=np.float32),
+        }
+    return {
+        "masks": np.stack(masks),
+        "labels": np.asarray(out_labels, dtype=np.int64),
+        "scores": np.asarray(scores, dtype=np.float32),
+    }
+
+
+def run(cfg, dataset_cfg: dict, split: str, wsss_h5: Path, points_h5: Path | None, out_metrics: Path) -> None:
+    """Score the pseudo-label baseline of ``split`` against its GT instances (VOC mAP25/50/70/75).
+
+    Args:
+        cfg: the BESTIE stage config (``setting``, ``min_area``, ``point_threshold`` are used).
+        dataset_cfg: the dataset section of the config.
+        split: the split to score (its GT masks never enter training).
+        wsss_h5: WSSS maps (HDF5, per id ``wsss`` (H, W) uint8).
+        points_h5: peak points (HDF5, per id ``points`` (N, 4)); ``None`` in the point setting, where
+            the GT centers of the instances are the points.
+        out_metrics: JSON written atomically.
+
+    Raises:
+        ArtifactError: a missing or corrupt input artifact.
+        DataError: an image id of the split missing from the WSSS maps.
+    """
+    from bestie.data import build_dataset
+    from bestie.data.points import centers_from_instances
+    from bestie.errors import DataError
+    from bestie.evaluation import VOCInstanceEvaluator
+    from bestie.io.atomic import write_json_atomic
+    from bestie.io.h5store import H5Reader
+
+    dataset = build_dataset(dataset_cfg, split=split)
+    evaluator = VOCInstanceEvaluator(dataset.num_classes)
+    wsss_store = H5Reader(wsss_h5)
+    point_store = H5Reader(points_h5) if points_h5 is not None else None
+    scored = 0
+    try:
+        for image_id in dataset.ids:
+            gt = dataset.instances_gt(image_id)
+            if gt is None:
+                continue
+            if image_id not in wsss_store:
+                raise DataError(f"{wsss_h5}: no WSSS map for image id {image_id!r} of split {split!r}")
+            wsss = wsss_store.read_array(image_id, "wsss")
+            if point_store is None:
+                points = centers_from_instances(gt["masks"], gt["labels"])
+            else:
+                points = point_store.read_array(image_id, "points")
+            pred = baseline_instances(
+                wsss,
+                dataset.labels(image_id),
+                points,
+                min_area=cfg.min_area,
+                point_threshold=0.0 if point_store is None else cfg.point_threshold,
+            )
+            evaluator.update(pred, gt)
+            scored += 1
+    finally:
+        wsss_store.close()
+        if point_store is not None:
+            point_store.close()
+    metrics = evaluator.evaluate()
+    metrics.update({"split": split, "num_images": scored, "method": "wsss-components-with-one-point"})
+    log.info("pseudo-label baseline on %s (%d images): mAP50 %.2f", split, scored, metrics["mAP50"])
+    write_json_atomic(out_metrics, metrics)

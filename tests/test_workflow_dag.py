@@ -1,0 +1,95 @@
+"""The Snakemake DAG of every preset, and config validation before any job starts (issue 7)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from workflow_util import REPO, planned_jobs, snakemake, write_config
+
+PRESETS = sorted((REPO / "workflow" / "presets").glob("*.yaml"))
+
+IMAGE_SETTING_JOBS = {
+    "train_classifier": 2,  # PAM (peaks) + dense (CAMs for WSSS)
+    "make_cams": 2,
+    "make_wsss_maps": 1,
+    "score_pseudo_baseline": 1,
+    "train_bestie": 1,
+    "predict_instances": 1,
+    "export_pseudo_labels": 1,
+    "train_maskrcnn": 1,
+    "evaluate": 1,
+    "report": 1,
+    "all": 1,
+}
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    # Presets name ../shared/data relative to the repository root: run where that resolves.
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("config.yaml", "workflow"):
+        (work / name).symlink_to(REPO / name)
+    return work
+
+
+def _preset_config(preset: Path, tmp_path: Path) -> Path:
+    cfg = yaml.safe_load(preset.read_text())
+    for key in ("root", "ann_file", "image_dir"):
+        value = cfg["dataset"].get(key)
+        if value and not Path(value).is_absolute():
+            cfg["dataset"][key] = str((REPO / value).resolve())
+    return write_config(tmp_path / preset.name, cfg)
+
+
+def test_presets_exist():
+    assert {p.stem for p in PRESETS} >= {"coco128-voc", "coco128", "voc2012", "coco2017"}
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_dry_run_lists_every_stage(preset: Path, workdir: Path, tmp_path: Path):
+    proc = snakemake(workdir, "-n", "--configfile", str(_preset_config(preset, tmp_path)))
+    assert planned_jobs(proc.stdout) == IMAGE_SETTING_JOBS
+
+
+def test_demo_dry_run_generates_data_first(workdir: Path):
+    proc = snakemake(workdir, "-n")
+    assert planned_jobs(proc.stdout) == {**IMAGE_SETTING_JOBS, "demo_data": 1}
+
+
+def test_point_setting_skips_the_pam_classifier(workdir: Path, tmp_path: Path):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["bestie"]["setting"] = "point"
+    proc = snakemake(workdir, "-n", "--configfile", str(write_config(tmp_path / "point.yaml", cfg)))
+    jobs = planned_jobs(proc.stdout)
+    assert jobs["train_classifier"] == 1 and jobs["make_cams"] == 1  # dense CAMs for WSSS only
+    assert "results/demo/classifier/pam.pt" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"bestie": {"lr_typo": 0.1}}, "lr_typo"),
+        ({"wsss": {"crf_iters": "ten"}}, "crf_iters"),
+        ({"bestie": {"setting": "box"}}, "setting"),
+        ({"dataset": {"format": "kitti"}}, "format"),
+        ({"gpus": -1}, "gpus"),
+    ],
+)
+def test_schema_violation_fails_before_any_job_naming_the_key(workdir: Path, tmp_path: Path, change, key):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    for section, value in change.items():
+        if isinstance(value, dict):
+            cfg[section].update(value)
+        else:
+            cfg[section] = value
+    proc = snakemake(workdir, "-n", "--configfile", str(write_config(tmp_path / "bad.yaml", cfg)), check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert key in text
+    assert "Job stats" not in text
+    assert not (workdir / "results").exists()

@@ -1,0 +1,127 @@
+"""Every stage on 8 real images of ../shared/data/coco128-voc through Snakemake, then rerun semantics.
+
+The run is CI-sized (tiny crops and iteration counts): it proves that each artifact has the right
+form and content, not that the figures are good (the README's results table has those).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bestie.data import build_dataset
+from bestie.io.h5store import H5Reader
+from workflow_util import SHARED_DATA, make_voc_subset, planned_jobs, snakemake, tiny_config, write_config
+
+SOURCE = SHARED_DATA / "coco128-voc"
+pytestmark = pytest.mark.skipif(not SOURCE.is_dir(), reason=f"real data not found at {SOURCE}")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    ids = (SOURCE / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[:8]
+    root = make_voc_subset(base / "voc", SOURCE, train_ids=ids, val_ids=ids[:4])
+    dataset = {"format": "voc", "root": str(root), "train_split": "train", "eval_split": "val"}
+    cfg = tiny_config("e2e", dataset)
+    config_path = write_config(base / "config.yaml", cfg)
+    work = base / "work"
+    work.mkdir()
+    proc = snakemake(work, "--cores", "2", "--configfile", str(config_path), timeout=1200)
+    return {"work": work, "out": work / "results" / "e2e", "cfg": cfg, "config_path": config_path,
+            "dataset": dataset, "ids": ids, "log": proc.stdout + proc.stderr}
+
+
+def test_every_stage_ran(finished_run):
+    jobs = planned_jobs(finished_run["log"])
+    for rule in ("train_classifier", "make_cams", "make_wsss_maps", "train_bestie", "predict_instances",
+                 "export_pseudo_labels", "train_maskrcnn", "evaluate", "report"):
+        assert jobs.get(rule, 0) >= 1, rule
+
+
+def test_cams_and_points(finished_run):
+    out, ids = finished_run["out"], finished_run["ids"]
+    ds = build_dataset(finished_run["dataset"], split="train")
+    with H5Reader(out / "cams" / "dense_cams.h5") as cams:
+        assert cams.ids() == ids
+        for image_id in ids:
+            rec = cams.read(image_id)
+            labels = ds.labels(image_id)
+            assert list(rec["classes"]) == list(labels)
+            assert rec["cams"].dtype == np.float16 and rec["cams"].shape[0] == len(labels)
+            assert 0.0 <= float(rec["cams"].min()) and float(rec["cams"].max()) <= 1.0 + 1e-3
+            h, w = ds.image(image_id).shape[:2]
+            assert rec["cams"].shape[1:] == (-(-h // 4), -(-w // 4)) or abs(rec["cams"].shape[1] - h / 4) <= 1
+    with H5Reader(out / "cams" / "pam_points.h5") as points:
+        for image_id in ids:
+            pts = points.read_array(image_id, "points")
+            h, w = ds.image(image_id).shape[:2]
+            assert pts.ndim == 2 and pts.shape[1] == 4
+            assert set(pts[:, 2].astype(int)) <= set(ds.labels(image_id))
+            assert np.all((pts[:, 0] >= 0) & (pts[:, 0] < w) & (pts[:, 1] >= 0) & (pts[:, 1] < h))
+    diag = json.loads((out / "cams" / "dense_diagnostics.json").read_text())
+    assert 0.0 <= diag["best_mIoU"] <= 100.0 and 0.0 < diag["best_threshold"] < 1.0
+
+
+def test_wsss_maps_use_only_image_label_classes(finished_run):
+    out, ids = finished_run["out"], finished_run["ids"]
+    ds = build_dataset(finished_run["dataset"], split="train")
+    with H5Reader(out / "wsss" / "wsss.h5") as store:
+        for image_id in ids:
+            wsss = store.read_array(image_id, "wsss")
+            assert wsss.dtype == np.uint8 and wsss.shape == ds.image(image_id).shape[:2]
+            allowed = {0, 255} | {c + 1 for c in ds.labels(image_id)}
+            assert set(np.unique(wsss).tolist()) <= allowed
+    diag = json.loads((out / "wsss" / "diagnostics.json").read_text())
+    assert 0.0 <= diag["mIoU"] <= 100.0
+
+
+def test_instances_pseudo_labels_and_metrics(finished_run):
+    out, ids = finished_run["out"], finished_run["ids"]
+    ds = build_dataset(finished_run["dataset"], split="train")
+    with H5Reader(out / "bestie" / "instances_train.h5") as store:
+        assert store.ids() == ids
+        for image_id in ids:
+            rec = store.read(image_id)
+            n = rec["labels"].shape[0]
+            assert rec["masks"].shape == (n, *ds.image(image_id).shape[:2]) and rec["masks"].dtype == bool
+            assert rec["scores"].shape == (n,)
+            assert np.all((rec["labels"] >= 0) & (rec["labels"] < ds.num_classes))
+    pseudo = json.loads((out / "pseudo_labels" / "train.json").read_text())
+    assert len(pseudo["images"]) == len(ids)
+    assert [c["id"] for c in pseudo["categories"]] == list(range(1, 21))
+    for key in ("bestie/metrics_train.json", "bestie/baseline_train.json", "evaluate/metrics_val.json"):
+        metrics = json.loads((out / key).read_text())
+        for name in ("mAP25", "mAP50", "mAP70", "mAP75"):
+            assert 0.0 <= metrics[name] <= 1.0, (key, name)
+        assert metrics["mAP25"] >= metrics["mAP50"] >= metrics["mAP70"] >= metrics["mAP75"]
+    combined = json.loads((out / "metrics.json").read_text())
+    html = (out / "report.html").read_text()
+    assert "<html" in html.lower() and "data:image/png;base64," in html
+    assert combined
+
+
+def test_changing_a_wsss_parameter_reruns_only_wsss_and_later(finished_run, tmp_path):
+    cfg = json.loads(json.dumps(finished_run["cfg"]))
+    cfg["wsss"]["bg_threshold"] = 0.42
+    proc = snakemake(finished_run["work"], "-n", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert set(planned_jobs(proc.stdout)) == {
+        "make_wsss_maps", "score_pseudo_baseline", "train_bestie", "predict_instances",
+        "export_pseudo_labels", "train_maskrcnn", "evaluate", "report", "all",
+    }
+
+
+def test_forcerun_of_one_stage_reuses_upstream(finished_run):
+    proc = snakemake(finished_run["work"], "-n", "--configfile", str(finished_run["config_path"]),
+                     "--forcerun", "export_pseudo_labels")
+    jobs = set(planned_jobs(proc.stdout))
+    assert "export_pseudo_labels" in jobs
+    assert not jobs & {"train_classifier", "make_cams", "make_wsss_maps", "train_bestie", "predict_instances"}
+
+
+def test_nothing_to_do_after_a_finished_run(finished_run):
+    proc = snakemake(finished_run["work"], "-n", "--configfile", str(finished_run["config_path"]))
+    assert planned_jobs(proc.stdout) == {}

@@ -1,0 +1,83 @@
+"""Helpers for the workflow tests: run Snakemake on this repository's Snakefile in a scratch folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run Snakemake with the repo's Snakefile and ``--directory workdir``; output captured as text."""
+    cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def planned_jobs(output: str) -> dict[str, int]:
+    """The ``Job stats`` table of a Snakemake run or dry run as ``{rule: count}`` (without ``total``)."""
+    jobs: dict[str, int] = {}
+    block = output.split("Job stats:", 1)
+    if len(block) < 2:
+        return jobs
+    for line in block[1].splitlines()[3:]:
+        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)\s+(\d+)\s*$", line)
+        if not m:
+            break
+        if m.group(1) != "total":
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def make_voc_subset(root: Path, source: Path, train_ids: list[str], val_ids: list[str]) -> Path:
+    """A VOC-layout folder whose ImageSets list a few ids and whose data folders link to ``source``
+    (nothing is copied)."""
+    sets = root / "ImageSets" / "Segmentation"
+    sets.mkdir(parents=True)
+    (sets / "train.txt").write_text("".join(f"{i}\n" for i in train_ids))
+    (sets / "val.txt").write_text("".join(f"{i}\n" for i in val_ids))
+    for name in ("JPEGImages", "Annotations", "SegmentationClass", "SegmentationObject"):
+        (root / name).symlink_to(source / name)
+    return root
+
+
+def tiny_config(run: str, dataset: dict) -> dict:
+    """A configuration that runs every stage in about a minute on 2 CPU cores."""
+    cls = {"epochs": 2, "lr_steps": [1], "batch_size": 4, "resize": 128, "crop_size": 128, "checkpoint_every": 4}
+    return {
+        "run": run,
+        "gpus": 0,
+        "dataset": dataset,
+        "demo": {"generate": False},
+        "classifier_pam": {"use_pam": True, **cls},
+        "classifier_dense": {"use_pam": False, **cls},
+        "cams": {"out_stride": 4, "overlays": 2},
+        "wsss": {"method": "crf"},
+        "bestie": {
+            "max_iters": 8, "warmup_iters": 2, "lr": 0.0005, "batch_size": 2, "crop_size": 128,
+            "resize": 160, "num_workers": 0, "checkpoint_every": 4, "val_every": 0, "refine_iter": 4,
+        },
+        "inference": {"resize": 256},
+        "export": {"score_threshold": 0.0},
+        "maskrcnn": {
+            "min_size": 128, "max_size": 160, "max_iters": 4, "batch_size": 2, "warmup_iters": 2,
+            "checkpoint_every": 2, "num_workers": 0,
+        },
+        "evaluate": {},
+    }

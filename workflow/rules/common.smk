@@ -1,0 +1,88 @@
+# Helpers shared by the rule files. No rule is defined here.
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+RUN = config["run"]
+OUT = f"results/{RUN}"
+LOGS = f"{OUT}/logs"
+BENCH = f"{OUT}/benchmarks"
+GPUS = int(config["gpus"])
+
+
+wildcard_constraints:
+    kind="pam|dense",
+    split="[A-Za-z0-9_.-]+",
+
+
+def stage_params(section):
+    """The config section of one stage as compact JSON: a rule's params, so that changing a key of
+    this stage reruns this stage (and, through its outputs, what follows) and nothing before it."""
+    return json.dumps(config[section], sort_keys=True, separators=(",", ":"))
+
+
+def dataset_params():
+    """The dataset section as JSON, resolved to absolute paths so jobs may run in any directory."""
+    ds = dict(config["dataset"])
+    for key in ("root", "list_file", "ann_file", "image_dir"):
+        if ds.get(key):
+            ds[key] = os.path.abspath(ds[key])
+    return json.dumps(ds, sort_keys=True, separators=(",", ":"))
+
+
+def dataset_marker():
+    """A file whose presence means the dataset is readable; the demo data rule makes it for the demo."""
+    if config["demo"]["generate"]:
+        return os.path.join(config["dataset"]["root"], "demo.json")
+    return []
+
+
+def point_setting():
+    return config["bestie"].get("setting", "image") == "point"
+
+
+# The interpreter running Snakemake (the project's environment), so jobs need no activated venv.
+PY = sys.executable
+
+
+def launcher(gpus):
+    """`python -m bestie` for one process; torchrun (`torch.distributed.run`) with N processes for N > 1 GPUs."""
+    if gpus > 1:
+        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node={gpus} -m bestie"
+    return f"{PY} -m bestie"
+
+
+def device_flag(gpus):
+    return "--device cuda" if gpus > 0 else "--device cpu"
+
+
+def train_gpus():
+    return GPUS
+
+
+def infer_gpus():
+    return min(GPUS, 1)
+
+
+def wsss_h5():
+    if config["wsss"].get("import_png_dir"):
+        return f"{OUT}/wsss/imported.h5"
+    return f"{OUT}/wsss/wsss.h5"
+
+
+def points_h5():
+    """Peak points (image setting) feed BESTIE; the point setting derives points from GT centers."""
+    if point_setting():
+        return []
+    return f"{OUT}/cams/pam_points.h5"
+
+
+def final_outputs():
+    outs = [f"{OUT}/report.html", f"{OUT}/metrics.json"]
+    return outs
