@@ -1,0 +1,86 @@
+"""Config schema in sync with the stage dataclasses; CLI error behaviour."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from snakemake.utils import validate
+
+from bestie import schema
+from bestie.cli import main
+from bestie.config import from_dict
+from bestie.errors import ConfigError
+from workflow_util import REPO
+
+
+def test_committed_schema_equals_generated():
+    assert schema.SCHEMA_PATH.read_text() == schema.render(), "run: python -m bestie.schema --write"
+
+
+@pytest.mark.parametrize("section", sorted(schema.STAGE_SECTIONS))
+def test_schema_defaults_build_the_stage_config(section):
+    module, name = schema.STAGE_SECTIONS[section]
+    cls = getattr(importlib.import_module(f"bestie.stages.{module}"), name)
+    cfg = {"run": "x", "dataset": {"format": "voc", "root": "/nonexistent"}}
+    validate(cfg, str(schema.SCHEMA_PATH))  # fills every default
+    built = from_dict(cls, cfg[section], section)
+    assert built == cls()  # schema defaults == dataclass defaults
+
+
+@pytest.mark.parametrize("path", [REPO / "config.yaml", *sorted((REPO / "workflow" / "presets").glob("*.yaml"))])
+def test_shipped_configs_build_every_stage(path):
+    cfg = yaml.safe_load(path.read_text())
+    validate(cfg, str(schema.SCHEMA_PATH))
+    for section, (module, name) in schema.STAGE_SECTIONS.items():
+        cls = getattr(importlib.import_module(f"bestie.stages.{module}"), name)
+        from_dict(cls, cfg[section], section)
+
+
+def test_from_dict_names_unknown_and_mistyped_keys():
+    @dataclasses.dataclass(frozen=True)
+    class Cfg:
+        lr: float = 0.1
+        steps: tuple[int, ...] = (1, 2)
+        name: str | None = None
+
+    assert from_dict(Cfg, {"lr": 1, "steps": [3]}, "s") == Cfg(lr=1.0, steps=(3,))
+    with pytest.raises(ConfigError, match=r"s\.lr_typo"):
+        from_dict(Cfg, {"lr_typo": 1}, "s")
+    with pytest.raises(ConfigError, match=r"s\.lr"):
+        from_dict(Cfg, {"lr": "fast"}, "s")
+    with pytest.raises(ConfigError, match=r"s\.steps\[1\]"):
+        from_dict(Cfg, {"steps": [1, 2.5]}, "s")
+    with pytest.raises(ConfigError, match=r"s\.lr"):
+        from_dict(Cfg, {"lr": True}, "s")
+
+
+def test_cli_reports_bad_input_with_exit_2_and_no_traceback(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    ds = json.dumps({"format": "voc", "root": str(missing), "split": "train"})
+    code = main(["score-baseline", "--dataset", ds, "--split", "train", "--wsss", str(tmp_path / "w.h5"),
+                 "--out-metrics", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert str(missing) in err and "Traceback" not in err
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_cli_rejects_unknown_stage_key(tmp_path, capsys):
+    code = main(["train-classifier", "--params", '{"epochz": 3}', "--dataset", '{"format": "voc", "root": "x"}',
+                 "--out-checkpoint", str(tmp_path / "c.pt"), "--out-log", str(tmp_path / "l.jsonl")])
+    assert code == 2
+    assert "classifier.epochz" in capsys.readouterr().err
+
+
+def test_python_dash_m_bestie_help():
+    proc = subprocess.run([sys.executable, "-m", "bestie", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for command in ("train-classifier", "make-cams", "make-wsss", "train-bestie", "predict-instances",
+                    "export-pseudo-labels", "train-maskrcnn", "evaluate", "report"):
+        assert command in proc.stdout
