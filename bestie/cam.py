@@ -1,0 +1,112 @@
+"""Class activation maps with flip / multi-scale test-time augmentation (docs/METHOD.md section 2).
+
+For one image and scale ``s``: the image is resized (bilinear) to ``round(s * H) x round(s * W)``,
+normalised, and passed through the classifier together with its left-right mirror; ``CAM_c =
+relu(class map c)`` is upsampled (bilinear, ``align_corners=False``) to the output size, the mirror's CAM is
+flipped back and the two are averaged. CAMs of all scales are summed and each class map is divided by its
+spatial maximum + 1e-5, so values lie in ``[0, 1)`` (reference: BESTIE ``PAM/models/classifier.py``
+``cam_normalize``; IRN ``make_cam.py`` for the multi-scale sum).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bestie.errors import DataError
+
+__all__ = ["compute_cams", "normalize_image", "cam_output_size"]
+
+
+def cam_output_size(height: int, width: int, out_stride: int = 1) -> tuple[int, int]:
+    """Size ``(h, w)`` of CAMs at ``out_stride`` for an ``height x width`` image: ``ceil(H / s), ceil(W / s)``.
+
+    CAM pixel ``(i, j)`` covers image pixels ``[i*s, (i+1)*s)`` (its centre maps to image coordinate
+    ``(i + 0.5) * H / h - 0.5``).
+    """
+    if out_stride < 1:
+        raise ValueError(f"out_stride must be >= 1, got {out_stride}")
+    return -(-int(height) // out_stride), -(-int(width) // out_stride)
+
+
+def normalize_image(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> ``(3, H, W)`` float32 tensor ``(image / 255 - mean) / std``."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def _class_maps(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if isinstance(out, dict):
+        out = out["cams"]
+    return out
+
+
+@torch.no_grad()
+def compute_cams(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    classes: Sequence[int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    scales: Sequence[float] = (1.0,),
+    flip: bool = True,
+    out_stride: int = 1,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """CAMs of the given classes for one image.
+
+    Args:
+        model: in eval mode; ``model(x)`` for ``x`` ``(B, 3, h, w)`` returns ``(B, C, h', w')`` class maps or
+            a dict holding them under ``"cams"`` (:class:`~bestie.models.classifier.CAMClassifier`).
+        image: ``(H, W, 3)`` uint8 RGB.
+        classes: ``K`` 0-based class indices (channels of the class maps) to return, in this order.
+        mean, std: RGB normalisation for inputs in ``[0, 1]`` (of the backbone weights).
+        scales: image scale factors; CAMs of all scales are summed before normalisation.
+        flip: average each scale's CAM with the flipped-back CAM of the mirrored image.
+        out_stride: output size is :func:`cam_output_size` ``(H, W, out_stride)``; 1 = image size.
+        device: where the model runs.
+
+    Returns:
+        ``(K, h, w)`` float32 in ``[0, 1)``, each map divided by its own maximum + 1e-5 (a map that is 0
+        everywhere stays 0). ``K = 0`` gives an empty ``(0, h, w)`` array without running the model.
+
+    Raises:
+        DataError: ``image`` is not HxWx3 uint8, or a class index is outside the model's classes.
+        ValueError: empty / non-positive ``scales`` or ``out_stride < 1``.
+    """
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DataError(f"compute_cams: expected an HxWx3 uint8 image, got {getattr(image, 'shape', None)} "
+                        f"{getattr(image, 'dtype', type(image).__name__)}")
+    if not scales or any(s <= 0 for s in scales):
+        raise ValueError(f"compute_cams: scales must be positive, got {scales}")
+    height, width = image.shape[:2]
+    out_h, out_w = cam_output_size(height, width, out_stride)
+    idx = [int(c) for c in classes]
+    if not idx:
+        return np.zeros((0, out_h, out_w), np.float32)
+    device = torch.device(device)
+    total = torch.zeros((len(idx), out_h, out_w), dtype=torch.float32, device=device)
+    for scale in scales:
+        h_s, w_s = max(1, round(height * scale)), max(1, round(width * scale))
+        img = image if (h_s, w_s) == (height, width) else cv2.resize(image, (w_s, h_s), interpolation=cv2.INTER_LINEAR)
+        x = normalize_image(img, mean, std).unsqueeze(0)
+        if flip:
+            x = torch.cat([x, x.flip(-1)], dim=0)
+        maps = _class_maps(model, x.to(device).contiguous(memory_format=torch.channels_last)).float()
+        if max(idx) >= maps.shape[1] or min(idx) < 0:
+            raise DataError(f"compute_cams: class indices {idx} outside the model's {maps.shape[1]} classes")
+        maps = torch.relu(maps[:, idx])
+        maps = F.interpolate(maps, size=(out_h, out_w), mode="bilinear", align_corners=False)
+        if flip:
+            total += 0.5 * (maps[0] + maps[1].flip(-1))
+        else:
+            total += maps[0]
+    total /= total.amax(dim=(1, 2), keepdim=True) + 1e-5
+    return total.cpu().numpy().astype(np.float32, copy=False)

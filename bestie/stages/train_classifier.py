@@ -1,0 +1,409 @@
+"""Stage 1: train the image-level CAM classifier, with PAM (peaks) or without (dense CAMs).
+
+docs/METHOD.md section 1. The loss is the multilabel soft margin loss on the logits (global average of
+the class maps); images whose label set is empty take part as all-negative examples.
+
+Training pipeline per sample (reference BESTIE ``PAM/utils/LoadData.py``): resize so the shorter side is
+``resize`` px, random scale (``scales``), random crop ``crop_size`` (padded when smaller), horizontal flip,
+photometric distortion, normalisation with the backbone's mean / std. Every sample draws its augmentation
+from its own generator seeded by ``(seed, epoch, index)`` and the data order depends only on
+``(seed, epoch)`` (:class:`bestie.engine.ResumableSampler`), so a killed and resumed run reproduces the
+uninterrupted one.
+
+Files:
+
+- ``out_checkpoint`` (written atomically at the very end): ``{"model": state dict, "extra": {"kind":
+  "cam_classifier", "config": ClassifierConfig as dict, "num_classes", "class_names", "mean", "std",
+  "stride", "train_mAP"}, ...}``, loadable with ``torch.load(weights_only=True)``.
+- :func:`partial_checkpoint_path` ``(out_checkpoint)`` = ``<out_checkpoint without suffix>.partial.pt``:
+  full training state every ``checkpoint_every`` iterations; a rerun resumes from it; removed once the
+  final checkpoint exists.
+- ``out_log``: JSON lines: one per iteration (``iteration``, ``epoch``, ``loss``, ``lr``, ``time``), one
+  per epoch (``epoch_end``, mean loss, ``train_mAP_running`` on the augmented batches), and a final one
+  (``final``: ``train_mAP`` of the trained model on the whole split, eval mode, no augmentation).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from bestie.config import to_dict
+from bestie.errors import ConfigError
+from bestie.engine import (
+    JsonLog,
+    ResumableSampler,
+    WarmupMultiStepLR,
+    autocast_context,
+    check_finite,
+    create_grad_scaler,
+    infinite_loader,
+    init_distributed,
+    load_checkpoint,
+    sample_rng,
+    save_checkpoint,
+    seed_everything,
+    unwrap_model,
+)
+
+__all__ = ["ClassifierConfig", "run", "partial_checkpoint_path", "average_precision", "build_model",
+           "ClassifierTrainSet"]
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_LR = {"sgd": 1e-3, "adamw": 1e-4}
+_DEFAULT_WD = {"sgd": 5e-4, "adamw": 1e-4}
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Configuration of the ``classifier_pam`` / ``classifier_dense`` sections (METHOD.md section 1).
+
+    Attributes:
+        backbone: backbone name (:data:`bestie.models.backbones.BACKBONES`).
+        weights: ``"imagenet"``, a weights file, or None (random start, logged as a warning).
+        use_pam: PAM after each extra conv (True: peaks; False: dense CAMs for WSSS).
+        alpha: PAM controller.
+        num_extra_convs, extra_channels: the new 3x3 conv layers (reference VGG16: 3 x 512).
+        output_stride: backbone output stride (16 = last EfficientNet stage dilated; None = native).
+        freeze_bn: backbone BatchNorm in eval mode with frozen affine parameters.
+        frozen_levels: backbone feature levels left untrained (3: stem to stride 8; 0: train all). The
+            backward pass through the high-resolution layers dominates CPU time.
+        optimizer: ``"sgd"`` (reference: momentum 0.9, Nesterov) or ``"adamw"`` (CPU default).
+        lr: base lr (None: 1e-3 for SGD as the reference, 1e-4 for AdamW); new layers get 10x / 20x.
+        weight_decay: None: 5e-4 (SGD, reference) / 1e-4 (AdamW).
+        epochs: training epochs.
+        lr_steps: 1-based epochs at whose start the lr is divided by 10 (reference ``reduce_lr``: 5, 10).
+        batch_size: images per iteration (per process under DDP).
+        resize: shorter image side before cropping, px (reference 384).
+        crop_size: square training crop, px (reference 321).
+        scales: random scale factors applied after the resize ((1.0,) = none, as the reference).
+        photometric: colour jitter on/off.
+        num_workers: DataLoader workers.
+        seed: RNG seed (data order, augmentation, head initialisation).
+        checkpoint_every: iterations between partial checkpoints (0 = none).
+        amp: autocast on CUDA (bf16 / fp16); ignored on CPU.
+    """
+
+    backbone: str = "tf_efficientnet_lite0"
+    weights: str | None = "imagenet"
+    use_pam: bool = True
+    alpha: float = 0.7
+    num_extra_convs: int = 2
+    extra_channels: int = 256
+    output_stride: int | None = 16
+    freeze_bn: bool = True
+    frozen_levels: int = 3
+    optimizer: str = "adamw"
+    lr: float | None = None
+    weight_decay: float | None = None
+    epochs: int = 15
+    lr_steps: tuple[int, ...] = (5, 10)
+    batch_size: int = 5
+    resize: int = 384
+    crop_size: int = 321
+    scales: tuple[float, ...] = (1.0,)
+    photometric: bool = True
+    num_workers: int = 0
+    seed: int = 3407
+    checkpoint_every: int = 100
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in _DEFAULT_LR:
+            raise ConfigError(f"classifier.optimizer must be one of {sorted(_DEFAULT_LR)}, got {self.optimizer!r}")
+        for key in ("epochs", "batch_size", "resize", "crop_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"classifier.{key} must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0 or self.checkpoint_every < 0:
+            raise ConfigError("classifier.num_workers and classifier.checkpoint_every must be >= 0")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"classifier.lr must be > 0, got {self.lr}")
+        if not self.scales or min(self.scales) <= 0:
+            raise ConfigError(f"classifier.scales must be positive factors, got {self.scales}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"classifier.alpha must be in [0, 1], got {self.alpha}")
+
+    @property
+    def base_lr(self) -> float:
+        return float(self.lr if self.lr is not None else _DEFAULT_LR[self.optimizer])
+
+    @property
+    def base_weight_decay(self) -> float:
+        return float(self.weight_decay if self.weight_decay is not None else _DEFAULT_WD[self.optimizer])
+
+
+def partial_checkpoint_path(out_checkpoint: Path) -> Path:
+    """Resume file of a run writing ``out_checkpoint``: ``classifier/pam.pt`` -> ``classifier/pam.partial.pt``."""
+    out_checkpoint = Path(out_checkpoint)
+    return out_checkpoint.with_suffix(".partial.pt")
+
+
+def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-class average precision (non-interpolated, as ``sklearn.metrics.average_precision_score``).
+
+    ``AP_c = (1 / P_c) * sum over positives of precision at their rank`` in descending-score order (ties
+    broken by input order).
+
+    Args:
+        scores: ``(N, C)`` float scores.
+        labels: ``(N, C)`` {0, 1}.
+
+    Returns:
+        ``(C,)`` float64 AP in ``[0, 1]``; NaN for a class without positives.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels) > 0
+    if scores.shape != labels.shape or scores.ndim != 2:
+        raise ValueError(f"average_precision: scores {scores.shape} and labels {labels.shape} must be equal (N, C)")
+    order = np.argsort(-scores, axis=0, kind="stable")
+    hits = np.take_along_axis(labels, order, axis=0).astype(np.float64)
+    ranks = np.arange(1, scores.shape[0] + 1, dtype=np.float64)[:, None]
+    precision = np.cumsum(hits, axis=0) / ranks
+    npos = hits.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ap = (precision * hits).sum(axis=0) / npos
+    ap[npos == 0] = np.nan
+    return ap
+
+
+def _mean_ap(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    if scores.size == 0:
+        return None
+    ap = average_precision(scores, labels)
+    return float(np.nanmean(ap) * 100.0) if np.isfinite(ap).any() else None
+
+
+class ClassifierTrainSet(torch.utils.data.Dataset):
+    """Augmented training samples: ``dataset[(index, epoch)] -> (image (3, S, S) float32, target (C,) float32)``.
+
+    Args:
+        ds: a dataset of :mod:`bestie.data` (``ids``, ``image(id)``, ``labels(id)``, ``num_classes``).
+        cfg: the stage config (resize, scales, crop_size, photometric, seed).
+        mean, std: normalisation of the backbone weights.
+    """
+
+    def __init__(self, ds: Any, cfg: ClassifierConfig, mean: Sequence[float], std: Sequence[float]) -> None:
+        from bestie.data import transforms as T
+
+        self.ds = ds
+        self.ids = list(ds.ids)
+        self.num_classes = int(ds.num_classes)
+        self.cfg = cfg
+        self.mean, self.std = tuple(mean), tuple(std)
+        pad = tuple(int(round(m * 255)) for m in self.mean)
+        steps: list[Any] = [T.ResizeShort(cfg.resize)]
+        if tuple(cfg.scales) != (1.0,):
+            steps.append(T.RandomScale(cfg.scales))
+        steps += [T.RandomCrop(cfg.crop_size, image_pad=pad), T.RandomHFlip()]
+        if cfg.photometric:
+            steps.append(T.PhotometricDistortion())
+        self.transform = T.Compose(steps)
+        self._normalize = T.normalize
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def target(self, index: int) -> np.ndarray:
+        """Multi-hot ``(C,)`` float32 label vector of sample ``index``."""
+        t = np.zeros(self.num_classes, np.float32)
+        labels = list(self.ds.labels(self.ids[index]))
+        if labels:
+            t[labels] = 1.0
+        return t
+
+    def __getitem__(self, key: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        index = int(key[0]) if isinstance(key, (tuple, list)) else int(key)
+        rng = sample_rng(key, self.cfg.seed)
+        sample = self.transform({"image": self.ds.image(self.ids[index])}, rng)
+        image = self._normalize(sample["image"], self.mean, self.std)
+        return torch.from_numpy(image), torch.from_numpy(self.target(index))
+
+
+def build_model(cfg: ClassifierConfig | Mapping[str, Any], num_classes: int, load_weights: bool = True):
+    """The :class:`~bestie.models.classifier.CAMClassifier` described by ``cfg``.
+
+    Args:
+        cfg: a :class:`ClassifierConfig` or its dict form (as stored in a checkpoint's ``extra``).
+        num_classes: ``C``.
+        load_weights: load ``cfg.weights``; False builds a randomly initialised model silently (its
+            weights come from a checkpoint next).
+    """
+    from bestie.models.classifier import CAMClassifier
+
+    c = cfg if isinstance(cfg, Mapping) else to_dict(cfg)
+    return CAMClassifier(
+        c["backbone"], num_classes,
+        weights=c["weights"] if load_weights else None,
+        use_pam=c["use_pam"], alpha=c["alpha"], num_extra_convs=c["num_extra_convs"],
+        extra_channels=c["extra_channels"], output_stride=c.get("output_stride"),
+        freeze_bn=c.get("freeze_bn", False), frozen_levels=c.get("frozen_levels", 0),
+        warn_random=load_weights,
+    )
+
+
+@torch.no_grad()
+def _evaluate_map(model: torch.nn.Module, ds: Any, cfg: ClassifierConfig, mean, std, device) -> float | None:
+    """mAP (percent) of the model on all images of ``ds``: shorter side ``cfg.resize``, no augmentation."""
+    from bestie.data import transforms as T
+
+    model.eval()
+    scores, labels = [], []
+    for img_id in ds.ids:
+        sample = T.resize_short({"image": ds.image(img_id)}, cfg.resize)
+        x = torch.from_numpy(T.normalize(sample["image"], mean, std)).unsqueeze(0).to(device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        scores.append(model(x)["logits"].float().cpu().numpy()[0])
+        t = np.zeros(ds.num_classes, np.float32)
+        lab = list(ds.labels(img_id))
+        if lab:
+            t[lab] = 1.0
+        labels.append(t)
+    return _mean_ap(np.stack(scores), np.stack(labels)) if scores else None
+
+
+def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: Path, out_log: Path,
+        device: str | None = None) -> None:
+    """Train the classifier on the dataset's split (``dataset_cfg["split"]``) and write its checkpoint.
+
+    Resumes from :func:`partial_checkpoint_path` when it exists (same config required). Works under
+    ``torchrun`` (DDP, rank 0 writes) and as a plain process.
+
+    Args:
+        cfg: stage configuration.
+        dataset_cfg: the ``dataset`` config section (:func:`bestie.data.build_dataset`).
+        out_checkpoint: final checkpoint path.
+        out_log: JSON-lines training log.
+        device: ``"cpu"`` / ``"cuda"`` (default: CUDA when available).
+
+    Raises:
+        ConfigError: a partial checkpoint made with another config or dataset.
+        DataError / WeightsError / ArtifactError: from the dataset, weights and checkpoint files.
+        TrainingError: a non-finite loss (names the iteration and the value).
+    """
+    from bestie.data import build_dataset
+
+    out_checkpoint, out_log = Path(out_checkpoint), Path(out_log)
+    partial = partial_checkpoint_path(out_checkpoint)
+    dist = init_distributed(device)
+    seed_everything(cfg.seed, dist.rank)
+    ds = build_dataset(dataset_cfg)
+    if len(ds.ids) == 0:
+        raise ConfigError(f"dataset split {dataset_cfg.get('split', 'train')!r} has no images to train on")
+
+    model = build_model(cfg, ds.num_classes).to(dist.device, memory_format=torch.channels_last)
+    mean, std = model.mean, model.std
+    groups = model.param_groups(cfg.base_lr, cfg.base_weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=0.9, nesterov=True,
+                                    weight_decay=cfg.base_weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.base_lr, weight_decay=cfg.base_weight_decay)
+
+    train_set = ClassifierTrainSet(ds, cfg, mean, std)
+    sampler = ResumableSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=dist.rank,
+                               world_size=dist.world_size)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+        drop_last=False, pin_memory=dist.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
+    )
+    ipe = math.ceil(sampler.per_rank / cfg.batch_size)
+    max_iter = cfg.epochs * ipe
+    milestones = [(e - 1) * ipe for e in cfg.lr_steps if 1 <= e - 1 < cfg.epochs]
+    scheduler = WarmupMultiStepLR(optimizer, milestones, gamma=0.1)
+    scaler = create_grad_scaler(dist.device, cfg.amp)
+
+    meta = {
+        "kind": "cam_classifier",
+        "config": to_dict(cfg),
+        "num_classes": int(ds.num_classes),
+        "class_names": list(ds.class_names),
+        "num_images": len(ds.ids),
+        "world_size": dist.world_size,
+        "mean": list(mean),
+        "std": list(std),
+        "stride": int(model.stride),
+    }
+    start = 0
+    if partial.is_file():
+        state = load_checkpoint(partial, model, optimizer, scheduler, scaler)
+        old = state["extra"]
+        for key in ("config", "num_classes", "num_images", "world_size"):
+            if old.get(key) != meta[key]:
+                raise ConfigError(
+                    f"partial checkpoint {partial} was made with another {key} ({old.get(key)!r} vs "
+                    f"{meta[key]!r}); delete it to start over"
+                )
+        start = state["iteration"]
+        log.info("resuming %s from iteration %d of %d", out_checkpoint, start, max_iter)
+
+    net: torch.nn.Module = model
+    if dist.is_distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    net.train()
+    jlog = JsonLog(out_log, rank=dist.rank)
+    jlog.write(event="start", iteration=start, max_iter=max_iter, iters_per_epoch=ipe, resumed=start > 0,
+               images=len(ds.ids), config=to_dict(cfg))
+    stream = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=ipe)
+    epoch_scores: list[np.ndarray] = []
+    epoch_labels: list[np.ndarray] = []
+    epoch_losses: list[float] = []
+    t0 = time.time()
+    bar = tqdm(total=max_iter, initial=start, disable=not dist.is_main, desc=f"classifier {out_checkpoint.stem}",
+               mininterval=5.0)
+    for it in range(start, max_iter):
+        images, targets = next(stream)
+        images = images.to(dist.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        targets = targets.to(dist.device, non_blocking=True)
+        with autocast_context(dist.device, cfg.amp):
+            out = net(images)
+        logits = out["logits"].float()
+        loss = F.multilabel_soft_margin_loss(logits, targets)
+        check_finite({"loss": loss}, it)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        loss_v = float(loss.detach())
+        epoch_losses.append(loss_v)
+        epoch_scores.append(logits.detach().cpu().numpy())
+        epoch_labels.append(targets.cpu().numpy())
+        epoch = it // ipe
+        jlog.write(iteration=it + 1, epoch=epoch + 1, loss=loss_v, lr=lr)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_v:.4f}", refresh=False)
+        if (it + 1) % ipe == 0 or it + 1 == max_iter:
+            jlog.write(event="epoch_end", epoch=epoch + 1, iteration=it + 1, loss=float(np.mean(epoch_losses)),
+                       train_mAP_running=_mean_ap(np.concatenate(epoch_scores), np.concatenate(epoch_labels)),
+                       seconds=time.time() - t0)
+            epoch_scores, epoch_labels, epoch_losses = [], [], []
+        if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < max_iter:
+            save_checkpoint(partial, model, optimizer, scheduler, scaler, it + 1, meta, rank=dist.rank)
+    bar.close()
+    train_seconds = time.time() - t0
+
+    final_map = None
+    if dist.is_main:
+        final_map = _evaluate_map(unwrap_model(model), ds, cfg, mean, std, dist.device)
+        meta["train_mAP"] = final_map
+        meta["train_seconds"] = train_seconds
+        save_checkpoint(out_checkpoint, model, None, None, None, max_iter, meta, rank=0)
+        partial.unlink(missing_ok=True)
+        jlog.write(event="final", iteration=max_iter, train_mAP=final_map, seconds=train_seconds)
+        log.info("classifier %s: train mAP %.1f, %.0f s", out_checkpoint, final_map or float("nan"), train_seconds)
+    jlog.close()
+    if dist.is_distributed:
+        torch.distributed.barrier()

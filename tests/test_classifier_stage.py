@@ -1,0 +1,221 @@
+"""Stages 1-2: classifier model and training (resume, log, checkpoint), CAM / peak stage outputs."""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from bestie.errors import ConfigError, TrainingError
+from bestie.models.classifier import CAMClassifier
+from bestie.stages import make_cams as mc
+from bestie.stages import train_classifier as tc
+
+REAL_VOC = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-voc"
+
+
+def test_average_precision_by_hand():
+    scores = np.array([[0.9, 0.1, 0.3], [0.8, 0.2, 0.2], [0.7, 0.3, 0.1], [0.6, 0.4, 0.0]])
+    labels = np.array([[1, 0, 0], [0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    ap = tc.average_precision(scores, labels)
+    assert ap[0] == pytest.approx((1 / 1 + 2 / 3) / 2)  # positives at ranks 1 and 3
+    assert ap[1] == pytest.approx(1.0)  # the single positive has the top score
+    assert np.isnan(ap[2])  # no positive
+
+
+@torch.no_grad()
+def test_cam_classifier_outputs_and_param_groups():
+    torch.set_num_threads(1)
+    model = CAMClassifier("tf_efficientnet_lite0", 5, weights=None, use_pam=True, num_extra_convs=2,
+                          extra_channels=16, output_stride=16, freeze_bn=True, warn_random=False)
+    out = model.eval()(torch.randn(2, 3, 64, 96))
+    assert out["cams"].shape == (2, 5, 4, 6) and out["logits"].shape == (2, 5)
+    torch.testing.assert_close(out["logits"], out["cams"].mean((2, 3)))
+    assert model.stride == 16 and model.mean == (0.5, 0.5, 0.5)
+    # frozen BN: the backbone's only biases (BN) are left out of the optimizer
+    assert [g["name"] for g in model.param_groups(0.01)] == ["backbone_weight", "new_weight", "new_bias"]
+    trainable_bn = CAMClassifier("tf_efficientnet_lite0", 5, weights=None, extra_channels=16, freeze_bn=False,
+                                 warn_random=False)
+    groups = trainable_bn.param_groups(0.01, weight_decay=1e-4)
+    by_name = {g["name"]: g for g in groups}
+    assert {k: v["lr"] for k, v in by_name.items()} == pytest.approx(
+        {"backbone_weight": 0.01, "backbone_bias": 0.02, "new_weight": 0.1, "new_bias": 0.2})
+    assert all(g["weight_decay"] == 1e-4 for g in groups)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(trainable_bn.parameters()))
+    new = {id(p) for p in [*trainable_bn.extra.parameters(), *trainable_bn.classifier.parameters()]}
+    assert {id(p) for p in by_name["new_weight"]["params"] + by_name["new_bias"]["params"]} == new
+    model.train()
+    bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns) and not any(p.requires_grad for m in bns for p in m.parameters())
+    plain = CAMClassifier("tf_efficientnet_lite0", 5, weights=None, use_pam=False, extra_channels=8, warn_random=False)
+    assert not any(type(m).__name__ == "PAM" for m in plain.modules())
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from bestie.data import generate_demo_dataset
+
+    root = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(root, num_train=6, num_val=0, image_size=(64, 80), seed=1)
+    return {"format": "voc", "root": str(root), "split": "train", "classes": ["disc", "square", "triangle"]}
+
+
+def _cfg(**kw):
+    base = dict(weights=None, epochs=2, batch_size=2, resize=64, crop_size=48, checkpoint_every=2,
+                num_extra_convs=1, extra_channels=16, lr_steps=(2,), optimizer="sgd", lr=0.01)
+    base.update(kw)
+    return tc.ClassifierConfig(**base)
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_train_stage_resumes_to_the_same_model(demo, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    cfg = _cfg()
+    straight = tmp_path / "a" / "pam.pt"
+    tc.run(cfg, demo, straight, tmp_path / "a" / "log.jsonl", device="cpu")
+    ck = torch.load(straight, map_location="cpu", weights_only=True)
+    assert ck["extra"]["kind"] == "cam_classifier" and ck["extra"]["num_classes"] == 3
+    assert ck["iteration"] == 6  # 6 images / batch 2 = 3 iterations x 2 epochs
+    lines = [json.loads(l) for l in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert [l["iteration"] for l in lines if "loss" in l and "event" not in l] == [1, 2, 3, 4, 5, 6]
+    assert lines[-1]["event"] == "final" and 0 <= lines[-1]["train_mAP"] <= 100
+    # lr / 10 at the start of epoch 2 (iteration 4)
+    assert [l["lr"] for l in lines if l.get("iteration") in (3, 4) and "event" not in l] == pytest.approx([0.01, 0.001])
+
+    # kill the run during iteration 5 (after the partial checkpoint of iteration 4), then rerun
+    out = tmp_path / "b" / "pam.pt"
+    real = tc.check_finite
+
+    def dies_at_4(losses, it):
+        if it == 4:
+            raise TrainingError("simulated crash")
+        real(losses, it)
+
+    monkeypatch.setattr(tc, "check_finite", dies_at_4)
+    with pytest.raises(TrainingError):
+        tc.run(cfg, demo, out, tmp_path / "b" / "log.jsonl", device="cpu")
+    partial = tc.partial_checkpoint_path(out)
+    assert partial == tmp_path / "b" / "pam.partial.pt" and partial.is_file() and not out.exists()
+    monkeypatch.setattr(tc, "check_finite", real)
+    with pytest.raises(ConfigError, match="partial"):  # another config must not resume this run
+        tc.run(replace(cfg, lr=0.02), demo, out, tmp_path / "b" / "log.jsonl", device="cpu")
+    tc.run(cfg, demo, out, tmp_path / "b" / "log.jsonl", device="cpu")
+    assert out.is_file() and not partial.exists()
+    wa, wb = _weights(straight), _weights(out)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_make_cams_outputs_and_scores(demo, tmp_path):
+    torch.set_num_threads(1)
+    from bestie.data import build_dataset
+    from bestie.io.h5store import H5Reader
+
+    ckpt = tmp_path / "pam.pt"
+    tc.run(_cfg(epochs=1), demo, ckpt, tmp_path / "log.jsonl", device="cpu")
+    cfg = mc.CamConfig(out_stride=4, overlays=2, peak_threshold=0.0)
+    paths = dict(out_cams=tmp_path / "cams.h5", out_points=tmp_path / "points.h5",
+                 out_diagnostics=tmp_path / "diag.json", out_overlay_dir=tmp_path / "ov")
+    mc.run(cfg, demo, ckpt, device="cpu", **paths)
+    ds = build_dataset(demo)
+    diag = json.loads(paths["out_diagnostics"].read_text())
+    n = len(ds.class_names) + 1
+    conf_bg = np.zeros((n, n), np.int64)
+    conf_t = np.zeros((n, n), np.int64)
+    t_index = mc.THRESHOLDS.index(0.5)
+    with H5Reader(paths["out_cams"]) as rc, H5Reader(paths["out_points"]) as rp:
+        assert rc.ids() == list(ds.ids) == rp.ids()
+        for img_id in ds.ids:
+            arr = rc.read(img_id)
+            labels = ds.labels(img_id)
+            assert arr["cams"].dtype == np.float16 and arr["classes"].dtype == np.int16
+            assert arr["classes"].tolist() == list(labels)
+            assert arr["cams"].shape == (len(labels), 16, 20)  # ceil(64 / 4), ceil(80 / 4)
+            assert tuple(rc.attrs(img_id)["image_size"]) == (64, 80)
+            pts = rp.read(img_id)["points"]
+            assert pts.dtype == np.float32 and pts.shape[1] == 4
+            assert set(pts[:, 2].astype(int)) <= set(labels)
+            assert (pts[:, 0] >= 0).all() and (pts[:, 0] < 80).all() and (pts[:, 1] < 64).all()
+            gt = ds.semantic_gt(img_id)
+            valid = gt != 255
+            g = gt[valid].astype(np.int64)
+            conf_bg += np.bincount(g * n, minlength=n * n).reshape(n, n)
+            # independent threshold-0.5 label map from the stored CAMs
+            up = np.stack([cv2.resize(c.astype(np.float32), (80, 64), interpolation=cv2.INTER_LINEAR)
+                           for c in arr["cams"]]) if len(labels) else np.zeros((0, 64, 80), np.float32)
+            pred = np.zeros((64, 80), np.int64)
+            if len(labels):
+                pred = np.where(up.max(0) > 0.5, np.asarray(labels)[up.argmax(0)] + 1, 0)
+            conf_t += np.bincount(g * n + pred[valid], minlength=n * n).reshape(n, n)
+
+    def miou(cm):
+        tp = np.diag(cm).astype(float)
+        union = cm.sum(0) + cm.sum(1) - tp
+        return 100 * np.mean(tp[union > 0] / union[union > 0])
+
+    assert diag["baselines"]["all_background"] == pytest.approx(miou(conf_bg))
+    assert diag["miou_per_threshold"][t_index] == pytest.approx(miou(conf_t), abs=0.5)  # fp16 storage
+    assert diag["best_mIoU"] == pytest.approx(max(diag["miou_per_threshold"]))
+    assert diag["best_threshold"] in mc.THRESHOLDS and diag["num_scored"] == len(ds.ids)
+    assert 0 <= diag["peaks"]["instances_one_peak"] <= diag["peaks"]["instances"]
+    assert len(list(paths["out_overlay_dir"].glob("*.png"))) == 2
+
+
+def test_peak_quality_counts_by_hand():
+    masks = np.zeros((2, 10, 10), bool)
+    masks[0, :5, :5] = True
+    masks[1, 5:, 5:] = True
+    sem = np.zeros((10, 10), np.uint8)
+    sem[:5, :5] = 1
+    sem[5:, 5:] = 3
+    pts = np.array([[1, 1, 0, 0.9], [2, 2, 0, 0.8], [7, 7, 2, 0.9], [8, 1, 0, 0.95], [3, 3, 0, 0.2]], np.float32)
+    got = mc.peak_quality(pts, {"masks": masks, "labels": np.array([0, 2])}, sem)
+    # instance 0 holds two strong peaks of its class, instance 1 exactly one; (8, 1) lies on background;
+    # the 0.2 peak is below 0.7 and not counted
+    assert got == {"instances": 2, "instances_one_peak": 1, "peaks": 4, "peaks_on_background": 1}
+
+
+def test_train_set_on_real_data():
+    if not REAL_VOC.is_dir():
+        pytest.skip(f"real data folder {REAL_VOC} is absent")
+    from bestie.data import build_dataset
+
+    ds = build_dataset({"format": "voc", "root": str(REAL_VOC), "split": "train"})
+    ts = tc.ClassifierTrainSet(ds, tc.ClassifierConfig(), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    x, y = ts[(3, 0)]
+    assert x.shape == (3, 321, 321) and x.dtype == torch.float32 and -1.0 <= x.min() and x.max() <= 1.0
+    assert np.flatnonzero(y.numpy()).tolist() == list(ds.labels(ds.ids[3]))
+    assert torch.equal(ts[(3, 0)][0], x)  # same (index, epoch): same augmentation
+    assert not torch.equal(ts[(3, 1)][0], x)  # next epoch: another one
+
+
+def test_train_stage_under_single_process_ddp_matches_plain_run(demo, tmp_path, monkeypatch):
+    """The torchrun path (env RANK / WORLD_SIZE, gloo on CPU, DDP wrapper) gives the plain run's model."""
+    import socket
+
+    torch.set_num_threads(1)
+    cfg = _cfg(epochs=1, checkpoint_every=0)
+    plain = tmp_path / "plain.pt"
+    tc.run(cfg, demo, plain, tmp_path / "plain.jsonl", device="cpu")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(key, value)
+    ddp = tmp_path / "ddp.pt"
+    try:
+        tc.run(cfg, demo, ddp, tmp_path / "ddp.jsonl", device="cpu")
+        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    wa, wb = _weights(plain), _weights(ddp)
+    assert set(wa) == set(wb)  # saved unwrapped: no "module." prefix
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
