@@ -1,0 +1,138 @@
+"""Smoke test of the benchmark driver (``python -m benchmarks.run --quick``) and the GPU script's refusal.
+
+No timing is asserted (the machine is shared); the test checks that every benchmark runs, that the JSON
+has the documented keys, that times, rates and memory figures are positive, and the few facts that
+follow from the set-up: image counts of the 1x / 4x stage runs, a flat peak memory between them
+(streaming HDF5), a DAG whose job count is the workflow's, and AP75 <= AP50.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "coco128-voc"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "sub" / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--out", str(out), "--quick"], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"benchmarks.run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_document_and_machine(quick_run):
+    doc, stdout = quick_run
+    assert doc["schema"] == 1 and doc["quick"] is True
+    assert set(doc["benchmarks"]) == {"core", "eval", "stages", "dag"}
+    m = doc["machine"]
+    assert m["cpu_count"] >= 1 and m["torch_threads"] == 1
+    assert m["versions"]["torch"] and m["versions"]["numpy"]
+    assert doc["seconds"] > 0
+    for name, res in doc["benchmarks"].items():
+        assert "error" not in res, f"{name}: {res.get('error')}"
+        assert res["bench_seconds"] > 0
+    # the Markdown summary on stdout lists every summary row
+    assert "| benchmark | value | target |" in stdout
+    assert len(doc["summary"]) >= 5
+    for row in doc["summary"]:
+        assert row["value"] > 0, row
+        if row["unit"] not in ("images/s", "images/CPU-s") and not row["name"].endswith("peak RSS"):
+            assert row["name"] in stdout  # first table; the stages have their own
+    if "per_factor" in doc["benchmarks"]["stages"]:
+        assert "| stage | images | images/s (wall) | images per CPU-s | peak RSS (MiB) |" in stdout
+        assert "| CAM stage, 4x | 16 |" in stdout
+
+
+def test_core_and_eval(quick_run):
+    b = quick_run[0]["benchmarks"]
+    for key, target in (("make_pseudo_instance_labels", 2.0), ("refine_targets", 100.0), ("get_instances", 30.0)):
+        r = b["core"][key]
+        assert 0 < r["min_ms"] <= r["median_ms"]
+        assert r["target_ms"] == target
+    ev = b["eval"]
+    assert ev["images"] == 100 and ev["instances_per_image"] == 5 and ev["predictions_per_image"] == 6
+    assert 0 < ev["min_s"] <= ev["total_s"]
+    # predictions are the GT jittered by a few pixels plus one false positive per image: most match at 0.5
+    assert 0.5 < ev["mAP50"] <= 1.0
+    assert 0.0 <= ev["mAP75"] <= ev["mAP50"]  # a TP at IoU 0.75 is a TP at 0.5
+    assert ev["target_s_scaled"] == pytest.approx(30.0 * 100 / 1449, abs=1e-3)
+
+
+def test_stages(quick_run):
+    st = quick_run[0]["benchmarks"]["stages"]
+    if "skipped" in st:
+        pytest.skip(st["skipped"])
+    ids = st["data"]["ids"]
+    assert ids == 4
+    for factor, mult in (("1x", 1), ("4x", 4)):
+        for stage in ("cams", "wsss", "evaluate"):
+            r = st["per_factor"][factor][stage]
+            assert r["images"] == ids * mult
+            assert r["seconds"] > 0 and r["images_per_s"] > 0
+            assert r["cpu_seconds"] > 0 and r["images_per_cpu_s"] > 0
+            assert 0 < r["setup_rss_mb"] <= r["peak_rss_mb"]
+    for stage in ("cams", "wsss", "evaluate"):
+        # one image in memory at a time: 4x the images must not grow the peak noticeably
+        assert 0.8 < st[stage]["rss_ratio_4x_1x"] < 1.25, st[stage]
+
+
+def test_dag(quick_run):
+    dag = quick_run[0]["benchmarks"]["dag"]
+    if "skipped" in dag:
+        pytest.skip(dag["skipped"])
+    assert dag["ids"] == 10_000
+    assert dag["median_s"] > 0
+    # the workflow has train_classifier x2, make_cams x2, wsss, baseline, train_bestie, predict, export,
+    # train_maskrcnn, evaluate, report, all: whole-split rules, no per-image jobs
+    assert 5 <= dag["jobs"] < 100
+
+
+def test_peak_rss_reset():
+    from benchmarks import peak_rss_mb, reset_peak_rss
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs (not Linux)")
+    base = peak_rss_mb()
+    block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MiB, touched
+    high = peak_rss_mb()
+    assert high >= base + 190
+    del block
+    assert reset_peak_rss()
+    assert peak_rss_mb() < high - 150
+
+
+def test_gpu_bench_refuses_without_cuda():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_bench"], cwd=ROOT, env=_env(CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "no CUDA device" in proc.stderr
+
+
+def test_gpu_bench_batch_shapes():
+    from benchmarks.gpu_bench import make_batch
+
+    b = make_batch(3, 96)
+    assert b["image"].shape == (3, 3, 96, 96)
+    assert b["center"].shape == (3, 20, 96, 96) and b["offset"].shape == (3, 2, 96, 96)
+    assert b["semantic"].shape == (3, 96, 96) and b["weight"].shape == (3, 96, 96)
+    # the bench_core scene: 5 components of 3 classes (3, 8, 15), one point each
+    assert b["labels"].sum(dim=1).tolist() == [3.0, 3.0, 3.0]
+    assert b["num_points"].tolist() == [5, 5, 5]
+    # sample 1 is the mirror image of sample 0
+    assert (b["semantic"][1] == b["semantic"][0].flip(-1)).all()
