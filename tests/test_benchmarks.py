@@ -108,6 +108,7 @@ def test_peak_rss_reset():
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no /proc/self/clear_refs (not Linux)")
+    assert reset_peak_rss()  # the high-water mark of earlier tests would hide the allocation below
     base = peak_rss_mb()
     block = np.ones(200 * 2**20, dtype=np.uint8)  # 200 MiB, touched
     high = peak_rss_mb()
