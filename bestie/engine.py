@@ -175,14 +175,16 @@ def save_checkpoint(
 
     Content: ``{"format": 1, "model": state dict (DDP unwrapped), "optimizer", "scheduler", "scaler"
     (state dicts or None), "iteration": int, "extra": dict, "rng": rng_state()}``. Everything is a tensor
-    or a plain python value, so :func:`load_checkpoint` can use ``weights_only=True``; ``extra`` must be
-    made of str / int / float / bool / None / lists / tuples / dicts / tensors.
+    or a plain python value, so :func:`load_checkpoint` can use ``weights_only=True``: ``extra`` may hold
+    str / int / float / bool / None / lists / tuples / dicts with str keys / tensors; numpy scalars and
+    arrays become Python numbers and tensors, paths become strings.
 
     Args:
         rank: process rank (default: ``torch.distributed`` rank when initialised, else 0).
 
     Raises:
         ArtifactError: the file cannot be written.
+        TypeError: ``extra`` holds another type (named with its key), which ``weights_only`` would refuse.
     """
     if rank is None:
         rank = torch.distributed.get_rank() if _dist_ready() else 0
@@ -195,7 +197,7 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "iteration": int(iteration),
-        "extra": dict(extra or {}),
+        "extra": _plain_extra(dict(extra or {}), "extra"),
         "rng": rng_state(),
     }
     from bestie.io.atomic import atomic_path
@@ -208,6 +210,29 @@ def save_checkpoint(
         raise
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot write checkpoint: {exc}") from exc
+
+
+def _plain_extra(value: Any, key: str) -> Any:
+    """``value`` with numpy / path objects converted to types ``torch.load(weights_only=True)`` accepts."""
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (list, tuple)):
+        items = [_plain_extra(v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"checkpoint {key}: key {k!r} is not a string")
+            out[k] = _plain_extra(v, f"{key}.{k}")
+        return out
+    raise TypeError(f"checkpoint {key}: a {type(value).__name__} cannot be loaded with weights_only=True")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -51,6 +51,11 @@ def test_lite0_package_weights_give_timm_features_by_position():
     ref = full.blocks(full.bn1(full.conv_stem(x)))  # end of the last stage = last feature level
     assert feats[-1].shape == ref.shape == (2, 320, 3, 4)
     torch.testing.assert_close(feats[-1], ref, rtol=0, atol=1e-5)
+    # with the ImageNet feature head: the features the ImageNet classifier pools
+    with_head = create_backbone("tf_efficientnet_lite0", "imagenet", out_indices=(-1,), with_head=True).eval()
+    assert with_head.feature_info.channels() == [320, 1280] and with_head.out_channels == 1280
+    torch.testing.assert_close(with_head(x)[-1], full.forward_features(x), rtol=0, atol=1e-5)
+    torch.testing.assert_close(full.forward_head(with_head(x)[-1]), full(x), rtol=0, atol=1e-5)
 
 
 @torch.no_grad()
@@ -128,6 +133,10 @@ def test_unknown_name_and_random_init_warning(caplog):
     assert "random initialisation: configured weights: none" in caplog.text
     with pytest.raises(ConfigError):
         create_backbone("hrnet_w32", None, output_stride=8)
+    with pytest.raises(ConfigError, match="with_head"):
+        create_backbone("resnet50", None, with_head=True)
+    with pytest.raises(ConfigError, match="last level"):
+        create_backbone("tf_efficientnet_lite0", None, out_indices=(1, 2), with_head=True)
     assert set(BACKBONES) == {"tf_efficientnet_lite0", "resnet50", "resnet101", "vgg16", "hrnet_w32", "hrnet_w48"}
 
 

@@ -51,8 +51,13 @@ def test_cam_classifier_outputs_and_param_groups():
     model.train()
     bns = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns) and not any(p.requires_grad for m in bns for p in m.parameters())
-    plain = CAMClassifier("tf_efficientnet_lite0", 5, weights=None, use_pam=False, extra_channels=8, warn_random=False)
+    plain = CAMClassifier("tf_efficientnet_lite0", 5, weights=None, use_pam=False, num_extra_convs=0,
+                          backbone_head=True, warn_random=False)
     assert not any(type(m).__name__ == "PAM" for m in plain.modules())
+    assert plain.classifier.in_channels == 1280  # class maps on the ImageNet feature head
+    assert plain.eval()(torch.randn(1, 3, 64, 64))["cams"].shape == (1, 5, 2, 2)
+    head_ids = {id(p) for p in plain.backbone.head.parameters()}
+    assert head_ids <= {id(p) for g in plain.param_groups(0.1) if g["name"].startswith("backbone") for p in g["params"]}
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +170,22 @@ def test_make_cams_outputs_and_scores(demo, tmp_path):
     assert diag["best_threshold"] in mc.THRESHOLDS and diag["num_scored"] == len(ds.ids)
     assert 0 <= diag["peaks"]["instances_one_peak"] <= diag["peaks"]["instances"]
     assert len(list(paths["out_overlay_dir"].glob("*.png"))) == 2
+
+    # inference at output stride 8 of a stride-16 model: same weights, the stride-16 function on a twice
+    # denser grid (TF-same padding puts the stride-16 samples at the odd positions); borders differ
+    dense = tmp_path / "dense.pt"
+    tc.run(_cfg(epochs=1, use_pam=False, checkpoint_every=0), demo, dense, tmp_path / "dense.jsonl", device="cpu")
+    m16, _ = mc.load_classifier(dense, torch.device("cpu"))
+    m8, _ = mc.load_classifier(dense, torch.device("cpu"), output_stride=8)
+    assert m8.extra[0].dilation == (2, 2)  # the extra 3x3 conv follows the finer grid
+    assert (m16.stride, m8.stride) == (16, 8)
+    x = torch.randn(1, 3, 128, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = m16(x)["cams"], m8(x)["cams"]
+    assert a.shape[-2:] == (8, 10) and b.shape[-2:] == (16, 20)
+    torch.testing.assert_close(b[..., 1::2, 1::2][..., 2:-2, 2:-2], a[..., 2:-2, 2:-2], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError):
+        mc.load_classifier(dense, torch.device("cpu"), output_stride=32)
 
 
 def test_peak_quality_counts_by_hand():

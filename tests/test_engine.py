@@ -101,13 +101,18 @@ def test_checkpoint_is_weights_only_loadable(tmp_path):
     model, opt, sched, _, _ = _setup()
     scaler = create_grad_scaler("cpu")
     path = tmp_path / "sub" / "ck.pt"
-    save_checkpoint(path, torch.nn.DataParallel(model), opt, sched, scaler, 3, {"names": ["a", "b"], "x": 1.5})
+    extra = {"names": ["a", "b"], "x": np.float32(1.5), "arr": np.arange(3), "where": tmp_path}
+    save_checkpoint(path, torch.nn.DataParallel(model), opt, sched, scaler, 3, extra)
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    assert raw["iteration"] == 3 and raw["extra"]["names"] == ["a", "b"]
+    assert raw["iteration"] == 3 and raw["extra"]["names"] == ["a", "b"] and raw["extra"]["x"] == 1.5
+    assert torch.equal(raw["extra"]["arr"], torch.arange(3)) and raw["extra"]["where"] == str(tmp_path)
     assert all(not k.startswith("module.") for k in raw["model"])  # DataParallel unwrapped
     assert {"python", "numpy", "torch"} <= set(raw["rng"])
     assert not [p for p in os.listdir(path.parent) if p != "ck.pt"]  # no temp file left
     save_checkpoint(tmp_path / "other.pt", model, rank=1)  # rank != 0 writes nothing
+    assert not (tmp_path / "other.pt").exists()
+    with pytest.raises(TypeError, match=r"extra\.bad"):
+        save_checkpoint(tmp_path / "other.pt", model, extra={"bad": object()})
     assert not (tmp_path / "other.pt").exists()
 
 

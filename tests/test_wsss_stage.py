@@ -105,8 +105,8 @@ def test_auto_threshold_and_errors(demo, tmp_path):
     good.write_text(json.dumps({"best_threshold": 0.4, "best_mIoU": 20.0}))
     assert resolve_threshold("auto", good) == 0.4
     assert resolve_threshold(0.25, None) == 0.25
-    diag = run(WsssConfig(bg_threshold="auto", crf=False), ds_cfg, cams, tmp_path / "a.h5", tmp_path / "a.json",
-               None, cam_diagnostics=good)
+    diag = run(WsssConfig(method="crf", bg_threshold="auto", crf=False), ds_cfg, cams, tmp_path / "a.h5",
+               tmp_path / "a.json", None, cam_diagnostics=good)
     assert diag["bg_threshold"] == 0.4
     with pytest.raises(ConfigError):
         resolve_threshold("auto", None)
@@ -125,7 +125,7 @@ def test_missing_and_foreign_cams_are_reported(demo, tmp_path):
         i = ds.ids[0]
         w.write(i, cams=np.zeros((1, 16, 20), np.float16), classes=np.array([ds.labels(i)[0]], np.int16))
     with pytest.raises(ArtifactError, match=ds.ids[1]):
-        run(WsssConfig(crf=False), ds_cfg, partial, tmp_path / "o.h5", tmp_path / "o.json")
+        run(WsssConfig(method="crf", crf=False), ds_cfg, partial, tmp_path / "o.h5", tmp_path / "o.json")
     assert not (tmp_path / "o.h5").exists()
     foreign = tmp_path / "foreign.h5"
     with H5Writer(foreign) as w:
@@ -133,7 +133,7 @@ def test_missing_and_foreign_cams_are_reported(demo, tmp_path):
             absent = sorted(set(range(3)) - set(ds.labels(i)))[0]
             w.write(i, cams=np.zeros((1, 16, 20), np.float16), classes=np.array([absent], np.int16))
     with pytest.raises(ArtifactError, match="not in its image label"):
-        run(WsssConfig(crf=False), ds_cfg, foreign, tmp_path / "o.h5", tmp_path / "o.json")
+        run(WsssConfig(method="crf", crf=False), ds_cfg, foreign, tmp_path / "o.h5", tmp_path / "o.json")
     with pytest.raises(ArtifactError, match="does not exist"):
         run(WsssConfig(), ds_cfg, tmp_path / "nope.h5", tmp_path / "o.h5", tmp_path / "o.json")
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -95,13 +96,18 @@ class Backbone(nn.Module):
         feature_info: :class:`FeatureInfo`, channels / reduction per output.
         mean, std: RGB normalisation (3-tuples, inputs in ``[0, 1]``) matching the loaded weights.
         weights: what was loaded: ``"imagenet"``, a file path, or ``None`` (random).
+        head: None, or the network's own ImageNet feature head (EfficientNet: ``conv_head`` 1x1 conv to
+            1280 channels + ``bn2`` BatchNorm + ReLU6) applied to the last level and returned as one
+            more output (the features the ImageNet classifier pools, the usual CAM features).
     """
 
     def __init__(self, name: str, body: nn.Module, feature_info: FeatureInfo,
-                 mean: Sequence[float], std: Sequence[float], weights: str | None) -> None:
+                 mean: Sequence[float], std: Sequence[float], weights: str | None,
+                 head: nn.Module | None = None) -> None:
         super().__init__()
         self.name = name
         self.body = body
+        self.head = head
         self.feature_info = feature_info
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
@@ -146,7 +152,10 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = self.body(x)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
+        out = list(out) if isinstance(out, (list, tuple)) else [out]
+        if self.head is not None:
+            out.append(self.head(out[-1]))
+        return out
 
 
 def _level_prefixes(name: str) -> list[tuple[str, ...]]:
@@ -342,6 +351,7 @@ def create_backbone(
     out_indices: Sequence[int] | None = None,
     output_stride: int | None = None,
     warn_random: bool = True,
+    with_head: bool = False,
 ) -> Backbone:
     """Build a feature-extractor backbone and load its weights.
 
@@ -355,12 +365,16 @@ def create_backbone(
             native stride. HRNet supports only ``None``; VGG16 only ``None`` / 8 (always 8).
         warn_random: log the random-initialisation warning when ``weights`` is None (set False when the
             weights are about to be overwritten by a checkpoint).
+        with_head: append the network's ImageNet feature head (``tf_efficientnet_lite0`` only: 1x1 conv
+            to 1280 channels + BN + ReLU6, weights ``conv_head.*`` / ``bn2.*`` from the same source) as
+            one more output after the last level (which ``out_indices`` must then include).
 
     Returns:
         :class:`Backbone` with ``feature_info``, ``mean``, ``std``.
 
     Raises:
-        ConfigError: unknown name (valid names listed) or an unsupported ``output_stride``.
+        ConfigError: unknown name (valid names listed), an unsupported ``output_stride``, or
+            ``with_head`` for a backbone without such a head.
         WeightsError: ``"imagenet"`` for a backbone without installable weights, a missing/unreadable file,
             or tensors that do not fit (names the file and the first offending keys).
     """
@@ -404,17 +418,34 @@ def create_backbone(
         mean = tuple(cfg.get("mean", _IMAGENET_MEAN))
         std = tuple(cfg.get("std", _IMAGENET_STD))
 
+    head: nn.Module | None = None
+    if with_head:
+        if name != "tf_efficientnet_lite0":
+            raise ConfigError(f"backbone {name}: with_head is only available for tf_efficientnet_lite0")
+        levels = len(_level_prefixes(name))  # feature levels of the network
+        last = levels - 1
+        idx = [i % levels for i in (out_indices if out_indices is not None else range(levels))]
+        if last not in idx:
+            raise ConfigError(f"backbone {name}: with_head needs the last level in out_indices, got {out_indices}")
+        full = timm.create_model(name, pretrained=False)
+        head = nn.Sequential(OrderedDict(conv_head=full.conv_head, bn2=full.bn2))
+        info = FeatureInfo((*info, FeatureSpec(int(full.conv_head.out_channels), info[-1].reduction)))
+        del full
+    targets: list[nn.Module] = [body] + ([head] if head is not None else [])
     if weights is None:
         if warn_random:
             log.warning("backbone %s: random initialisation: configured weights: none", name)
         loaded: str | None = None
     elif isinstance(weights, str) and weights == "imagenet":
         state = load_efficientnet_lite0_package()
-        _load_into(body, state, f"{efficientnet_lite0_package_file()} (ImageNet, efficientnet-lite0 package)")
+        for target in targets:
+            _load_into(target, state, f"{efficientnet_lite0_package_file()} (ImageNet, efficientnet-lite0 package)")
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         loaded = "imagenet"
     else:
         path = Path(weights)
-        _load_into(body, load_state_dict_file(path), f"file {path}")
+        state = load_state_dict_file(path)
+        for target in targets:
+            _load_into(target, state, f"file {path}")
         loaded = str(path)
-    return Backbone(name, body, info, mean, std, loaded)
+    return Backbone(name, body, info, mean, std, loaded, head=head)

@@ -40,6 +40,11 @@ class CAMClassifier(nn.Module):
         frozen_levels: freeze the backbone layers of its first ``frozen_levels`` feature levels
             (:meth:`~bestie.models.backbones.Backbone.freeze_levels`; 3 = everything up to stride 8), which
             cuts the CPU backward cost roughly in half.
+        head_dilation: dilation of the extra 3x3 convs; a model trained at output stride ``s`` and run at
+            ``s / d`` needs ``d`` to compute the same function on the denser grid.
+        backbone_head: put the backbone's own ImageNet feature head (EfficientNet-Lite0: 1x1 conv to 1280
+            channels + BN + ReLU6) before the new layers: CAMs then come from the features the ImageNet
+            classifier pools.
         warn_random: passed to the backbone (False when a checkpoint will overwrite the weights).
 
     ``forward(x)`` with ``x`` ``(B, 3, H, W)`` float (normalised with :attr:`mean` / :attr:`std`) returns
@@ -62,6 +67,8 @@ class CAMClassifier(nn.Module):
         output_stride: int | None = None,
         freeze_bn: bool = False,
         frozen_levels: int = 0,
+        head_dilation: int = 1,
+        backbone_head: bool = False,
         warn_random: bool = True,
     ) -> None:
         super().__init__()
@@ -74,7 +81,8 @@ class CAMClassifier(nn.Module):
         self.use_pam = bool(use_pam)
         self.freeze_bn = bool(freeze_bn)
         self.backbone = create_backbone(backbone_name, weights, out_indices=(-1,) if backbone_name != "vgg16" else (4,),
-                                        output_stride=output_stride, warn_random=warn_random)
+                                        output_stride=output_stride, warn_random=warn_random,
+                                        with_head=backbone_head)
         if frozen_levels:
             self.backbone.freeze_levels(frozen_levels)
         layers: list[nn.Module] = []
@@ -82,7 +90,7 @@ class CAMClassifier(nn.Module):
         if num_extra_convs == 0 and use_pam:
             layers.append(PAM(alpha))
         for _ in range(num_extra_convs):
-            layers.append(nn.Conv2d(in_ch, extra_channels, 3, padding=1))
+            layers.append(nn.Conv2d(in_ch, extra_channels, 3, padding=head_dilation, dilation=head_dilation))
             layers.append(PAM(alpha) if use_pam else nn.ReLU(inplace=False))
             in_ch = extra_channels
         self.extra = nn.Sequential(*layers)

@@ -183,12 +183,14 @@ def load_classifier(checkpoint: Path, device: torch.device, output_stride: int |
         checkpoint: the file.
         device: where to put the model.
         output_stride: rebuild the backbone with this output stride (None: the trained one); the
-            weights are the same tensors, only strides / dilations change.
+            weights are the same tensors, only strides / dilations change (the extra convs get dilation
+            trained stride / output_stride).
 
+    Raises:
+        ConfigError: ``output_stride`` coarser than the trained stride (no such equivalent network).
     Returns:
         ``(model in eval mode on device, extra dict)``.
 
-    Raises:
         ArtifactError: missing / corrupt file, or not a CAM classifier checkpoint (names the file).
     """
     from bestie.engine import read_checkpoint
@@ -200,9 +202,15 @@ def load_classifier(checkpoint: Path, device: torch.device, output_stride: int |
         raise ArtifactError(f"checkpoint {checkpoint} is not a CAM classifier checkpoint (extra.kind="
                             f"{extra.get('kind')!r})")
     config = dict(extra["config"])
+    dilation = 1
     if output_stride is not None:
+        trained = int(extra.get("stride") or 32)
+        if output_stride > trained or trained % output_stride:
+            raise ConfigError(f"cams.output_stride {output_stride}: the classifier {checkpoint} was trained at "
+                              f"stride {trained}; only a finer stride dividing it can be used")
         config["output_stride"] = output_stride
-    model = build_model(config, int(extra["num_classes"]), load_weights=False)
+        dilation = trained // output_stride
+    model = build_model(config, int(extra["num_classes"]), load_weights=False, head_dilation=dilation)
     try:
         model.load_state_dict(state["model"], strict=True)
     except RuntimeError as exc:

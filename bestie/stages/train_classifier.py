@@ -78,6 +78,8 @@ class ClassifierConfig:
         freeze_bn: backbone BatchNorm in eval mode with frozen affine parameters.
         frozen_levels: backbone feature levels left untrained (3: stem to stride 8; 0: train all). The
             backward pass through the high-resolution layers dominates CPU time.
+        backbone_head: use the backbone's ImageNet feature head (EfficientNet-Lite0 1x1 conv to 1280
+            channels) before the new layers.
         optimizer: ``"sgd"`` (reference: momentum 0.9, Nesterov) or ``"adamw"`` (CPU default).
         lr: base lr (None: 1e-3 for SGD as the reference, 1e-4 for AdamW); new layers get 10x / 20x.
         weight_decay: None: 5e-4 (SGD, reference) / 1e-4 (AdamW).
@@ -103,6 +105,7 @@ class ClassifierConfig:
     output_stride: int | None = 16
     freeze_bn: bool = True
     frozen_levels: int = 3
+    backbone_head: bool = False
     optimizer: str = "adamw"
     lr: float | None = None
     weight_decay: float | None = None
@@ -229,7 +232,8 @@ class ClassifierTrainSet(torch.utils.data.Dataset):
         return torch.from_numpy(image), torch.from_numpy(self.target(index))
 
 
-def build_model(cfg: ClassifierConfig | Mapping[str, Any], num_classes: int, load_weights: bool = True):
+def build_model(cfg: ClassifierConfig | Mapping[str, Any], num_classes: int, load_weights: bool = True,
+                head_dilation: int = 1):
     """The :class:`~bestie.models.classifier.CAMClassifier` described by ``cfg``.
 
     Args:
@@ -237,6 +241,7 @@ def build_model(cfg: ClassifierConfig | Mapping[str, Any], num_classes: int, loa
         num_classes: ``C``.
         load_weights: load ``cfg.weights``; False builds a randomly initialised model silently (its
             weights come from a checkpoint next).
+        head_dilation: dilation of the extra convs (for inference at a finer output stride).
     """
     from bestie.models.classifier import CAMClassifier
 
@@ -246,7 +251,8 @@ def build_model(cfg: ClassifierConfig | Mapping[str, Any], num_classes: int, loa
         weights=c["weights"] if load_weights else None,
         use_pam=c["use_pam"], alpha=c["alpha"], num_extra_convs=c["num_extra_convs"],
         extra_channels=c["extra_channels"], output_stride=c.get("output_stride"),
-        freeze_bn=c.get("freeze_bn", False), frozen_levels=c.get("frozen_levels", 0),
+        freeze_bn=c.get("freeze_bn", False), frozen_levels=c.get("frozen_levels", 0), head_dilation=head_dilation,
+        backbone_head=c.get("backbone_head", False),
         warn_random=load_weights,
     )
 
