@@ -240,3 +240,22 @@ def test_train_stage_under_single_process_ddp_matches_plain_run(demo, tmp_path, 
     wa, wb = _weights(plain), _weights(ddp)
     assert set(wa) == set(wb)  # saved unwrapped: no "module." prefix
     assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-6) for k in wa)
+
+
+def test_images_without_labels_are_negatives():
+    class Stub:
+        ids = ["a", "b"]
+        num_classes = 4
+        class_names = ("w", "x", "y", "z")
+
+        def image(self, img_id):
+            return np.full((40, 50, 3), 100 if img_id == "a" else 200, np.uint8)
+
+        def labels(self, img_id):
+            return (1, 3) if img_id == "a" else ()
+
+    ts = tc.ClassifierTrainSet(Stub(), tc.ClassifierConfig(resize=40, crop_size=32), (0.5,) * 3, (0.5,) * 3)
+    assert len(ts) == 2
+    x, y = ts[(1, 0)]
+    assert x.shape == (3, 32, 32) and y.tolist() == [0, 0, 0, 0]  # all-negative target, still a sample
+    assert ts[(0, 0)][1].tolist() == [0, 1, 0, 1]

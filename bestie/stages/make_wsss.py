@@ -67,8 +67,8 @@ class WsssConfig:
     Defaults chosen by measurement on coco128-voc train (97 images; dense CAMs of the default plain
     classifier, 15 epochs, CAM argmax best 19.8 mIoU at threshold 0.10): ``affinity`` at threshold 0.15
     with beta 10 / logt 8 gave 24.1 mIoU (beta 8: 21.4-23.1 depending on logt; bg_mode ``power``
-    14.6-17.2; a CRF after the walk -0.1), the ``crf`` baseline 20.7 at 0.10 and 20.1 at 0.15; the IRN
-    and AffinityNet CRF kernels differ by < 1 point.
+    14.6-17.2; a CRF after the walk -0.1; a stride-4 grid 21.0 at 4x the cost), the ``crf`` baseline
+    20.7 at 0.10 and 20.1 at 0.15; the IRN and AffinityNet CRF kernels differ by < 1 point.
 
     Attributes:
         method: ``"affinity"`` (AffinityNet-style random walk, default) or ``"crf"`` (baseline, no

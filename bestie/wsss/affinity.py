@@ -17,10 +17,12 @@ Pixel-level Semantic Affinity with Image-level Supervision") with IRN's treatmen
 - **Random walk** (:func:`random_walk`): ``A = a^beta`` on all pairs within the radius (symmetric, ones
   on the diagonal), ``T = D^-1 A`` (row-normalised; AffinityNet's column-normalised matrix acting from the
   right, ``v T``, is the same operator), CAM vectors propagated ``2^logt`` steps: ``v <- T v``. Sparse
-  (scipy CSR), so memory and time grow with ``N * pairs`` instead of ``N^2``.
-- **Background** (IRN ``make_sem_seg_labels``): the propagated CAMs of the present classes are rescaled
-  by their maximum (per class here, as the CAMs themselves are normalised per class; IRN uses one global
-  maximum) and compared to a constant background score; argmax.
+  (a torch CSR matrix times the ``(N, C)`` maps, step by step), so memory and time grow with
+  ``N * pairs`` instead of the ``N^2`` (memory) and ``N^3`` (time) of AffinityNet's dense matrix powers.
+- **Background** (:func:`affinity_scores`; IRN ``make_sem_seg_labels``): the propagated CAMs of the
+  present classes are rescaled by their maximum (per class here, as the CAMs themselves are normalised
+  per class; IRN uses one global maximum) and compared to a constant background score; argmax.
+  AffinityNet's propagated ``(1 - max CAM)^alpha`` background is available as ``bg_mode="power"``.
 
 Reference defaults: AffinityNet ``beta=8``, ``logt=8``, ``radius=5`` (on its stride-8 grid), crop 448,
 8 epochs, loss weights 1/4, 1/4, 1/2; IRN ``beta=10``, ``exp_times=8``, ``sem_seg_bg_thres=0.25``.
