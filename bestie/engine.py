@@ -42,6 +42,8 @@ __all__ = [
     "set_rng_state",
     "save_checkpoint",
     "load_checkpoint",
+    "read_checkpoint",
+    "partial_checkpoint_path",
     "check_finite",
     "JsonLog",
     "WarmupPolyLR",
@@ -161,6 +163,21 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:
+    """The resumable training state of a run that writes ``out_checkpoint``: ``<out_checkpoint>.partial``.
+
+    One convention for every training stage (classifier, BESTIE, Mask R-CNN): ``pam.pt`` ->
+    ``pam.pt.partial``, ``model.pt`` -> ``model.pt.partial``. The name does not end in ``.pt``, so a glob
+    for finished checkpoints (``*.pt``) never picks up an unfinished one. The file lives next to the final
+    checkpoint, so two runs writing different outputs in one working directory never share it.
+    """
+    p = Path(out_checkpoint)
+    return p.with_name(p.name + PARTIAL_SUFFIX)
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,

@@ -107,7 +107,7 @@ def test_train_stage_resumes_to_the_same_model(demo, tmp_path, monkeypatch):
     with pytest.raises(TrainingError):
         tc.run(cfg, demo, out, tmp_path / "b" / "log.jsonl", device="cpu")
     partial = tc.partial_checkpoint_path(out)
-    assert partial == tmp_path / "b" / "pam.partial.pt" and partial.is_file() and not out.exists()
+    assert partial == tmp_path / "b" / "pam.pt.partial" and partial.is_file() and not out.exists()
     monkeypatch.setattr(tc, "check_finite", real)
     with pytest.raises(ConfigError, match="partial"):  # another config must not resume this run
         tc.run(replace(cfg, lr=0.02), demo, out, tmp_path / "b" / "log.jsonl", device="cpu")

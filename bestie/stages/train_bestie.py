@@ -166,9 +166,9 @@ def best_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:
 
 
 def partial_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:
-    """``model.pt`` -> ``model.pt.partial``: the resumable training state."""
-    p = Path(out_checkpoint)
-    return p.with_name(p.name + ".partial")
+    """``model.pt`` -> ``model.pt.partial``: the resumable training state
+    (:func:`bestie.engine.partial_checkpoint_path`)."""
+    return engine.partial_checkpoint_path(out_checkpoint)
 
 
 def _model_kwargs(cfg: BestieConfig) -> dict[str, Any]:

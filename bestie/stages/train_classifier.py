@@ -15,7 +15,8 @@ Files:
 - ``out_checkpoint`` (written atomically at the very end): ``{"model": state dict, "extra": {"kind":
   "cam_classifier", "config": ClassifierConfig as dict, "num_classes", "class_names", "mean", "std",
   "stride", "train_mAP"}, ...}``, loadable with ``torch.load(weights_only=True)``.
-- :func:`partial_checkpoint_path` ``(out_checkpoint)`` = ``<out_checkpoint without suffix>.partial.pt``:
+- :func:`partial_checkpoint_path` ``(out_checkpoint)`` = ``<out_checkpoint>.partial`` (e.g. ``pam.pt.partial``,
+  the convention of :func:`bestie.engine.partial_checkpoint_path` shared by every training stage):
   full training state every ``checkpoint_every`` iterations; a rerun resumes from it; removed once the
   final checkpoint exists.
 - ``out_log``: JSON lines: one per iteration (``iteration``, ``epoch``, ``loss``, ``lr``, ``time``), one
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +51,7 @@ from bestie.engine import (
     infinite_loader,
     init_distributed,
     load_checkpoint,
+    partial_checkpoint_path as engine_partial_path,
     sample_rng,
     save_checkpoint,
     seed_everything,
@@ -146,10 +149,10 @@ class ClassifierConfig:
         return float(self.weight_decay if self.weight_decay is not None else _DEFAULT_WD[self.optimizer])
 
 
-def partial_checkpoint_path(out_checkpoint: Path) -> Path:
-    """Resume file of a run writing ``out_checkpoint``: ``classifier/pam.pt`` -> ``classifier/pam.partial.pt``."""
-    out_checkpoint = Path(out_checkpoint)
-    return out_checkpoint.with_suffix(".partial.pt")
+def partial_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:
+    """Resume file of a run writing ``out_checkpoint``: ``classifier/pam.pt`` -> ``classifier/pam.pt.partial``
+    (:func:`bestie.engine.partial_checkpoint_path`)."""
+    return engine_partial_path(out_checkpoint)
 
 
 def average_precision(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:

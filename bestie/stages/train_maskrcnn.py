@@ -354,6 +354,7 @@ def run(
         infinite_loader,
         init_distributed,
         load_checkpoint,
+        partial_checkpoint_path,
         read_checkpoint,
         save_checkpoint,
         seed_everything,
@@ -401,7 +402,7 @@ def run(
     scheduler = WarmupMultiStepLR(optimizer, milestones, cfg.lr_gamma, warmup, cfg.warmup_factor)
     scaler = create_grad_scaler(dist.device, cfg.amp)
 
-    partial = out_checkpoint.with_name(out_checkpoint.name + ".partial")
+    partial = partial_checkpoint_path(out_checkpoint)
     resume_key = _resume_key(cfg, pseudo_json)
     start = 0
     if partial.is_file():
