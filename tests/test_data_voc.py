@@ -195,6 +195,27 @@ def test_build_dataset_voc(tmp_path):
         build_dataset({"format": "voc"})
 
 
+def test_build_dataset_list_file_only_for_the_training_split(tmp_path):
+    make_tree(tmp_path)
+    lst = tmp_path / "train_cls.txt"
+    lst.write_text("x 0 19\na1 3\n")
+    cfg = {"format": "voc", "root": str(tmp_path), "train_split": "train", "list_file": str(lst)}
+    train = build_dataset(cfg)  # the default split is train_split: the list file applies
+    assert train.ids == ["x", "a1"] and train.labels("x") == (0, 19)
+    assert build_dataset(cfg, split="train").ids == ["x", "a1"]
+    val = build_dataset(cfg, split="val")  # a held-out split is listed by its own ImageSets file
+    assert val.ids == ["img_2"] and val.list_file is None and val.labels("img_2") == (2, 14)
+    # a {split} placeholder makes the list file apply to every split
+    (tmp_path / "val_cls.txt").write_text("img_2 5\n")
+    per_split = {**cfg, "list_file": str(tmp_path / "{split}_cls.txt")}
+    assert build_dataset(per_split, split="val").labels("img_2") == (5,)
+    with pytest.raises(DataError, match=r"list file not found.*trainval_cls\.txt"):
+        build_dataset(per_split, split="trainval")
+    # train_split other than "train": the default split follows it
+    (tmp_path / "ImageSets/Segmentation/mine.txt").write_text("x\n")
+    assert build_dataset({"format": "voc", "root": str(tmp_path), "train_split": "mine"}).ids == ["x"]
+
+
 @pytest.mark.skipif(not VOC128.is_dir(), reason=f"shared data not found at {VOC128}")
 def test_coco128_voc_counts():
     ds = VOCDataset(VOC128, "train")

@@ -58,17 +58,34 @@ __all__ = [
 DATASET_FORMATS = ("voc", "coco")
 
 
+def _voc_list_file(list_file: Any, split: str, list_split: str) -> str | None:
+    """The list file that applies to ``split``: ``list_file`` with ``{split}`` filled in, the plain
+    ``list_file`` when ``split`` is the training split ``list_split``, else None (use ImageSets)."""
+    if not list_file:
+        return None
+    text = str(list_file)
+    if "{split}" in text:
+        return text.replace("{split}", split)
+    return text if split == list_split else None
+
+
 def build_dataset(cfg: Mapping[str, Any], split: str | None = None) -> VOCDataset | COCODataset:
     """Build the dataset described by the ``dataset`` section of ``config.yaml``.
 
-    Keys: ``format`` (``"voc"`` | ``"coco"``, required); VOC: ``root``, ``split`` (default ``"train"``),
-    ``list_file`` (optional ``<id> c1 c2 ...`` list), ``classes`` (None = :data:`VOC_CLASSES`);
-    COCO: ``ann_file``, ``image_dir`` (a ``{split}`` placeholder in either is replaced by the split);
-    both: ``skip_bad_images`` (default False). Keys of the other format are ignored.
+    Keys: ``format`` (``"voc"`` | ``"coco"``, required); ``split`` or ``train_split`` (the default split,
+    in that order, else ``"train"``); VOC: ``root``, ``list_file`` (optional ``<id> c1 c2 ...`` list),
+    ``classes`` (None = :data:`VOC_CLASSES`); COCO: ``ann_file``, ``image_dir`` (a ``{split}`` placeholder
+    in either is replaced by the split); both: ``skip_bad_images`` (default False). Keys of the other
+    format are ignored.
+
+    A VOC ``list_file`` lists the images (and labels) of the **training** split only (``train_split``, or
+    ``split``, else ``"train"``): for any other split it is not used and the split's own
+    ``ImageSets/Segmentation/<split>.txt`` lists the images (labels from the XML / class PNGs). A
+    ``{split}`` placeholder in ``list_file`` makes it apply to every split (``lists/{split}_cls.txt``).
 
     Args:
         cfg: the mapping.
-        split: overrides ``cfg["split"]``.
+        split: the split to build (default: the config's default split, see above).
 
     Raises:
         ConfigError: unknown format (the valid ones are listed) or a missing required key.
@@ -77,7 +94,8 @@ def build_dataset(cfg: Mapping[str, Any], split: str | None = None) -> VOCDatase
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"dataset: expected a mapping, got {type(cfg).__name__}")
     fmt = cfg.get("format")
-    split_name = split if split is not None else cfg.get("split") or "train"
+    default_split = cfg.get("split") or cfg.get("train_split") or "train"
+    split_name = split if split is not None else default_split
     skip = bool(cfg.get("skip_bad_images", False))
 
     def need(key: str) -> Any:
@@ -91,7 +109,7 @@ def build_dataset(cfg: Mapping[str, Any], split: str | None = None) -> VOCDatase
         return VOCDataset(
             root=need("root"),
             split=split_name,
-            list_file=cfg.get("list_file") or None,
+            list_file=_voc_list_file(cfg.get("list_file") or None, split_name, default_split),
             class_names=tuple(classes) if classes else VOC_CLASSES,
             skip_bad_images=skip,
         )

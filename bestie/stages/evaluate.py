@@ -128,13 +128,12 @@ def predict_image(
 def eval_dataset_cfg(dataset_cfg: Mapping[str, Any], split: str) -> dict[str, Any]:
     """The dataset section adapted to the held-out split.
 
-    - VOC: ``list_file`` (image labels of the training list) is dropped, so the split's own
-      ``ImageSets/Segmentation/<split>.txt`` lists the images;
+    - VOC: unchanged (:func:`bestie.data.build_dataset` itself uses a ``list_file`` for the training
+      split only, so a held-out split is listed by its own ``ImageSets/Segmentation/<split>.txt``);
     - COCO: when ``split`` is the config's ``eval_split`` and ``eval_ann_file`` / ``eval_image_dir``
       are set, they replace ``ann_file`` / ``image_dir``.
     """
     cfg = dict(dataset_cfg)
-    cfg.pop("list_file", None)
     if cfg.get("format") == "coco" and split == cfg.get("eval_split", "val"):
         if cfg.get("eval_ann_file"):
             cfg["ann_file"] = cfg["eval_ann_file"]
