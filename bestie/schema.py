@@ -86,7 +86,7 @@ _TOP: dict[str, Any] = {
                 "list_file": {
                     "type": ["string", "null"],
                     "default": None,
-                    "description": "VOC: optional `id c1 c2 ...` list (0-based classes) instead of ImageSets",
+                    "description": "VOC: optional `id c1 c2 ...` list (0-based classes) of the train_split instead of ImageSets; `{split}` makes it per split",
                 },
                 "classes": {
                     "type": ["array", "null"],
