@@ -106,6 +106,20 @@ def test_errors(tmp_path, caplog):
     assert ds.ids == ["12"] and "b.jpg" in caplog.text
 
 
+def test_undecodable_images_raise_naming_file_or_are_skipped(tmp_path, caplog):
+    ann, img_dir = make_coco(tmp_path)
+    (img_dir / "b.jpg").write_bytes((img_dir / "b.jpg").read_bytes()[:40])  # truncated JPEG
+    ds = COCODataset(ann, img_dir)
+    assert ds.ids == ["5", "12"]
+    with pytest.raises(DataError, match=r"cannot read image .*images/b\.jpg"):
+        ds.image("5")
+    with caplog.at_level(logging.WARNING, logger="bestie.data.coco"):
+        ds = COCODataset(ann, img_dir, skip_bad_images=True)
+    assert ds.ids == ["12"] and ds.image("12").shape == (8, 10, 3)
+    assert "skipping unreadable image" in caplog.text and "b.jpg" in caplog.text
+    assert "skipped 1 of 2 image(s)" in caplog.text
+
+
 def test_build_dataset_coco(tmp_path):
     ann, img_dir = make_coco(tmp_path)
     ann.rename(tmp_path / "ann_train.json")

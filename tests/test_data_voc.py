@@ -134,6 +134,34 @@ def test_missing_images_all_listed_or_skipped(tmp_path, caplog):
     assert any("ghost1" in r.getMessage() for r in caplog.records)
 
 
+def _spoil_images(root: Path) -> None:
+    """'a1.jpg' cut to half its bytes (truncated JPEG); 'x.jpg' a text file with an image name."""
+    jpg = root / "JPEGImages" / "a1.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpg, quality=95)
+    data = jpg.read_bytes()
+    jpg.write_bytes(data[: len(data) // 2])
+    (root / "JPEGImages" / "x.jpg").write_text("not an image")
+
+
+def test_undecodable_images_raise_naming_file_or_are_skipped(tmp_path, caplog):
+    make_tree(tmp_path)
+    _spoil_images(tmp_path)
+    ds = VOCDataset(tmp_path, "train")  # off: found at read time, named
+    assert ds.ids == ["a1", "img_2", "x"]
+    with pytest.raises(DataError, match=r"cannot read image .*JPEGImages/a1\.jpg"):
+        ds.image("a1")
+    with pytest.raises(DataError, match=r"cannot read image .*JPEGImages/x\.jpg"):
+        ds.image("x")
+    with caplog.at_level(logging.WARNING, logger="bestie.data.voc"):
+        ds = VOCDataset(tmp_path, "train", skip_bad_images=True)
+    assert ds.ids == ["img_2"] and ds.image("img_2").shape == (H, W, 3)
+    skipped = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(skipped) == 2 and "a1.jpg" in skipped[0] and "x.jpg" in skipped[1]
+    assert any("skipped 2 of 3 image(s)" in r.getMessage() for r in caplog.records)
+    cfg = {"format": "voc", "root": str(tmp_path), "skip_bad_images": True}
+    assert build_dataset(cfg).ids == ["img_2"]
+
+
 def test_image_without_label_source(tmp_path):
     make_tree(tmp_path)
     Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "JPEGImages" / "lonely.jpg")

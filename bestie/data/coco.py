@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from bestie.errors import DataError
-from bestie.data.images import load_rgb
+from bestie.data.images import load_rgb, unreadable_images
 
 __all__ = ["COCODataset"]
 
@@ -35,7 +35,10 @@ class COCODataset:
     Args:
         ann_file: COCO instances JSON (``images``, ``annotations``, ``categories``).
         image_dir: folder holding the images' ``file_name`` paths.
-        skip_bad_images: drop images whose file is missing, with a logged warning, instead of raising.
+        skip_bad_images: drop images whose file is missing, truncated, not an image or otherwise
+            undecodable, with a logged warning naming each file, instead of raising (every image is then
+            decoded once at construction). Off, a missing file raises here and an undecodable one raises
+            :class:`DataError` naming the file when it is read.
 
     Attributes:
         ids: image ids as strings, sorted by numeric COCO id.
@@ -82,6 +85,16 @@ class COCODataset:
             log.warning("%s; skipping them (skip_bad_images=True)", msg)
             drop = set(missing)
             img_ids = [i for i in img_ids if i not in drop]
+        if skip_bad_images and img_ids:
+            paths = [self.image_dir / str(self.coco.imgs[i]["file_name"]) for i in img_ids]
+            bad = unreadable_images(paths)
+            if bad:
+                bad_paths = {p for p, _ in bad}
+                for _, fault in bad:
+                    log.warning("skipping unreadable image (skip_bad_images=True): %s", fault)
+                log.warning("%s: skipped %d of %d image(s) that cannot be decoded", self.ann_file, len(bad),
+                            len(img_ids))
+                img_ids = [i for i, p in zip(img_ids, paths) if p not in bad_paths]
         self._int_ids = {str(i): i for i in img_ids}
         self.ids: list[str] = [str(i) for i in img_ids]
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bestie.errors import DataError
 
-__all__ = ["load_rgb", "load_label_png"]
+__all__ = ["load_rgb", "load_label_png", "unreadable_images"]
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -110,6 +111,28 @@ def load_rgb(path: str | os.PathLike, *, exif_transpose: bool = True) -> np.ndar
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"cannot read image {path}: decoded to an array of shape {arr.shape}")
     return arr
+
+
+def unreadable_images(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
+    """Fully decode each image of ``paths`` (as :func:`load_rgb` does) and report those that fail.
+
+    Used by the datasets' ``skip_bad_images`` option to drop missing, truncated, not-an-image or
+    undecodable files up front, before any training starts. Costs one full decode per image.
+
+    Args:
+        paths: image files.
+
+    Returns:
+        ``[(path, fault), ...]`` in input order for the files that cannot be read; ``fault`` is the
+        :class:`DataError` message (it names the path). Empty when all are readable.
+    """
+    bad: list[tuple[Path, str]] = []
+    for p in paths:
+        try:
+            load_rgb(p)
+        except DataError as exc:
+            bad.append((Path(p), str(exc)))
+    return bad
 
 
 def load_label_png(path: str | os.PathLike) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from bestie.errors import ConfigError, DataError
-from bestie.data.images import load_label_png, load_rgb
+from bestie.data.images import load_label_png, load_rgb, unreadable_images
 
 __all__ = ["VOC_CLASSES", "VOCDataset", "IMAGE_EXTENSIONS", "check_class_names"]
 
@@ -109,7 +109,10 @@ class VOCDataset:
         split: name of the ``ImageSets/Segmentation`` list (ignored when ``list_file`` is given).
         list_file: optional ``<id> c1 c2 ...`` list; relative paths are taken as given (cwd).
         class_names: the ``C`` class names in index order (default :data:`VOC_CLASSES`).
-        skip_bad_images: drop ids whose image file is missing, with a logged warning, instead of raising.
+        skip_bad_images: drop ids whose image file is missing, truncated, not an image or otherwise
+            undecodable, with a logged warning naming each file, instead of raising (every image is then
+            decoded once at construction). Off, a missing file raises here and an undecodable one raises
+            :class:`DataError` naming the file when it is read.
 
     Raises:
         DataError: missing root / split list / list file, a malformed list line, a class index outside
@@ -150,6 +153,8 @@ class VOCDataset:
             log.warning("%s; skipping them (skip_bad_images=True)", msg)
             drop = set(missing)
             ids = [i for i in ids if i not in drop]
+        if skip_bad_images and ids:
+            ids = self._drop_unreadable(ids)
         self.ids: list[str] = ids
         self._xml = set(_list_stems(self.root / "Annotations", (".xml",)))
         self._cls_png = set(_list_stems(self.root / "SegmentationClass", (".png",)))
@@ -166,6 +171,20 @@ class VOCDataset:
         self._id_set = set(self.ids)
 
     # ------------------------------------------------------------------ construction helpers
+    def _drop_unreadable(self, ids: list[str]) -> list[str]:
+        """``ids`` without those whose image file cannot be decoded (truncated, not an image, ...),
+        one logged warning per dropped file plus a summary line."""
+        paths = [self.root / "JPEGImages" / self._image_names[i] for i in ids]
+        bad = unreadable_images(paths)
+        if not bad:
+            return ids
+        bad_paths = {p for p, _ in bad}
+        for _, fault in bad:
+            log.warning("skipping unreadable image (skip_bad_images=True): %s", fault)
+        kept = [i for i, p in zip(ids, paths) if p not in bad_paths]
+        log.warning("%s: skipped %d of %d image(s) that cannot be decoded", self._source, len(bad), len(ids))
+        return kept
+
     def _read_split(self, split: str) -> list[str]:
         sets = self.root / "ImageSets" / "Segmentation"
         path = sets / f"{split}.txt"
