@@ -111,9 +111,9 @@ def test_enospc_during_write_keeps_old_file(tmp_path, monkeypatch):
     write_json_atomic(target, {"v": 1})
     real_fdopen = os.fdopen
     monkeypatch.setattr(atomic.os, "fdopen", lambda fd, *a, **k: _FullDiskFile(real_fdopen(fd, *a, **k), 100))
-    with pytest.raises(OSError) as info:
+    with pytest.raises(ArtifactError) as info:
         write_json_atomic(target, {"v": list(range(1000))})
-    assert info.value.errno == errno.ENOSPC
+    assert info.value.errno == errno.ENOSPC and f"cannot write {target}" in str(info.value)
     monkeypatch.undo()
     assert json.loads(target.read_text()) == {"v": 1}
     assert _others(tmp_path, "out.json") == []
@@ -127,10 +127,10 @@ def test_enospc_at_fsync_keeps_old_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(atomic.os, "fsync", full_disk_fsync)
-    with pytest.raises(OSError) as info:
+    with pytest.raises(ArtifactError) as info:
         with atomic_write(target) as fh:
             fh.write(b"new")
-    assert info.value.errno == errno.ENOSPC
+    assert info.value.errno == errno.ENOSPC and "out.bin" in str(info.value)
     monkeypatch.undo()
     assert target.read_bytes() == b"old"
     assert _others(tmp_path, "out.bin") == []
@@ -210,3 +210,38 @@ def test_sigkill_mid_write_leaves_old_file_intact(tmp_path):
     # the orphaned temp file is hidden and named after the target
     leftovers = _others(tmp_path, "big.bin")
     assert len(leftovers) == 1 and leftovers[0].startswith(".big.bin.")
+
+
+_JSON_WRITER = textwrap.dedent(
+    """
+    import sys
+    from bestie.io.atomic import write_json_atomic
+    tag, shared, own = sys.argv[1], sys.argv[2], sys.argv[3]
+    for i in range(150):
+        payload = {"writer": tag, "i": i, "data": [tag] * 2000}
+        write_json_atomic(shared, payload)
+        write_json_atomic(own, payload)
+    """
+)
+
+
+def test_two_processes_writing_in_one_directory_never_corrupt_each_other(tmp_path):
+    """Two runs in one working directory: unique temp paths, so every read of the shared target is a
+    complete file of one writer and each run's own artifact is its own."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    shared = tmp_path / "shared.json"
+    procs = [subprocess.Popen([sys.executable, "-c", _JSON_WRITER, tag, str(shared), str(tmp_path / f"{tag}.json")],
+                              env=env) for tag in ("A", "B")]
+    reads = 0
+    while any(p.poll() is None for p in procs):
+        if shared.exists():
+            obj = json.loads(shared.read_text())  # never a half-written or interleaved file
+            assert obj["writer"] in ("A", "B") and obj["data"] == [obj["writer"]] * 2000
+            reads += 1
+        time.sleep(0.001)
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    assert reads > 0
+    for tag in ("A", "B"):
+        assert json.loads((tmp_path / f"{tag}.json").read_text()) == {"writer": tag, "i": 149, "data": [tag] * 2000}
+    assert json.loads(shared.read_text())["i"] == 149
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A.json", "B.json", "shared.json"]  # no temp left

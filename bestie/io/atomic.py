@@ -16,6 +16,7 @@ artifact is written through bestie.io.atomic").
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import stat
@@ -29,6 +30,9 @@ import numpy as np
 from bestie.errors import ArtifactError
 
 __all__ = ["atomic_write", "atomic_path", "write_json_atomic", "to_jsonable"]
+
+#: errno values meaning "the disk (or quota, or file size limit) is full": re-raised as ArtifactError.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 _WRITE_MODES = {"w", "wb", "wt", "w+", "wb+", "w+b", "wt+", "w+t"}
 
@@ -92,6 +96,14 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
 
 
+def _disk_full_error(exc: BaseException, target: Path) -> ArtifactError | None:
+    """An :class:`ArtifactError` naming ``target`` for a disk-full ``OSError`` (same errno), else None."""
+    if isinstance(exc, OSError) and not isinstance(exc, ArtifactError) and exc.errno in _DISK_FULL:
+        return ArtifactError(exc.errno, f"cannot write {target}: {exc.strerror or exc}; its previous content "
+                                        "(if any) is left intact")
+    return None
+
+
 def _commit(tmp: str, target: Path) -> None:
     """Set permissions on the finished temp file and rename it onto ``target``."""
     os.chmod(tmp, _final_mode(target))
@@ -116,7 +128,8 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
 
     Raises:
         ValueError: ``mode`` is not a write mode.
-        ArtifactError: the temporary file cannot be created next to ``path``.
+        ArtifactError: the temporary file cannot be created next to ``path``, or the disk is full
+            (``ENOSPC`` / ``EDQUOT`` / ``EFBIG``, errno kept; the message names ``path``).
     """
     if mode not in _WRITE_MODES:
         raise ValueError(f"atomic_write: mode must be a write mode such as 'wb' or 'w', got {mode!r}")
@@ -137,8 +150,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
             fh.flush()
             os.fsync(fh.fileno())
         _commit(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         _remove_quietly(tmp)
+        full = _disk_full_error(exc, target)
+        if full is not None:
+            raise full from exc
         raise
 
 
@@ -155,7 +171,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
     Raises:
         ArtifactError: the temporary file cannot be created, or the caller removed it, so that nothing
-            could be written to ``path`` (names the target).
+            could be written to ``path``, or the disk is full (``ENOSPC`` / ``EDQUOT`` / ``EFBIG``, errno
+            kept); the message names the target.
     """
     target = Path(path)
     fd, tmp = _make_temp(target)
@@ -171,8 +188,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         finally:
             os.close(sync_fd)
         _commit(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         _remove_quietly(tmp)
+        full = _disk_full_error(exc, target)
+        if full is not None:
+            raise full from exc
         raise
 
 
