@@ -1,9 +1,15 @@
 """Training engine: exact resume, NaN guard, weights_only checkpoints, schedules, sampler, JSON log."""
 
+import errno
 import json
 import math
 import os
 import random
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +26,8 @@ from bestie.engine import (
     infinite_loader,
     init_distributed,
     load_checkpoint,
+    partial_checkpoint_path,
+    read_checkpoint,
     sample_rng,
     save_checkpoint,
 )
@@ -203,3 +211,154 @@ def test_amp_is_noop_on_cpu():
         y = torch.nn.Linear(2, 2)(torch.ones(1, 2))
     assert y.dtype == torch.float32
     assert not create_grad_scaler("cpu", True).is_enabled()
+
+
+def test_partial_checkpoint_name_is_shared_and_not_a_pt_file(tmp_path):
+    assert partial_checkpoint_path(tmp_path / "classifier" / "pam.pt") == tmp_path / "classifier" / "pam.pt.partial"
+    assert partial_checkpoint_path("model.pt").name == "model.pt.partial"
+    from bestie.stages import train_bestie, train_classifier
+
+    for stage in (train_classifier, train_bestie):
+        assert stage.partial_checkpoint_path(tmp_path / "m.pt") == tmp_path / "m.pt.partial"
+
+
+class _Evil:
+    """Unpickling it calls ``os.makedirs(marker)``: what a hostile checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def _hostile_file(tmp_path, wrap):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "foreign.pt"
+    torch.save(wrap({"weight": torch.zeros(2, 2), "payload": _Evil(marker)}), path)
+    return path, marker
+
+
+@pytest.mark.parametrize("reader", ["engine", "backbones", "maskrcnn", "affinity"])
+def test_foreign_checkpoint_with_pickle_payload_is_refused_unexecuted(tmp_path, reader):
+    from bestie.errors import WeightsError
+    from bestie.models import backbones, maskrcnn
+
+    path, marker = _hostile_file(tmp_path, lambda sd: {"model": sd, "state_dict": sd, "format": "x"})
+    if reader == "engine":
+        with pytest.raises(ArtifactError, match=r"foreign\.pt.*weights_only=True"):
+            read_checkpoint(path)
+    elif reader == "backbones":
+        with pytest.raises(WeightsError, match=r"foreign\.pt.*weights_only=True"):
+            backbones.load_state_dict_file(path)
+    elif reader == "maskrcnn":
+        with pytest.raises(WeightsError, match=r"foreign\.pt.*weights_only=True"):
+            maskrcnn.load_state_dict_file(path)
+    else:
+        from bestie.wsss.affinity import load_affinity_checkpoint
+
+        with pytest.raises(ArtifactError, match=r"foreign\.pt"):
+            load_affinity_checkpoint(path, None)
+    assert not marker.exists()  # the payload never ran
+    torch.load(path, weights_only=False)  # the file really is hostile: a full unpickle runs the payload
+    assert marker.is_dir()
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, model, iteration=1)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def full_disk_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)  # bytes reach the temp file, then the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(ArtifactError, match=r"ck\.pt") as info:
+        save_checkpoint(path, model, iteration=2)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert path.read_bytes() == before and read_checkpoint(path)["iteration"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no temp file left
+
+
+_TRAINER = textwrap.dedent(
+    """
+    import sys, time
+    import torch
+    from bestie import engine
+
+    out, total, slow = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+    torch.set_num_threads(1)
+
+    class Data(torch.utils.data.Dataset):
+        def __init__(self):
+            g = torch.Generator().manual_seed(123)
+            self.x, self.y = torch.randn(13, 4, generator=g), torch.randn(13, 2, generator=g)
+        def __len__(self):
+            return 13
+        def __getitem__(self, key):
+            noise = torch.from_numpy(engine.sample_rng(key, seed=7).normal(0, 0.1, 4)).float()
+            return self.x[key[0]] + noise, self.y[key[0]]
+
+    engine.seed_everything(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(8, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    sched = engine.WarmupPolyLR(opt, warmup_iters=3, max_iters=total)
+    sampler = engine.ResumableSampler(13, seed=5)
+    loader = torch.utils.data.DataLoader(Data(), batch_size=3, sampler=sampler, generator=torch.Generator())
+    partial = engine.partial_checkpoint_path(out)
+    start = engine.load_checkpoint(partial, model, opt, sched)["iteration"] if partial.is_file() else 0
+    stream = engine.infinite_loader(loader, sampler, start_iteration=start)
+    model.train()
+    for it in range(start, total):
+        x, y = next(stream)
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        engine.check_finite({"loss": loss}, it)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        engine.save_checkpoint(partial, model, opt, sched, iteration=it + 1)
+        print(it + 1, flush=True)
+        if slow:
+            time.sleep(0.3)
+    engine.save_checkpoint(out, model, iteration=total)
+    partial.unlink()
+    """
+)
+
+
+def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) + os.pathsep
+               + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+
+    def train(out, slow):
+        return subprocess.Popen([sys.executable, "-c", _TRAINER, str(out), "12", slow], env=env,
+                                stdout=subprocess.PIPE, text=True)
+
+    straight = tmp_path / "a" / "model.pt"
+    assert train(straight, "0").wait(timeout=300) == 0
+    out = tmp_path / "b" / "model.pt"
+    proc = train(out, "1")
+    try:
+        for line in proc.stdout:  # kill once the checkpoint of iteration 4 is on disk
+            if int(line) >= 4:
+                break
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    partial = partial_checkpoint_path(out)
+    assert not out.exists()  # no final artifact from the killed run
+    done = read_checkpoint(partial)["iteration"]  # the partial checkpoint is complete and loadable
+    assert 4 <= done < 12
+    assert all(p.name.startswith(".") for p in out.parent.iterdir() if p != partial)  # at most a hidden temp
+    assert train(out, "0").wait(timeout=300) == 0  # the rerun resumes from it ...
+    assert not partial.exists()
+    a, b = read_checkpoint(straight), read_checkpoint(out)
+    assert a["iteration"] == b["iteration"] == 12
+    for k, v in a["model"].items():  # ... and ends with exactly the uninterrupted run's weights
+        assert torch.equal(v, b["model"][k]), k
