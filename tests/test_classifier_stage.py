@@ -259,3 +259,42 @@ def test_images_without_labels_are_negatives():
     x, y = ts[(1, 0)]
     assert x.shape == (3, 32, 32) and y.tolist() == [0, 0, 0, 0]  # all-negative target, still a sample
     assert ts[(0, 0)][1].tolist() == [0, 1, 0, 1]
+
+
+def test_configured_weights_missing_or_mismatched_fail_before_training(demo, tmp_path):
+    from bestie.errors import WeightsError
+    from bestie.models.backbones import create_backbone
+
+    out, log = tmp_path / "run" / "pam.pt", tmp_path / "run" / "log.jsonl"
+    with pytest.raises(WeightsError, match=r"nowhere/lite0\.pth"):
+        tc.run(_cfg(weights=str(tmp_path / "nowhere" / "lite0.pth")), demo, out, log, device="cpu")
+    assert not out.parent.exists()  # nothing written: no log, no partial, no checkpoint
+    state = create_backbone("tf_efficientnet_lite0", None, warn_random=False).body.state_dict()
+    state["conv_stem.weight"] = torch.zeros(5, 3, 3, 3)  # 5 output channels instead of 32
+    bad = tmp_path / "bad_lite0.pth"
+    torch.save(state, bad)
+    with pytest.raises(WeightsError, match=r"bad_lite0\.pth.*conv_stem\.weight"):
+        tc.run(_cfg(weights=str(bad)), demo, out, log, device="cpu")
+    assert not out.parent.exists()
+
+
+def test_one_image_with_an_odd_id_and_more_workers_than_images(tmp_path):
+    from bestie.data import generate_demo_dataset
+
+    root = tmp_path / "tiny"
+    generate_demo_dataset(root, num_train=1, num_val=0, image_size=(64, 80), seed=3)
+    odd = "Ünï-001.a_b(2)"  # not the YYYY_NNNNNN form; a dot, non-ASCII letters, brackets
+    for sub, ext in (("JPEGImages", ".jpg"), ("Annotations", ".xml"), ("SegmentationClass", ".png"),
+                     ("SegmentationObject", ".png")):
+        (root / sub / f"demo_0001{ext}").rename(root / sub / f"{odd}{ext}")
+    (root / "ImageSets/Segmentation/train.txt").write_text(odd + "\n")
+    ds_cfg = {"format": "voc", "root": str(root), "split": "train", "classes": ["disc", "square", "triangle"]}
+    out = tmp_path / "run" / "pam.pt"
+    tc.run(_cfg(epochs=2, batch_size=2, num_workers=2, checkpoint_every=1, lr_steps=()), ds_cfg, out,
+           tmp_path / "run" / "log.jsonl", device="cpu")
+    ck = torch.load(out, map_location="cpu", weights_only=True)
+    assert ck["iteration"] == 2 and ck["extra"]["num_images"] == 1  # one batch of one image per epoch
+    assert not tc.partial_checkpoint_path(out).exists()
+    lines = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [l["loss"] for l in lines if "loss" in l and "event" not in l]
+    assert len(losses) == 2 and all(np.isfinite(losses))
