@@ -238,6 +238,9 @@ def test_kill_resume_matches_straight_run_and_names_checkpoints(inputs, tmp_path
     train = [r for r in recs if r["event"] == "train"]
     assert [r["iteration"] for r in train] == [1, 2, 3, 4]
     assert all(r["refined"] == 1.0 for r in train)  # refine_iter 0: refinement from the first iteration
+    # 4 iterations x batch 2 = 2 epochs of the 4 images: the image with the off-image point is loaded
+    # twice, and its dropped point is counted in the log each time
+    assert sum(r["points_dropped"] for r in train) == 2
     vals = [r for r in recs if r["event"] == "val"]
     assert [r["iteration"] for r in vals] == [2, 4] and all(r["num_images"] == 2 for r in vals)
     best_path = tb.best_checkpoint_path(a_ckpt)
