@@ -298,3 +298,26 @@ def test_one_image_with_an_odd_id_and_more_workers_than_images(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     losses = [l["loss"] for l in lines if "loss" in l and "event" not in l]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_final_log_holds_held_out_classification_map(tmp_path):
+    from bestie.data import build_dataset, generate_demo_dataset
+
+    torch.set_num_threads(1)
+    root = tmp_path / "demo"
+    generate_demo_dataset(root, num_train=4, num_val=3, image_size=(64, 80), seed=2)
+    ds_cfg = {"format": "voc", "root": str(root), "train_split": "train", "eval_split": "val",
+              "classes": ["disc", "square", "triangle"]}
+    cfg = _cfg(epochs=1, checkpoint_every=0)
+    out = tmp_path / "dense.pt"
+    tc.run(cfg, ds_cfg, out, tmp_path / "log.jsonl", device="cpu")
+    final = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    ck = torch.load(out, map_location="cpu", weights_only=True)
+    # recomputed independently on the 3 val images from the saved weights
+    model = tc.build_model(cfg, 3, load_weights=False)
+    model.load_state_dict(ck["model"])
+    val = build_dataset(ds_cfg, split="val")
+    assert len(val.ids) == 3
+    expected = tc._evaluate_map(model, val, cfg, model.mean, model.std, torch.device("cpu"))
+    assert final["val_mAP"] == pytest.approx(expected) and ck["extra"]["val_mAP"] == pytest.approx(expected)
+    assert 0 <= expected <= 100

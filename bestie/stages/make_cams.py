@@ -21,7 +21,8 @@ Outputs:
   ``classes`` int16 ``(K,)``, attr ``image_size = (H, W)``; file attrs: the stage config, ``out_stride``,
   ``use_pam``, ``checkpoint``, ``class_names``.
 - ``out_points`` (HDF5, optional): per id ``points`` float32 ``(N, 4)`` ``x, y, class, conf``.
-- ``out_diagnostics`` (JSON): ``miou_per_threshold``, ``best_threshold``, ``best_mIoU`` (percent),
+- ``out_diagnostics`` (JSON): ``classification_mAP`` (percent, ``train`` / ``val`` from the classifier
+  checkpoint; ``val`` is None without an ``eval_split``), ``miou_per_threshold``, ``best_threshold``, ``best_mIoU`` (percent),
   ``best_IoU`` (per label, background first), baselines ``all_background`` and ``largest_class`` (every
   pixel = the image's present class with the largest GT area), and with points ``peaks``:
   ``instances_one_peak`` (share of GT instances holding exactly one peak of their class with
@@ -337,6 +338,7 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path, out_ca
     diag: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "use_pam": use_pam,
+        "classification_mAP": {"train": extra.get("train_mAP"), "val": extra.get("val_mAP")},
         "config": to_dict(cfg),
         "num_images": len(ds.ids),
         "num_scored": n_scored,

@@ -14,14 +14,15 @@ Files:
 
 - ``out_checkpoint`` (written atomically at the very end): ``{"model": state dict, "extra": {"kind":
   "cam_classifier", "config": ClassifierConfig as dict, "num_classes", "class_names", "mean", "std",
-  "stride", "train_mAP"}, ...}``, loadable with ``torch.load(weights_only=True)``.
+  "stride", "train_mAP", "val_mAP"}, ...}``, loadable with ``torch.load(weights_only=True)``.
 - :func:`partial_checkpoint_path` ``(out_checkpoint)`` = ``<out_checkpoint>.partial`` (e.g. ``pam.pt.partial``,
   the convention of :func:`bestie.engine.partial_checkpoint_path` shared by every training stage):
   full training state every ``checkpoint_every`` iterations; a rerun resumes from it; removed once the
   final checkpoint exists.
 - ``out_log``: JSON lines: one per iteration (``iteration``, ``epoch``, ``loss``, ``lr``, ``time``), one
   per epoch (``epoch_end``, mean loss, ``train_mAP_running`` on the augmented batches), and a final one
-  (``final``: ``train_mAP`` of the trained model on the whole split, eval mode, no augmentation).
+  (``final``: ``train_mAP`` of the trained model on the whole split and ``val_mAP`` on the dataset's
+  ``eval_split`` (None without one), eval mode, no augmentation).
 """
 
 from __future__ import annotations
@@ -281,6 +282,20 @@ def _evaluate_map(model: torch.nn.Module, ds: Any, cfg: ClassifierConfig, mean, 
     return _mean_ap(np.stack(scores), np.stack(labels)) if scores else None
 
 
+def _held_out_map(model: torch.nn.Module, dataset_cfg: Mapping[str, Any], cfg: ClassifierConfig, mean, std,
+                  device) -> float | None:
+    """Classification mAP (percent) on the held-out split ``dataset_cfg["eval_split"]``; None when no
+    ``eval_split`` is configured, it is the training split, or it has no images."""
+    from bestie.data import build_dataset
+
+    split = dataset_cfg.get("eval_split")
+    train_split = dataset_cfg.get("split") or dataset_cfg.get("train_split") or "train"
+    if not split or split == train_split:
+        return None
+    ds = build_dataset(dataset_cfg, split=split)
+    return _evaluate_map(model, ds, cfg, mean, std, device) if ds.ids else None
+
+
 def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: Path, out_log: Path,
         device: str | None = None) -> None:
     """Train the classifier on the dataset's split (``dataset_cfg["split"]``) and write its checkpoint.
@@ -408,12 +423,15 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
     final_map = None
     if dist.is_main:
         final_map = _evaluate_map(unwrap_model(model), ds, cfg, mean, std, dist.device)
+        val_map = _held_out_map(unwrap_model(model), dataset_cfg, cfg, mean, std, dist.device)
         meta["train_mAP"] = final_map
+        meta["val_mAP"] = val_map
         meta["train_seconds"] = train_seconds
         save_checkpoint(out_checkpoint, model, None, None, None, max_iter, meta, rank=0)
         partial.unlink(missing_ok=True)
-        jlog.write(event="final", iteration=max_iter, train_mAP=final_map, seconds=train_seconds)
-        log.info("classifier %s: train mAP %.1f, %.0f s", out_checkpoint, final_map or float("nan"), train_seconds)
+        jlog.write(event="final", iteration=max_iter, train_mAP=final_map, val_mAP=val_map, seconds=train_seconds)
+        log.info("classifier %s: train mAP %.1f, %s mAP %s, %.0f s", out_checkpoint, final_map or float("nan"),
+                 dataset_cfg.get("eval_split"), "-" if val_map is None else f"{val_map:.1f}", train_seconds)
     jlog.close()
     if dist.is_distributed:
         torch.distributed.barrier()
