@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/bestie show-metrics results/demo/metrics.json
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not demo"
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
