@@ -115,7 +115,8 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str
     wall time also counts the waits for a core, the CPU time does not.
 
     Returns:
-        ``{"median_s", "min_s", "cpu_median_s", "runs_s" (list), "repeats", "warmup"}``; seconds.
+        ``{"median_s", "min_s", "cpu_median_s", "cpu_min_s", "runs_s" (list), "repeats", "warmup"}``;
+        seconds.
 
     Raises:
         ValueError: ``repeats < 1``.
@@ -131,9 +132,10 @@ def time_calls(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> dict[str
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return {
-        "median_s": round(statistics.median(wall), 4),
-        "min_s": round(min(wall), 4),
-        "cpu_median_s": round(statistics.median(cpu), 4),
+        "median_s": round(statistics.median(wall), 6),
+        "min_s": round(min(wall), 6),
+        "cpu_median_s": round(statistics.median(cpu), 6),
+        "cpu_min_s": round(min(cpu), 6),
         "runs_s": [round(w, 4) for w in wall],
         "repeats": repeats,
         "warmup": warmup,

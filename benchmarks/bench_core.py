@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -27,6 +25,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import time_calls  # noqa: E402
 from bestie.postprocess import get_instances  # noqa: E402
 from bestie.refine import refine_targets  # noqa: E402
 from bestie.targets import make_pseudo_instance_labels  # noqa: E402
@@ -51,21 +50,14 @@ def scene(height: int, width: int):
 
 
 def _time(fn, repeats: int, warmup: int = 2):
-    """Wall time and CPU time (``time.process_time``, this process only: on a shared, oversubscribed
-    machine the wall time also counts the time spent waiting for a core) of ``fn``, in ms."""
-    for _ in range(warmup):
-        fn()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        c0, t0 = time.process_time(), time.perf_counter()
-        fn()
-        wall.append((time.perf_counter() - t0) * 1e3)
-        cpu.append((time.process_time() - c0) * 1e3)
+    """:func:`benchmarks.time_calls` of ``fn`` in ms (CPU time = this process only: on a shared,
+    oversubscribed machine the wall time also counts the time spent waiting for a core)."""
+    t = time_calls(fn, repeats, warmup)
     return {
-        "min_ms": round(min(wall), 3),
-        "median_ms": round(statistics.median(wall), 3),
-        "cpu_min_ms": round(min(cpu), 3),
-        "cpu_median_ms": round(statistics.median(cpu), 3),
+        "min_ms": round(t["min_s"] * 1e3, 3),
+        "median_ms": round(t["median_s"] * 1e3, 3),
+        "cpu_min_ms": round(t["cpu_min_s"] * 1e3, 3),
+        "cpu_median_ms": round(t["cpu_median_s"] * 1e3, 3),
         "repeats": repeats,
     }
 
