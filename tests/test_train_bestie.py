@@ -238,6 +238,8 @@ def test_kill_resume_matches_straight_run_and_names_checkpoints(inputs, tmp_path
     train = [r for r in recs if r["event"] == "train"]
     assert [r["iteration"] for r in train] == [1, 2, 3, 4]
     assert all(r["refined"] == 1.0 for r in train)  # refine_iter 0: refinement from the first iteration
+    assert all(0.0 <= r["refined_pixel_share"] <= 1.0 for r in train)
+    assert summary["refinement"]["iterations_run"] == 4
     # 4 iterations x batch 2 = 2 epochs of the 4 images: the image with the off-image point is loaded
     # twice, and its dropped point is counted in the log each time
     assert sum(r["points_dropped"] for r in train) == 2
@@ -298,6 +300,27 @@ def test_kill_resume_matches_straight_run_and_names_checkpoints(inputs, tmp_path
     model, extra = load_bestie_model(b_ckpt)
     assert extra["kind"] == "last" and extra["class_names"] == list(DEMO_CLASSES)
     assert model(torch.zeros(1, 3, 32, 32))["seg"].shape == (1, 4, 32, 32)
+
+
+def test_inert_refinement_is_logged_and_warned(inputs, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A centre head that never reaches center_threshold_refine gives no refined target: the run says so."""
+    from bestie.stages import train_bestie as tb
+
+    ds_cfg, wsss, points = inputs
+    cfg = _tiny_cfg(max_iters=3, val_every=0, val_split=None, checkpoint_every=10, center_threshold_refine=1e6,
+                    refine_iter=1)
+    ckpt, log = tmp_path / "model.pt", tmp_path / "log.jsonl"
+    with caplog.at_level("WARNING", logger="bestie.stages.train_bestie"):
+        summary = tb.run(cfg, ds_cfg, wsss, points, ckpt, log, device="cpu")
+    # iteration 0 is before refine_iter; iterations 1 and 2 refine but find no centre above 1e6
+    assert summary["refinement"] == {"iterations_run": 2, "iterations_with_targets": 0}
+    train = [r for r in _records(log) if r["event"] == "train"]
+    assert [r["refined"] for r in train] == [0.0, 1.0, 1.0]
+    assert [r["refined_pixel_share"] for r in train] == [0.0, 0.0, 0.0]
+    # the refined terms are 0, so the total carries half the pseudo centre loss
+    assert all(r["center_refined"] == 0.0 for r in train[1:])
+    assert all(r["center"] == pytest.approx(0.5 * r["center_pseudo"]) for r in train[1:])
+    assert any("never produced a refined target" in m for m in caplog.messages)
 
 
 def test_predict_instances_stage(inputs, tmp_path: Path) -> None:

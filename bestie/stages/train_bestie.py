@@ -53,6 +53,9 @@ __all__ = ["BestieConfig", "best_checkpoint_path", "partial_checkpoint_path", "t
 log = logging.getLogger(__name__)
 
 # Config keys that may change between a killed run and its resumption without changing the result.
+# Per-iteration values of train_step that are diagnostics, not losses (no NaN guard).
+_DIAGNOSTIC_KEYS = {"refined", "refined_pixel_share"}
+
 _RESUME_FREE_KEYS = {"num_workers", "checkpoint_every", "log_every", "val_every", "val_max_images", "val_split"}
 
 
@@ -203,7 +206,8 @@ def train_step(
 
     Returns:
         The loss dict of ``loss_fn`` (scalar tensors incl. ``"total"``) plus ``"refined"`` (1.0 when the
-        refined targets were used, else 0.0).
+        refined targets were used, else 0.0) and ``"refined_pixel_share"`` (share in ``[0, 1]`` of the batch's
+        pixels with a positive refined weight; 0.0 without refinement).
     """
     from bestie.refine import refine_targets
 
@@ -226,6 +230,11 @@ def train_step(
             )
     losses = dict(loss_fn(out, pseudo, refined, semantic))
     losses["refined"] = torch.tensor(1.0 if refined is not None else 0.0, device=device)
+    # Share of the batch's pixels that carry a refined target: 0 while the centre head stays below
+    # center_threshold_refine (image setting), in which case the refined terms are 0 and only halve the
+    # pseudo terms, as in the public code. Logged so that an inert refinement is visible.
+    losses["refined_pixel_share"] = ((refined["weight"] > 0).float().mean() if refined is not None
+                                     else torch.zeros((), device=device))
     return losses
 
 
@@ -393,6 +402,7 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     sums: dict[str, float] = {}
     n_sum = 0
     inst_sum = drop_sum = 0
+    refine_ran = refine_hit = 0  # iterations (of this process, since its start) with refinement / with a target
     t_last = time.time()
     bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="bestie", disable=not dist.is_main,
                mininterval=5.0 if sys.stderr.isatty() else 60.0)
@@ -400,7 +410,7 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     for it in range(start_iter, cfg.max_iters):
         batch = next(data_iter)
         losses = train_step(ddp_model, batch, loss_fn, cfg, it, dev, amp=use_amp)
-        engine.check_finite({k: v for k, v in losses.items() if k != "refined"}, it)
+        engine.check_finite({k: v for k, v in losses.items() if k not in _DIAGNOSTIC_KEYS}, it)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(losses["total"]).backward()
         scaler.step(optimizer)
@@ -409,6 +419,8 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
         for k, v in losses.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach())
         n_sum += 1
+        refine_ran += int(losses["refined"] > 0)
+        refine_hit += int(losses["refined_pixel_share"] > 0)
         inst_sum += int(batch["num_instances"].sum())
         drop_sum += int(batch["points_dropped"].sum())
         bar.update(1)
@@ -442,6 +454,12 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
         partial.unlink()
     summary = {"iterations": done, "resumed_from": start_iter, "checkpoint": str(out_checkpoint),
                "best_checkpoint": str(best_path) if best["iteration"] is not None else None, "best": best,
-               "skipped_empty_labels": train_ds.num_skipped_empty}
+               "skipped_empty_labels": train_ds.num_skipped_empty,
+               "refinement": {"iterations_run": refine_ran, "iterations_with_targets": refine_hit}}
+    if dist.is_main and refine_ran and not refine_hit:
+        log.warning("self-refinement ran in %d iterations but never produced a refined target: the centre head "
+                    "stayed below center_threshold_refine=%s (the refined terms were 0 and halved the pseudo "
+                    "centre/offset losses). Train longer, lower bestie.center_threshold_refine, or set "
+                    "bestie.refine_iter later / bestie.refine false.", refine_ran, cfg.center_threshold_refine)
     jlog.write(event="end", **summary)
     return summary
