@@ -52,10 +52,10 @@ __all__ = ["BestieConfig", "best_checkpoint_path", "partial_checkpoint_path", "t
 
 log = logging.getLogger(__name__)
 
-# Config keys that may change between a killed run and its resumption without changing the result.
 # Per-iteration values of train_step that are diagnostics, not losses (no NaN guard).
 _DIAGNOSTIC_KEYS = {"refined", "refined_pixel_share"}
 
+# Config keys that may change between a killed run and its resumption without changing the result.
 _RESUME_FREE_KEYS = {"num_workers", "checkpoint_every", "log_every", "val_every", "val_max_images", "val_split"}
 
 
@@ -416,11 +416,12 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
-        for k, v in losses.items():
-            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        values = {k: float(v.detach()) for k, v in losses.items()}
+        for k, v in values.items():
+            sums[k] = sums.get(k, 0.0) + v
         n_sum += 1
-        refine_ran += int(losses["refined"] > 0)
-        refine_hit += int(losses["refined_pixel_share"] > 0)
+        refine_ran += values["refined"] > 0
+        refine_hit += values["refined_pixel_share"] > 0
         inst_sum += int(batch["num_instances"].sum())
         drop_sum += int(batch["points_dropped"].sum())
         bar.update(1)
