@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from bestie.errors import DataError
 
-__all__ = ["compute_cams", "normalize_image", "cam_output_size"]
+__all__ = ["compute_cams", "average_cams", "normalize_image", "cam_output_size"]
 
 
 def cam_output_size(height: int, width: int, out_stride: int = 1) -> tuple[int, int]:
@@ -110,3 +110,32 @@ def compute_cams(
             total += maps[0]
     total /= total.amax(dim=(1, 2), keepdim=True) + 1e-5
     return total.cpu().numpy().astype(np.float32, copy=False)
+
+
+def average_cams(cams: Sequence[np.ndarray]) -> np.ndarray:
+    """CAMs of an ensemble: the members' max-normalised CAMs summed and divided again by the maximum.
+
+    Each member's map counts equally whatever the scale of its logits (the IRN multi-scale sum, taken over
+    models instead of scales). One member is returned unchanged. Not in the BESTIE paper: our dense
+    classifier's seed noise on small data is the reason (``ClassifierConfig.ensemble_seeds``).
+
+    Args:
+        cams: ``M >= 1`` arrays ``(K, h, w)`` float32 in ``[0, 1)`` of the same image and classes
+            (:func:`compute_cams` outputs).
+
+    Returns:
+        ``(K, h, w)`` float32 in ``[0, 1)``, each map divided by its maximum + 1e-5.
+
+    Raises:
+        ValueError: no member, or members of different shapes.
+    """
+    if not len(cams):
+        raise ValueError("average_cams: no CAMs to average")
+    if len({c.shape for c in cams}) != 1:
+        raise ValueError(f"average_cams: members differ in shape: {[c.shape for c in cams]}")
+    if len(cams) == 1:
+        return cams[0]
+    total = np.sum(np.stack(cams).astype(np.float32, copy=False), axis=0)
+    if total.shape[0]:
+        total /= total.reshape(total.shape[0], -1).max(axis=1)[:, None, None] + 1e-5
+    return total

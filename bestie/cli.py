@@ -63,7 +63,7 @@ def _cmd_make_cams(a: argparse.Namespace) -> None:
     st.run(
         cfg,
         a.dataset,
-        Path(a.checkpoint),
+        [Path(c) for c in a.checkpoint],
         Path(a.out_cams),
         Path(a.out_points) if a.out_points else None,
         Path(a.out_diagnostics),
@@ -193,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-log", required=True)
 
     p = add("make-cams", _cmd_make_cams, "stage 2: CAMs, peak points and their diagnostics", device=True)
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="classifier checkpoint; several = an ensemble whose CAMs are averaged")
     p.add_argument("--out-cams", required=True)
     p.add_argument("--out-points")
     p.add_argument("--out-diagnostics", required=True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bestie.cam import cam_output_size, compute_cams, normalize_image
+from bestie.cam import average_cams, cam_output_size, compute_cams, normalize_image
 from bestie.errors import DataError
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -127,3 +127,18 @@ def test_all_negative_map_stays_zero_and_bad_input():
         compute_cams(Neg(), np.zeros((8, 8), np.uint8), [0], MEAN, STD)
     with pytest.raises(DataError):
         compute_cams(Neg(), _image(8, 8), [5], MEAN, STD)
+
+
+def test_average_cams_of_an_ensemble_by_hand():
+    a = np.array([[[0.5, 1.0]], [[0.0, 0.0]]], np.float32)  # 2 classes, 1 x 2 maps; class 1 all zero
+    b = np.array([[[1.0, 0.0]], [[0.2, 0.4]]], np.float32)
+    got = average_cams([a, b])
+    # class 0: (1.5, 1.0) / 1.5; class 1: (0.2, 0.4) / 0.4 (each divided by its max + 1e-5)
+    np.testing.assert_allclose(got[0, 0], [1.5 / (1.5 + 1e-5), 1.0 / (1.5 + 1e-5)], rtol=1e-6)
+    np.testing.assert_allclose(got[1, 0], [0.2 / (0.4 + 1e-5), 0.4 / (0.4 + 1e-5)], rtol=1e-6)
+    assert average_cams([a]) is a  # one member: unchanged
+    assert average_cams([a[:0], b[:0]]).shape == (0, 1, 2)
+    with pytest.raises(ValueError, match="shape"):
+        average_cams([a, b[:1]])
+    with pytest.raises(ValueError, match="no CAMs"):
+        average_cams([])

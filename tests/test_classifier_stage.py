@@ -188,6 +188,52 @@ def test_make_cams_outputs_and_scores(demo, tmp_path):
         mc.load_classifier(dense, torch.device("cpu"), output_stride=32)
 
 
+def test_make_cams_of_an_ensemble_averages_its_members(demo, tmp_path):
+    torch.set_num_threads(1)
+    from bestie.cam import average_cams
+    from bestie.errors import ArtifactError
+    from bestie.io.h5store import H5Reader
+
+    members = []
+    for seed in (1, 2):
+        ckpt = tmp_path / f"dense_seed{seed}.pt"
+        tc.run(_cfg(epochs=1, use_pam=False, checkpoint_every=0, seed=seed), demo, ckpt,
+               tmp_path / f"log{seed}.jsonl", device="cpu")
+        members.append(ckpt)
+    cfg = mc.CamConfig(out_stride=1, overlays=0)
+
+    def cams(checkpoint, name):
+        mc.run(cfg, demo, checkpoint, tmp_path / f"{name}.h5", None, tmp_path / f"{name}.json", None, device="cpu")
+        with H5Reader(tmp_path / f"{name}.h5") as r:
+            return {i: r.read(i)["cams"].astype(np.float32) for i in r.ids()}, json.loads(
+                (tmp_path / f"{name}.json").read_text())
+
+    (one, d1), (two, d2) = cams(members[0], "one"), cams(members[1], "two")
+    ens, diag = cams(members, "ens")
+    assert diag["checkpoint"] == [str(m) for m in members] and d1["checkpoint"] == str(members[0])
+    assert diag["classification_mAP"]["train"] == pytest.approx(
+        (d1["classification_mAP"]["train"] + d2["classification_mAP"]["train"]) / 2)
+    differs = False
+    for img_id, got in ens.items():
+        # out_stride 1: the stored CAMs are the full-resolution ones (float16)
+        np.testing.assert_allclose(got, average_cams([one[img_id], two[img_id]]), atol=2e-3)
+        differs |= bool(got.size) and not np.allclose(one[img_id], two[img_id], atol=1e-2)
+    assert differs  # the seeds gave different members, so the average is not a copy of one
+
+    pam = tmp_path / "pam.pt"
+    tc.run(_cfg(epochs=1, checkpoint_every=0), demo, pam, tmp_path / "pam.jsonl", device="cpu")
+    with pytest.raises(ArtifactError, match="differ in classes or in PAM use"):
+        mc.run(cfg, demo, [members[0], pam], tmp_path / "bad.h5", None, tmp_path / "bad.json", None, device="cpu")
+    assert not (tmp_path / "bad.h5").exists()
+
+
+def test_ensemble_seeds_must_be_distinct_and_several():
+    assert tc.ClassifierConfig(ensemble_seeds=(1, 2)).ensemble_seeds == (1, 2)
+    for bad in ((5,), (1, 1)):
+        with pytest.raises(ConfigError, match="ensemble_seeds"):
+            tc.ClassifierConfig(ensemble_seeds=bad)
+
+
 def test_peak_quality_counts_by_hand():
     masks = np.zeros((2, 10, 10), bool)
     masks[0, :5, :5] = True

@@ -53,7 +53,11 @@ def test_presets_exist():
 @pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
 def test_dry_run_lists_every_stage(preset: Path, workdir: Path, tmp_path: Path):
     proc = snakemake(workdir, "-n", "--configfile", str(_preset_config(preset, tmp_path)))
-    assert planned_jobs(proc.stdout) == IMAGE_SETTING_JOBS
+    expected = dict(IMAGE_SETTING_JOBS)
+    members = len(yaml.safe_load(preset.read_text())["classifier_dense"].get("ensemble_seeds") or [])
+    if members:  # the dense classifier is an ensemble: one member job per seed instead of dense.pt
+        expected.update(train_classifier=1, train_classifier_member=members)
+    assert planned_jobs(proc.stdout) == expected
 
 
 def test_demo_dry_run_generates_data_first(workdir: Path):
@@ -93,3 +97,17 @@ def test_schema_violation_fails_before_any_job_naming_the_key(workdir: Path, tmp
     assert key in text
     assert "Job stats" not in text
     assert not (workdir / "results").exists()
+
+
+def test_dense_ensemble_trains_one_member_per_seed_and_averages_them(workdir: Path, tmp_path: Path):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["classifier_dense"]["ensemble_seeds"] = [7, 11]
+    proc = snakemake(workdir, "-n", "-p", "--configfile", str(write_config(tmp_path / "ens.yaml", cfg)))
+    jobs = planned_jobs(proc.stdout)
+    assert jobs["train_classifier"] == 1 and jobs["train_classifier_member"] == 2 and jobs["make_cams"] == 2
+    assert "results/demo/classifier/dense.pt" not in proc.stdout
+    for seed in (7, 11):  # each member trains with its own seed
+        assert f"results/demo/classifier/dense_seed{seed}.pt" in proc.stdout
+        assert f'"seed":{seed}' in proc.stdout
+    cams = next(line for line in proc.stdout.splitlines() if "make-cams" in line and "dense_cams.h5" in line)
+    assert "--checkpoint results/demo/classifier/dense_seed7.pt results/demo/classifier/dense_seed11.pt" in cams

@@ -6,7 +6,8 @@ a plain CAM checkpoint gives the dense CAMs that the WSSS stage turns into seman
 Per image (the dataset's split, in id order, one image in memory at a time):
 
 1. CAMs of the image's labelled classes at full image resolution (:func:`bestie.cam.compute_cams`:
-   scales, flip TTA, normalised by the max);
+   scales, flip TTA, normalised by the max); with several checkpoints (an ensemble) the members' CAMs
+   averaged and normalised again (:func:`bestie.cam.average_cams`);
 2. peaks on those full-resolution CAMs (:func:`bestie.peaks.extract_peaks`), so ``x, y`` are pixels of
    the original image and the 15 px window is the reference's;
 3. the CAMs stored at ``out_stride`` (area-averaged, ``ceil(H / s) x ceil(W / s)``) as float16;
@@ -19,10 +20,10 @@ Outputs:
 
 - ``out_cams`` (HDF5, :class:`bestie.io.h5store.H5Writer`): per id ``cams`` float16 ``(K, h, w)``,
   ``classes`` int16 ``(K,)``, attr ``image_size = (H, W)``; file attrs: the stage config, ``out_stride``,
-  ``use_pam``, ``checkpoint``, ``class_names``.
+  ``use_pam``, ``checkpoint`` (a list for an ensemble), ``class_names``.
 - ``out_points`` (HDF5, optional): per id ``points`` float32 ``(N, 4)`` ``x, y, class, conf``.
 - ``out_diagnostics`` (JSON): ``classification_mAP`` (percent, ``train`` / ``val`` from the classifier
-  checkpoint; ``val`` is None without an ``eval_split``), ``miou_per_threshold``, ``best_threshold``, ``best_mIoU`` (percent),
+  checkpoint, the members' mean for an ensemble; ``val`` is None without an ``eval_split``), ``miou_per_threshold``, ``best_threshold``, ``best_mIoU`` (percent),
   ``best_IoU`` (per label, background first), baselines ``all_background`` and ``largest_class`` (every
   pixel = the image's present class with the largest GT area), and with points ``peaks``:
   ``instances_one_peak`` (share of GT instances holding exactly one peak of their class with
@@ -238,7 +239,7 @@ def _draw_overlay(image: np.ndarray, cams: np.ndarray, points: np.ndarray | None
     return out
 
 
-def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path, out_cams: Path,
+def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Sequence[Path], out_cams: Path,
         out_points: Path | None, out_diagnostics: Path, out_overlay_dir: Path | None,
         device: str | None = None) -> None:
     """Compute and store CAMs (and peak points) of every image of the dataset's split, with diagnostics.
@@ -246,18 +247,21 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path, out_ca
     Args:
         cfg: stage configuration.
         dataset_cfg: the ``dataset`` config section.
-        checkpoint: classifier checkpoint (PAM or plain).
+        checkpoint: classifier checkpoint (PAM or plain), or a sequence of them: an ensemble
+            (``classifier_*.ensemble_seeds``) whose per-model CAMs are averaged by
+            :func:`bestie.cam.average_cams` before peaks, storage and scoring.
         out_cams, out_points, out_diagnostics, out_overlay_dir: outputs (module docstring); ``out_points``
             None skips peak extraction, ``out_overlay_dir`` None skips overlays.
         device: ``"cpu"`` / ``"cuda"`` (default: CUDA when available).
 
     Raises:
-        ArtifactError: bad checkpoint, or its class count differs from the dataset's.
+        ArtifactError: bad checkpoint, its class count differs from the dataset's, or ensemble members
+            differ in classes or in PAM use (names the files).
         DataError: from the dataset.
     """
     from tqdm import tqdm
 
-    from bestie.cam import compute_cams
+    from bestie.cam import average_cams, compute_cams
     from bestie.data import build_dataset
     from bestie.evaluation.semantic import SemanticEvaluator
     from bestie.io.atomic import atomic_path, write_json_atomic
@@ -266,15 +270,28 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path, out_ca
 
     t0 = time.time()
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, extra = load_classifier(Path(checkpoint), dev, cfg.output_stride)
+    paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
+    if not paths:
+        raise ArtifactError("make_cams: no classifier checkpoint given")
     ds = build_dataset(dataset_cfg)
-    if int(extra["num_classes"]) != int(ds.num_classes):
-        raise ArtifactError(f"checkpoint {checkpoint} has {extra['num_classes']} classes, the dataset "
-                            f"{ds.num_classes}")
-    mean, std = extra.get("mean", model.mean), extra.get("std", model.std)
+    members = []  # (model, mean, std) per checkpoint
+    extras = []
+    for path in paths:
+        model, extra = load_classifier(path, dev, cfg.output_stride)
+        if int(extra["num_classes"]) != int(ds.num_classes):
+            raise ArtifactError(f"checkpoint {path} has {extra['num_classes']} classes, the dataset "
+                                f"{ds.num_classes}")
+        if extras and (bool(extra["config"].get("use_pam")) != bool(extras[0]["config"].get("use_pam"))
+                       or extra.get("class_names") != extras[0].get("class_names")):
+            raise ArtifactError(f"ensemble members {paths[0]} and {path} differ in classes or in PAM use")
+        members.append((model, extra.get("mean", model.mean), extra.get("std", model.std)))
+        extras.append(extra)
+    extra = extras[0]
+    checkpoint_desc: str | list[str] = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
     use_pam = bool(extra["config"].get("use_pam"))
     if out_points is not None and not use_pam:
-        log.info("%s is a plain CAM classifier: its peaks are written but METHOD.md takes peaks from PAM", checkpoint)
+        log.info("%s is a plain CAM classifier: its peaks are written but METHOD.md takes peaks from PAM",
+                 checkpoint_desc)
     n_labels = ds.num_classes + 1
     evals = [SemanticEvaluator(n_labels) for _ in THRESHOLDS]
     base_bg, base_largest = SemanticEvaluator(n_labels), SemanticEvaluator(n_labels)
@@ -284,8 +301,8 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path, out_ca
     if out_overlay_dir is not None:
         Path(out_overlay_dir).mkdir(parents=True, exist_ok=True)
     attrs = {"stage": "cams", "config": to_dict(cfg), "out_stride": cfg.out_stride, "use_pam": use_pam,
-             "checkpoint": str(checkpoint), "class_names": list(ds.class_names)}
-    point_attrs = {"stage": "peaks", "config": to_dict(cfg), "use_pam": use_pam, "checkpoint": str(checkpoint),
+             "checkpoint": checkpoint_desc, "class_names": list(ds.class_names)}
+    point_attrs = {"stage": "peaks", "config": to_dict(cfg), "use_pam": use_pam, "checkpoint": checkpoint_desc,
                    "class_names": list(ds.class_names), "columns": ["x", "y", "class", "conf"]}
     with H5Writer(out_cams, attrs=attrs) as wc, \
             (H5Writer(out_points, attrs=point_attrs) if out_points is not None else nullcontext()) as wp:
@@ -293,8 +310,8 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path, out_ca
             image = ds.image(img_id)
             height, width = image.shape[:2]
             classes = np.asarray(sorted(set(int(c) for c in ds.labels(img_id))), dtype=np.int64)
-            full = compute_cams(model, image, classes, mean, std, scales=cfg.scales, flip=cfg.flip,
-                                out_stride=1, device=dev)
+            full = average_cams([compute_cams(model, image, classes, mean, std, scales=cfg.scales, flip=cfg.flip,
+                                              out_stride=1, device=dev) for model, mean, std in members])
             stored = downsample_cams(full, cfg.out_stride).astype(np.float16)
             wc.write(img_id, cams=stored, classes=classes.astype(np.int16))
             wc.set_attrs(img_id, image_size=(height, width))
@@ -336,9 +353,10 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path, out_ca
             del full, stored
 
     diag: dict[str, Any] = {
-        "checkpoint": str(checkpoint),
+        "checkpoint": checkpoint_desc,
         "use_pam": use_pam,
-        "classification_mAP": {"train": extra.get("train_mAP"), "val": extra.get("val_mAP")},
+        "classification_mAP": {split: _mean_or_none([e.get(f"{split}_mAP") for e in extras])
+                               for split in ("train", "val")},
         "config": to_dict(cfg),
         "num_images": len(ds.ids),
         "num_scored": n_scored,
@@ -377,6 +395,11 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path, out_ca
     write_json_atomic(out_diagnostics, diag)
     log.info("cams %s: best mIoU %s at threshold %s (%d images, %.0f s)", out_cams, diag["best_mIoU"],
              diag["best_threshold"], len(ds.ids), diag["seconds"])
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    """Mean of the ensemble members' figures; None when a member lacks it."""
+    return None if any(v is None for v in values) else float(np.mean(values))
 
 
 def _safe_name(image_id: str) -> str:

@@ -4,7 +4,7 @@
 rule make_cams:
     input:
         marker=dataset_marker(),
-        checkpoint=f"{OUT}/classifier/{{kind}}.pt",
+        checkpoint=lambda wc: classifier_checkpoints(wc.kind),
     output:
         cams=f"{OUT}/cams/{{kind}}_cams.h5",
         points=f"{OUT}/cams/{{kind}}_points.h5",
@@ -19,7 +19,7 @@ rule make_cams:
         f"{LOGS}/make_cams_{{kind}}.log",
     benchmark:
         f"{BENCH}/make_cams_{{kind}}.tsv"
-    threads: workflow.cores
+    threads: classifier_threads()
     resources:
         gpu=infer_gpus(),
         mem_mb=4000,
