@@ -23,7 +23,8 @@ Outputs:
   ``use_pam``, ``checkpoint`` (a list for an ensemble), ``class_names``.
 - ``out_points`` (HDF5, optional): per id ``points`` float32 ``(N, 4)`` ``x, y, class, conf``.
 - ``out_diagnostics`` (JSON): ``classification_mAP`` (percent, ``train`` / ``val`` from the classifier
-  checkpoint, the members' mean for an ensemble; ``val`` is None without an ``eval_split``), ``miou_per_threshold``, ``best_threshold``, ``best_mIoU`` (percent),
+  checkpoint, the members' mean for an ensemble; ``val`` is None without an ``eval_split``),
+  ``miou_per_threshold``, ``best_threshold``, ``best_mIoU`` (percent),
   ``best_IoU`` (per label, background first), baselines ``all_background`` and ``largest_class`` (every
   pixel = the image's present class with the largest GT area), and with points ``peaks``:
   ``instances_one_peak`` (share of GT instances holding exactly one peak of their class with

@@ -100,8 +100,9 @@ class ClassifierConfig:
         ensemble_seeds: [] = one classifier; 2+ seeds = one classifier per seed, CAMs averaged.
             Read by the workflow, not by this stage: it trains ``classifier/<kind>_seed<S>.pt`` with
             ``seed = S`` for each seed, and the CAM stage averages their CAMs
-            (:func:`bestie.cam.average_cams`). Empty: a single classifier (``<kind>.pt``) with ``seed``. On coco128-voc the dense CAM mIoU moves by up to 2.7 points with the seed alone;
-            averaging two members cuts that noise (measured figures in the README).
+            (:func:`bestie.cam.average_cams`). Empty: a single classifier (``<kind>.pt``) with
+            ``seed``. On coco128-voc one dense classifier's CAM mIoU moves by up to 2.7 points with the
+            seed alone; averaging two members cuts that noise (figures in the README).
         checkpoint_every: iterations between partial checkpoints (0 = none).
         amp: autocast on CUDA (bf16 / fp16); ignored on CPU.
     """
