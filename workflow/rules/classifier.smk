@@ -40,7 +40,7 @@ rule train_classifier_member:
         checkpoint=f"{OUT}/classifier/{{kind}}_seed{{seed}}.pt",
         log=f"{OUT}/classifier/{{kind}}_seed{{seed}}_log.jsonl",
     params:
-        p=lambda wc: member_params(wc.kind, wc.seed),
+        p=lambda wc: stage_params(f"classifier_{wc.kind}", seed=int(wc.seed)),
         ds=lambda wc: dataset_params(),
         launch=launcher(train_gpus()),
         device=device_flag(train_gpus()),

@@ -22,28 +22,20 @@ wildcard_constraints:
     split="[A-Za-z0-9_.-]+",
 
 
-def stage_params(section):
+def stage_params(section, **overrides):
     """The config section of one stage as compact JSON: a rule's params, so that changing a key of
-    this stage reruns this stage (and, through its outputs, what follows) and nothing before it."""
-    return json.dumps(config[section], sort_keys=True, separators=(",", ":"))
-
-
-def ensemble_seeds(kind):
-    """Seeds of the `classifier_<kind>` ensemble (`ensemble_seeds`); empty for a single classifier."""
-    return [int(s) for s in config[f"classifier_{kind}"].get("ensemble_seeds") or []]
+    this stage reruns this stage (and, through its outputs, what follows) and nothing before it.
+    `overrides` replace keys (an ensemble member's `seed`)."""
+    return json.dumps({**config[section], **overrides}, sort_keys=True, separators=(",", ":"))
 
 
 def classifier_checkpoints(kind):
-    """The checkpoints whose CAMs make_cams averages: `<kind>.pt`, or one `<kind>_seed<S>.pt` per seed."""
-    seeds = ensemble_seeds(kind)
+    """The checkpoints whose CAMs make_cams averages: `<kind>.pt`, or one `<kind>_seed<S>.pt` per seed
+    of `classifier_<kind>.ensemble_seeds`."""
+    seeds = config[f"classifier_{kind}"].get("ensemble_seeds") or []
     if not seeds:
         return [f"{OUT}/classifier/{kind}.pt"]
-    return [f"{OUT}/classifier/{kind}_seed{s}.pt" for s in seeds]
-
-
-def member_params(kind, seed):
-    """`stage_params` of one ensemble member: the section with `seed` replaced by the member's seed."""
-    return json.dumps({**config[f"classifier_{kind}"], "seed": int(seed)}, sort_keys=True, separators=(",", ":"))
+    return [f"{OUT}/classifier/{kind}_seed{int(s)}.pt" for s in seeds]
 
 
 def dataset_params():
