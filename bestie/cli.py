@@ -134,7 +134,13 @@ def _cmd_export(a: argparse.Namespace) -> None:
     from bestie.stages import export_pseudo_labels as st
 
     cfg = from_dict(st.ExportConfig, a.params, "export")
-    st.run(cfg, a.dataset, a.split, Path(a.instances), Path(a.out_json))
+    if a.from_gt:
+        from bestie.data import build_dataset
+
+        dataset = build_dataset(a.dataset, split=a.split)
+        st.run(cfg, a.dataset, a.split, st.gt_instances(dataset), Path(a.out_json), dataset=dataset)
+    else:
+        st.run(cfg, a.dataset, a.split, Path(a.instances), Path(a.out_json))
 
 
 def _cmd_train_maskrcnn(a: argparse.Namespace) -> None:
@@ -231,7 +237,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add("export-pseudo-labels", _cmd_export, "stage 5: BESTIE instances -> COCO pseudo-label JSON")
     p.add_argument("--split", required=True)
-    p.add_argument("--instances", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--instances", help="instances HDF5 of predict-instances")
+    src.add_argument("--from-gt", action="store_true",
+                     help="export the GT instances instead (the Mask R-CNN upper bound; not weakly supervised)")
     p.add_argument("--out-json", required=True)
 
     p = add("train-maskrcnn", _cmd_train_maskrcnn, "stage 6: train Mask R-CNN on the pseudo labels", device=True)

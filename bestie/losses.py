@@ -18,7 +18,10 @@ import torch.nn.functional as F
 
 from bestie.errors import ConfigError, DataError
 
-__all__ = ["DeepLabCE", "weighted_mse", "weighted_l1", "BestieLoss"]
+__all__ = ["DeepLabCE", "weighted_mse", "weighted_l1", "BestieLoss", "CENTER_SUPPORT_MIN"]
+
+#: a pixel whose center target exceeds this lies on a Gaussian's support (``center_support_weight``)
+CENTER_SUPPORT_MIN = 0.01
 
 
 class DeepLabCE(nn.Module):
@@ -141,8 +144,14 @@ class BestieLoss(nn.Module):
         offset_weight: float = 0.01,
         ignore_label: int = 255,
         top_k_percent: float = 0.2,
+        center_agnostic: bool = False,
+        center_support_weight: float = 1.0,
     ):
         super().__init__()
+        if not float(center_support_weight) >= 1.0:
+            raise ConfigError(f"BestieLoss: center_support_weight must be >= 1, got {center_support_weight!r}")
+        self.center_agnostic = bool(center_agnostic)
+        self.center_support_weight = float(center_support_weight)
         for name, v in (("seg_weight", seg_weight), ("center_weight", center_weight), ("offset_weight", offset_weight)):
             if not float(v) >= 0.0:
                 raise ConfigError(f"BestieLoss: {name} must be >= 0, got {v!r}")
@@ -150,6 +159,24 @@ class BestieLoss(nn.Module):
         self.center_weight = float(center_weight)
         self.offset_weight = float(offset_weight)
         self.seg_loss = DeepLabCE(ignore_label=ignore_label, top_k_percent=top_k_percent)
+
+    def center_term(self, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``center_weight x`` the weighted MSE of one center target, as the loss computes it (class-wise or
+        agnostic, with the support weight): ``pred`` / ``target`` ``(B, C, H, W)``, ``weight`` ``(B, H, W)``
+        or ``(B, 1, H, W)`` -> scalar tensor. Raises DataError on mismatched shapes."""
+        if self.center_agnostic:
+            if pred.shape != target.shape:
+                raise DataError(f"BestieLoss: center {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+            pred, target = pred[:, :1], target.amax(dim=1, keepdim=True)
+        if self.center_support_weight == 1.0:
+            return weighted_mse(pred, target, weight) * self.center_weight
+        if weight.ndim == target.ndim - 1:
+            weight = weight.unsqueeze(1)
+        support = (target > CENTER_SUPPORT_MIN).any(dim=1, keepdim=True)
+        err = ((pred - target) ** 2).sum(dim=1, keepdim=True)
+        w = weight.to(err.dtype)
+        boosted = w * torch.where(support, err.new_tensor(self.center_support_weight), err.new_tensor(1.0))
+        return (err * boosted).sum() / (w > 0).sum().clamp(min=1) * self.center_weight
 
     def forward(self, outputs: dict, pseudo: dict, refined: dict | None, semantic_target: torch.Tensor) -> dict:
         for key in ("seg", "center", "offset"):
@@ -159,12 +186,12 @@ class BestieLoss(nn.Module):
             if key not in pseudo:
                 raise DataError(f"BestieLoss: pseudo targets lack {key!r} (have {sorted(pseudo)})")
         seg = self.seg_loss(outputs["seg"], semantic_target) * self.seg_weight
-        c1 = weighted_mse(outputs["center"], pseudo["center"], pseudo["weight"]) * self.center_weight
+        c1 = self.center_term(outputs["center"], pseudo["center"], pseudo["weight"])
         o1 = weighted_l1(outputs["offset"], pseudo["offset"], pseudo["weight"]) * self.offset_weight
         c2, o2 = c1, o1
         if refined is not None:
             if refined.get("has_center", True):
-                c2 = weighted_mse(outputs["center"], refined["center"], refined["weight"]) * self.center_weight
+                c2 = self.center_term(outputs["center"], refined["center"], refined["weight"])
             o2 = weighted_l1(outputs["offset"], refined["offset"], refined["weight"]) * self.offset_weight
         center = 0.5 * (c1 + c2)
         offset = 0.5 * (o1 + o2)

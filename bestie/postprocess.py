@@ -51,7 +51,15 @@ __all__ = [
     "CLUSTER_AREA",
     "CLUSTER_MIN_SCORE",
     "CLUSTER_MIN_DISTANCE",
+    "SOURCE_CENTER",
+    "SOURCE_CLUSTER",
+    "SOURCE_FALLBACK",
 ]
+
+#: where an instance of :func:`get_instances` came from (``"sources"``, with ``return_sources=True``):
+#: a center of the center map above the threshold (NMS), a clustered center (weak-offset region), or a
+#: component without any center kept whole (the fallback)
+SOURCE_CENTER, SOURCE_CLUSTER, SOURCE_FALLBACK = 0, 1, 2
 
 #: offsets shorter than this (pixels) make the "weak offset" regions of center clustering
 CLUSTER_MAGNITUDE = 2.5
@@ -344,6 +352,7 @@ def get_instances(
     beta: float = 3.0,
     min_area: int = 50,
     ignore_centerless: bool = False,
+    return_sources: bool = False,
 ) -> dict:
     """Instances of one image from softmax probabilities, center maps and offsets (METHOD.md section 4).
 
@@ -357,6 +366,9 @@ def get_instances(
         beta: clustering tolerance (3); ``<= 0`` disables clustering.
         min_area: components of the semantic argmax with fewer pixels are ignored (50).
         ignore_centerless: drop components without any center instead of keeping them whole.
+        return_sources: also return ``"sources"``: ``(N,)`` int8, :data:`SOURCE_CENTER` /
+            :data:`SOURCE_CLUSTER` / :data:`SOURCE_FALLBACK` per instance (the learning probe of BESTIE
+            training and the prediction metrics count how many instances the center head produced).
 
     Returns:
         ``{"masks": (N, H, W) bool, "labels": (N,) int64 0-based class, "scores": (N,) float32}``, ordered by
@@ -378,7 +390,7 @@ def get_instances(
         )
     seg = semantic_argmax(prob)
     present = np.flatnonzero(np.bincount(seg.ravel(), minlength=c1)[1:])
-    found = []  # (class, y0, x0, local mask, score)
+    found = []  # (class, y0, x0, local mask, score, source)
     for c in present.tolist():
         for y0, x0, comp in class_components(seg == c + 1, min_area):
             hh, ww = comp.shape
@@ -390,7 +402,8 @@ def get_instances(
             )
             if ys is None:
                 if not ignore_centerless:
-                    found.append((c, y0, x0, comp, float(scores[comp].max()) * float(pc[comp].mean())))
+                    found.append((c, y0, x0, comp, float(scores[comp].max()) * float(pc[comp].mean()),
+                                  SOURCE_FALLBACK))
                 continue
             vals = scores[ys, xs]
             peaks = instance_peaks(vals, inst, centers.shape[0])
@@ -401,18 +414,21 @@ def get_instances(
                 p = int(peaks[i])
                 mean_prob = float(psum[i] / cnt[i])
                 if (int(ys[p]), int(xs[p])) in cl_set:
-                    score = mean_prob
+                    score, source = mean_prob, SOURCE_CLUSTER
                 else:
-                    score = float(vals[p]) * mean_prob
+                    score, source = float(vals[p]) * mean_prob, SOURCE_CENTER
                 m = np.zeros((hh, ww), dtype=bool)
                 sel = inst == i
                 m[ys[sel], xs[sel]] = True
-                found.append((c, y0, x0, m, score))
+                found.append((c, y0, x0, m, score, source))
     masks = np.zeros((len(found), h, w), dtype=bool)
-    for j, (_, y0, x0, m, _) in enumerate(found):
+    for j, (_, y0, x0, m, _, _) in enumerate(found):
         masks[j, y0 : y0 + m.shape[0], x0 : x0 + m.shape[1]] = m
-    return {
+    out = {
         "masks": masks,
         "labels": np.array([f[0] for f in found], dtype=np.int64),
         "scores": np.array([f[4] for f in found], dtype=np.float32),
     }
+    if return_sources:
+        out["sources"] = np.array([f[5] for f in found], dtype=np.int8)
+    return out

@@ -224,3 +224,23 @@ def test_semantic_drift_hand_checked() -> None:
     assert semantic_drift(sem, masks) == (3, 7)
     with pytest.raises(DataError):
         semantic_drift(sem[:2], masks)
+
+
+def test_center_agnostic_one_channel_broadcast_and_rebuilt_from_config() -> None:
+    torch.manual_seed(0)
+    model = BestieNet("tf_efficientnet_lite0", C, None, "light", center_mode="agnostic", warn_random=False)
+    x = torch.randn(1, 3, 64, 64)
+    raw = model.forward_raw(x)
+    assert raw["center"].shape == (1, 1, 16, 16)
+    out = model(x)
+    assert out["center"].shape == (1, C, 64, 64)
+    assert all(torch.equal(out["center"][:, c], out["center"][:, 0]) for c in range(C))
+    rebuilt = build_bestie_net(model.config)
+    assert rebuilt.center_mode == "agnostic" and rebuilt.config == model.config
+    rebuilt.load_state_dict(model.state_dict(), strict=True)
+    # a checkpoint of the class-wise model (no center_mode key, as written before the key existed) rebuilds
+    old = {k: v for k, v in BestieNet("tf_efficientnet_lite0", C, None, "light", warn_random=False).config.items()
+           if k != "center_mode"}
+    assert build_bestie_net(old).center_mode == "class"
+    with pytest.raises(ConfigError, match="center_mode"):
+        BestieNet("tf_efficientnet_lite0", C, None, "light", center_mode="shared", warn_random=False)

@@ -131,3 +131,39 @@ def test_bestie_loss_without_refined_and_point_setting():
         BestieLoss()({"seg": outputs["seg"]}, pseudo, None, sem)
     with pytest.raises(ConfigError):
         BestieLoss(center_weight=-1)
+
+
+def test_center_agnostic_compares_first_channel_with_class_maximum():
+    # targets: class 0 Gaussian value 1.0 at pixel (0,0), class 1 value 0.5 at pixel (0,1); weight on both
+    target = torch.zeros((1, 2, 1, 2))
+    target[0, 0, 0, 0] = 1.0
+    target[0, 1, 0, 1] = 0.5
+    weight = torch.ones((1, 1, 2))
+    shared = torch.tensor([[[[0.8, 0.2]]]], requires_grad=True)  # (1, 1, 1, 2): one center channel
+    pred = shared.expand(-1, 2, -1, -1)  # as BestieNet(center_mode="agnostic") returns it
+    loss = BestieLoss(center_agnostic=True)
+    # MSE of the shared channel against max over classes (1.0, 0.5): ((0.2)^2 + (0.3)^2) / 2 pixels x 200
+    term = loss.center_term(pred, target, weight)
+    assert term.item() == pytest.approx((0.04 + 0.09) / 2 * 200, rel=1e-6)
+    term.backward()
+    torch.testing.assert_close(shared.grad, torch.tensor([[[[2 * -0.2 / 2 * 200, 2 * -0.3 / 2 * 200]]]]))
+    # the class-wise loss counts every channel: channel 0 (0.2^2 + 0.2^2), channel 1 (0.8^2 + 0.3^2)
+    classwise = BestieLoss().center_term(pred.detach(), target, weight)
+    assert classwise.item() == pytest.approx((0.04 + 0.04 + 0.64 + 0.09) / 2 * 200, rel=1e-6)
+
+
+def test_center_support_weight_boosts_gaussian_pixels_only():
+    # 4 weighted pixels; the target is 0.5 on pixel 0 (support), 0.005 on pixel 1 (below 0.01), 0 elsewhere
+    target = torch.tensor([[[[0.5, 0.005, 0.0, 0.0]]]])
+    pred = torch.zeros_like(target)
+    weight = torch.ones((1, 1, 4))
+    plain = BestieLoss().center_term(pred, target, weight).item()
+    assert plain == pytest.approx((0.25 + 0.005 ** 2) / 4 * 200, rel=1e-6)
+    boosted = BestieLoss(center_support_weight=20.0).center_term(pred, target, weight).item()
+    assert boosted == pytest.approx((20 * 0.25 + 0.005 ** 2) / 4 * 200, rel=1e-6)
+    # weight 0 stays 0, and the denominator still counts weighted pixels only
+    weight0 = torch.tensor([[[0.0, 1.0, 1.0, 0.0]]])
+    assert BestieLoss(center_support_weight=20.0).center_term(pred, target, weight0).item() == \
+        pytest.approx(0.005 ** 2 / 2 * 200, rel=1e-6)
+    with pytest.raises(ConfigError):
+        BestieLoss(center_support_weight=0.5)

@@ -11,6 +11,9 @@ import torch.nn.functional as F
 
 from bestie.errors import ConfigError, DataError
 from bestie.postprocess import (
+    SOURCE_CENTER,
+    SOURCE_CLUSTER,
+    SOURCE_FALLBACK,
     cluster_centers,
     find_instance_centers,
     get_instances,
@@ -148,6 +151,8 @@ def test_get_instances_crafted_two_instances_and_scores():
     # score = center score x mean class probability over the instance
     exp_right = 0.6 * (5 * 20 * 0.8 + 50 * 20 * 0.6) / (55 * 20)
     np.testing.assert_allclose(out["scores"], [0.5 * 0.7, 0.9 * 0.8, exp_right], rtol=1e-6)
+    np.testing.assert_array_equal(get_instances(prob, center, off, return_sources=True)["sources"],
+                                  [SOURCE_CENTER] * 3)
     # same result from tensors
     t = get_instances(torch.from_numpy(prob), torch.from_numpy(center), torch.from_numpy(off))
     np.testing.assert_array_equal(t["masks"], out["masks"])
@@ -177,6 +182,10 @@ def test_get_instances_clustered_centerless_and_small_components():
     np.testing.assert_array_equal(out["masks"][1], comp_b)
     # clustered center: mean probability alone; centerless component: max center (0) x probability
     np.testing.assert_allclose(out["scores"], [0.9, 0.0], rtol=1e-6)
+    assert "sources" not in out
+    src = get_instances(prob, center, off, return_sources=True)["sources"]
+    assert src.dtype == np.int8
+    np.testing.assert_array_equal(src, [SOURCE_CLUSTER, SOURCE_FALLBACK])
     out2 = get_instances(prob, center, off, ignore_centerless=True)
     assert len(out2["labels"]) == 1
     out3 = get_instances(prob, center, off, beta=0, ignore_centerless=True)  # no clustering: nothing

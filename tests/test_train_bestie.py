@@ -321,6 +321,14 @@ def test_inert_refinement_is_logged_and_warned(inputs, tmp_path: Path, caplog: p
     assert all(r["center_refined"] == 0.0 for r in train[1:])
     assert all(r["center"] == pytest.approx(0.5 * r["center_pseudo"]) for r in train[1:])
     assert any("never produced a refined target" in m for m in caplog.messages)
+    # the learning probe is in every train record and the end record: a freshly initialised head
+    # (N(0, 0.001) convs) sits at the all-zero prediction, so its MSE equals the zero-prediction MSE
+    for rec in train + [summary["probe"]]:
+        assert rec["probe_peaks"] > 0 and 0.0 <= rec["probe_peak_share"] <= 1.0
+        assert rec["probe_center_mse_zero"] > 0
+    assert train[0]["probe_peak_score"] == pytest.approx(0.0, abs=0.05)
+    assert train[0]["probe_center_mse"] == pytest.approx(train[0]["probe_center_mse_zero"], rel=0.1)
+    assert _records(log)[-1]["probe"] == summary["probe"]
 
 
 def test_predict_instances_stage(inputs, tmp_path: Path) -> None:
@@ -339,6 +347,11 @@ def test_predict_instances_stage(inputs, tmp_path: Path) -> None:
     out_h5, out_json = tmp_path / "inst.h5", tmp_path / "metrics.json"
     metrics = run(InferenceConfig(min_area=5), ds_cfg, "val", ckpt, out_h5, out_json, device="cpu")
     assert json.loads(out_json.read_text())["num_images"] == 2 == metrics["num_images_with_gt"]
+    by_source = metrics["instances_by_source"]
+    assert sum(by_source.values()) == metrics["num_instances"]
+    if metrics["num_instances"]:
+        exp = (by_source["center"] + by_source["cluster"]) / metrics["num_instances"]
+        assert metrics["center_instance_share"] == pytest.approx(exp)
     assert 0.0 <= metrics["semantic_drift"] <= 1.0 and metrics["mAP50"] is not None
     with H5Reader(out_h5) as r:
         assert len(r.ids()) == 2

@@ -111,3 +111,18 @@ def test_dense_ensemble_trains_one_member_per_seed_and_averages_them(workdir: Pa
         assert f'"seed":{seed}' in proc.stdout
     cams = next(line for line in proc.stdout.splitlines() if "make-cams" in line and "dense_cams.h5" in line)
     assert "--checkpoint results/demo/classifier/dense_seed7.pt results/demo/classifier/dense_seed11.pt" in cams
+
+
+def test_oracle_overlay_runs_bestie_on_gt_maps_without_classifiers(workdir: Path, tmp_path: Path):
+    """The coco128-voc oracle overlay (GT SegmentationClass as WSSS maps, GT centres as points) merges
+    into the preset: no classifier or CAM job, the imported maps feed BESTIE, its own run directory."""
+    overlay = yaml.safe_load((REPO / "workflow" / "presets" / "overlays" / "coco128-voc-oracle.yaml").read_text())
+    overlay["wsss"]["import_png_dir"] = str((REPO / overlay["wsss"]["import_png_dir"]).resolve())
+    proc = snakemake(workdir, "-n", "--configfile", str(_preset_config(REPO / "workflow/presets/coco128-voc.yaml",
+                                                                          tmp_path)),
+                     str(write_config(tmp_path / "oracle.yaml", overlay)))
+    assert planned_jobs(proc.stdout) == {"import_wsss_maps": 1, "score_pseudo_baseline": 1, "train_bestie": 1,
+                                         "predict_instances": 1, "export_pseudo_labels": 1, "train_maskrcnn": 1,
+                                         "evaluate": 1, "report": 1, "all": 1}
+    assert "results/coco128-voc-oracle/wsss/imported.h5" in proc.stdout
+    assert "pam_points" not in proc.stdout  # the point setting: BESTIE takes no peak points

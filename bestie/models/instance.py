@@ -4,7 +4,11 @@
 
 - ``"seg"``: ``(B, C + 1, H, W)`` float32 semantic logits, channel 0 = background, ``c + 1`` = class ``c``;
 - ``"center"``: ``(B, C, H, W)`` float32 class-wise instance-center heatmaps (targets are Gaussians in
-  ``[0, 1]``);
+  ``[0, 1]``). With ``center_mode="agnostic"`` the center head has one channel shared by every class
+  (Panoptic-DeepLab's class-agnostic center heatmap; a documented departure from the paper's class-wise
+  map, which at small data sizes learns only the dominant class): ``forward`` returns it broadcast to
+  ``(B, C, H, W)`` (an ``expand`` view: read it, never write into it), so every consumer indexes class
+  ``c`` as before, and ``forward_raw`` returns the single channel;
 - ``"offset"``: ``(B, 2, H, W)`` float32 offsets ``(dy, dx)`` in pixels of the output size, pointing from a
   pixel to its instance center.
 
@@ -63,6 +67,7 @@ from bestie.models.backbones import BACKBONES, create_backbone
 
 __all__ = [
     "HEADS",
+    "CENTER_MODES",
     "BestieNet",
     "build_bestie_net",
     "convert_sync_batchnorm",
@@ -74,6 +79,8 @@ log = logging.getLogger(__name__)
 
 #: Valid head designs.
 HEADS: tuple[str, ...] = ("light", "deeplab")
+#: center heatmap designs: one channel per class (the paper) or one shared channel (Panoptic-DeepLab)
+CENTER_MODES: tuple[str, ...] = ("class", "agnostic")
 _HRNET_FUSIONS = ("branch0", "concat")
 _OUT_INDICES = (1, 2, 3, 4)  # timm feature levels at strides 4, 8, 16, 32
 
@@ -244,6 +251,8 @@ class BestieNet(nn.Module):
         bn_momentum: momentum of every BatchNorm layer (0.01).
         output_stride: encoder output stride for ``head="deeplab"`` (None = 32, or 16 / 8 by dilation).
         aspp_dropout: dropout after the ASPP projection (0.5).
+        center_mode: ``"class"`` (C center channels, the paper) or ``"agnostic"`` (one shared channel,
+            returned broadcast to C channels; module docstring).
         warn_random: log a warning when the encoder starts from random weights.
 
     Attributes:
@@ -252,7 +261,8 @@ class BestieNet(nn.Module):
             with :func:`build_bestie_net`).
 
     Raises:
-        ConfigError: unknown backbone / head / fusion, ``num_classes < 1``, or an unsupported stride.
+        ConfigError: unknown backbone / head / fusion / center mode, ``num_classes < 1``, or an unsupported
+            stride.
         WeightsError: missing or unfitting encoder weights.
     """
 
@@ -269,6 +279,7 @@ class BestieNet(nn.Module):
         bn_momentum: float = 0.01,
         output_stride: int | None = None,
         aspp_dropout: float = 0.5,
+        center_mode: str = "class",
         warn_random: bool = True,
     ) -> None:
         super().__init__()
@@ -281,16 +292,19 @@ class BestieNet(nn.Module):
             raise ConfigError(f"bestie.hrnet_fusion: must be one of {', '.join(_HRNET_FUSIONS)}, got {hrnet_fusion!r}")
         if int(num_classes) < 1:
             raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        if center_mode not in CENTER_MODES:
+            raise ConfigError(f"bestie.center_mode: must be one of {', '.join(CENTER_MODES)}, got {center_mode!r}")
         is_hrnet = backbone.startswith("hrnet")
         if output_stride not in (None, 32) and head != "deeplab":
             raise ConfigError("bestie.output_stride: only the deeplab head uses a dilated encoder; set it to null")
         self.num_classes = int(num_classes)
         self.head_type = head
+        self.center_mode = center_mode
         self.config: dict[str, Any] = {
             "backbone": backbone, "num_classes": self.num_classes, "head": head,
             "head_channels": int(head_channels), "fusion_channels": int(fusion_channels),
             "hrnet_fusion": hrnet_fusion, "bn_momentum": float(bn_momentum),
-            "output_stride": output_stride, "aspp_dropout": float(aspp_dropout),
+            "output_stride": output_stride, "aspp_dropout": float(aspp_dropout), "center_mode": center_mode,
         }
         self.encoder = create_backbone(backbone, weights, out_indices=_OUT_INDICES, output_stride=output_stride,
                                        warn_random=warn_random)
@@ -304,7 +318,8 @@ class BestieNet(nn.Module):
         if self._hrnet_branch0:
             self._hrnet_keep_branch0_only()
         C = self.num_classes
-        outs = {"seg": C + 1, "center": C, "offset": 2}
+        center_ch = C if center_mode == "class" else 1
+        outs = {"seg": C + 1, "center": center_ch, "offset": 2}
         if head == "light":
             if self._hrnet_branch0:
                 self.fusion: nn.Module | None = None
@@ -324,7 +339,7 @@ class BestieNet(nn.Module):
             self.ins_decoder = _DeepLabDecoder(channels, 256, (64, 32, 16), 128, rates, aspp_dropout)
             self.heads = nn.ModuleDict({
                 "seg": _DeepLabHead(256, 256, C + 1),
-                "center": _DeepLabHead(128, 128, C),
+                "center": _DeepLabHead(128, 128, center_ch),
                 "offset": _DeepLabHead(128, 32, 2),
             })
             decoders = [self.sem_decoder, self.ins_decoder]
@@ -403,7 +418,10 @@ class BestieNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise DataError(f"BestieNet expects (B, 3, H, W) images, got shape {tuple(x.shape)}")
         size = tuple(output_size) if output_size is not None else tuple(x.shape[-2:])
-        return upsample_outputs(self.forward_raw(x), size)
+        out = upsample_outputs(self.forward_raw(x), size)
+        if self.center_mode == "agnostic":
+            out["center"] = out["center"].expand(-1, self.num_classes, -1, -1)
+        return out
 
 
 def build_bestie_net(config: Mapping[str, Any], weights: str | None = None, warn_random: bool = False) -> BestieNet:
@@ -417,7 +435,7 @@ def build_bestie_net(config: Mapping[str, Any], weights: str | None = None, warn
     """
     cfg = dict(config)
     known = {"backbone", "num_classes", "head", "head_channels", "fusion_channels", "hrnet_fusion",
-             "bn_momentum", "output_stride", "aspp_dropout"}
+             "bn_momentum", "output_stride", "aspp_dropout", "center_mode"}
     unknown = sorted(set(cfg) - known)
     if unknown:
         raise ConfigError(f"BestieNet config: unknown key(s) {unknown}; valid keys: {sorted(known)}")

@@ -40,7 +40,7 @@ import numpy as np
 
 from bestie.errors import ArtifactError, ConfigError, DataError
 
-__all__ = ["ExportConfig", "category_ids", "filter_instances", "run"]
+__all__ = ["ExportConfig", "category_ids", "filter_instances", "gt_instances", "run"]
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,31 @@ def filter_instances(
     idx = np.flatnonzero(keep)
     idx = idx[np.argsort(-scores[idx], kind="stable")][: cfg.max_per_image]
     return {"masks": masks[idx], "labels": labels[idx], "scores": scores[idx]}
+
+
+def gt_instances(dataset: Any) -> Callable[[str], Mapping[str, np.ndarray]]:
+    """The dataset's ground-truth instances as a ``predictions`` source of :func:`run` (score 1.0 each).
+
+    For the upper bound of stage 6 only: a Mask R-CNN trained on this export has seen GT masks, so it is
+    no weakly-supervised result (docs/RESULTS.md reports it as "Mask R-CNN on GT instances").
+
+    Returns:
+        ``image_id -> {"masks": (N, H, W) bool, "labels": (N,) int64 0-based, "scores": (N,) float32}``.
+
+    Raises:
+        DataError: (when called) an image without GT instances (names the id).
+    """
+
+    def get(image_id: str) -> Mapping[str, np.ndarray]:
+        gt = dataset.instances_gt(image_id)
+        if gt is None:
+            raise DataError(f"export from GT: image {image_id!r} has no GT instances (masks / annotations)")
+        labels = np.asarray(gt["labels"], dtype=np.int64).reshape(-1)
+        return {"masks": np.asarray(gt["masks"], dtype=bool), "labels": labels,
+                "scores": np.ones(labels.shape, dtype=np.float32)}
+
+    get.__name__ = "ground-truth instances"
+    return get
 
 
 class _Source:

@@ -167,8 +167,9 @@ def predict_image(
     Args: as :func:`predict_maps`.
 
     Returns:
-        ``{"masks": (N, H, W) bool, "labels": (N,) int64 0-based, "scores": (N,) float32}`` in original
-        pixels, from :func:`bestie.postprocess.get_instances`.
+        ``{"masks": (N, H, W) bool, "labels": (N,) int64 0-based, "scores": (N,) float32, "sources": (N,)
+        int8}`` in original pixels, highest score first, from :func:`bestie.postprocess.get_instances`
+        (``sources``: :data:`bestie.postprocess.SOURCE_CENTER` / ``SOURCE_CLUSTER`` / ``SOURCE_FALLBACK``).
     """
     maps = predict_maps(model, image, mean, std, cfg, device)
     return _instances_from_maps(maps, cfg)
@@ -178,14 +179,15 @@ def _instances_from_maps(maps: Mapping[str, torch.Tensor], cfg: InferenceConfig)
     from bestie.postprocess import get_instances
 
     inst = get_instances(maps["seg_prob"], maps["center"], maps["offset"], center_threshold=cfg.center_threshold,
-                         nms_kernel=cfg.nms_kernel, beta=cfg.beta, min_area=cfg.min_area)
+                         nms_kernel=cfg.nms_kernel, beta=cfg.beta, min_area=cfg.min_area, return_sources=True)
     masks = np.asarray(inst["masks"], dtype=bool)
     labels = np.asarray(inst["labels"], dtype=np.int64).reshape(-1)
     scores = np.asarray(inst["scores"], dtype=np.float32).reshape(-1)
+    sources = np.asarray(inst["sources"], dtype=np.int8).reshape(-1)
     if masks.ndim != 3:
         masks = masks.reshape((0,) + tuple(maps["seg_prob"].shape[-2:]))
     order = np.argsort(-scores, kind="stable")
-    return {"masks": masks[order], "labels": labels[order], "scores": scores[order]}
+    return {"masks": masks[order], "labels": labels[order], "scores": scores[order], "sources": sources[order]}
 
 
 def semantic_drift(semantic_pred: np.ndarray, gt_masks: np.ndarray) -> tuple[int, int]:
@@ -237,7 +239,9 @@ def evaluate_model(
     Returns:
         ``{"num_images", "num_images_with_gt", "num_instances", "mAP25", "mAP50", "mAP70", "mAP75"
         (None without GT), "voc": the evaluator's full result or None, "semantic_drift": float or None,
-        "semantic_drift_pixels": [background, total], "seconds_per_image"}``.
+        "semantic_drift_pixels": [background, total], "seconds_per_image", "instances_by_source":
+        {"center", "cluster", "fallback"} counts, "center_instance_share": share in [0, 1] of instances
+        not from the centre-less fallback (None without instances)}``.
     """
     from tqdm import tqdm
 
@@ -247,6 +251,7 @@ def evaluate_model(
     id_list = list(dataset.ids if ids is None else ids)
     drift_bg = drift_total = 0
     n_gt = n_inst = 0
+    n_source = np.zeros(3, dtype=np.int64)  # instances from a center / a clustered center / the fallback
     was_training = model.training
     model.eval()
     t0 = time.time()
@@ -256,6 +261,7 @@ def evaluate_model(
             maps = predict_maps(model, image, mean, std, cfg, device)
             inst = _instances_from_maps(maps, cfg)
             n_inst += int(inst["labels"].shape[0])
+            n_source += np.bincount(inst["sources"].astype(np.int64), minlength=3)[:3]
             if writer is not None:
                 writer.write(img_id, masks=inst["masks"], labels=inst["labels"], scores=inst["scores"])
                 writer.set_attrs(img_id, image_size=tuple(image.shape[:2]))
@@ -283,6 +289,10 @@ def evaluate_model(
     result["voc"] = voc
     result["semantic_drift"] = drift_bg / drift_total if drift_total else None
     result["semantic_drift_pixels"] = [drift_bg, drift_total]
+    result["instances_by_source"] = {"center": int(n_source[0]), "cluster": int(n_source[1]),
+                                     "fallback": int(n_source[2])}
+    # the share of predicted instances the center head made (NMS or clustered centers, not the fallback)
+    result["center_instance_share"] = (float(n_source[:2].sum() / n_inst) if n_inst else None)
     return result
 
 

@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 _DIAGNOSTIC_KEYS = {"refined", "refined_pixel_share"}
 
 # Config keys that may change between a killed run and its resumption without changing the result.
-_RESUME_FREE_KEYS = {"num_workers", "checkpoint_every", "log_every", "val_every", "val_max_images", "val_split"}
+_RESUME_FREE_KEYS = {"num_workers", "checkpoint_every", "log_every", "val_every", "val_max_images", "val_split",
+                     "probe_images"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,10 @@ class BestieConfig:
         weights: encoder weights: ``"imagenet"`` (EfficientNet-Lite0 package), a file path, or null (random).
         head: ``"light"`` (HRNet-style heads) or ``"deeplab"`` (Panoptic-DeepLab decoders).
         head_channels, fusion_channels, hrnet_fusion, output_stride: see :class:`~bestie.models.instance.BestieNet`.
+        center_mode: ``"class"`` (one center channel per class, the paper) or ``"agnostic"`` (one shared
+            channel, Panoptic-DeepLab; a documented departure, see :mod:`bestie.models.instance`).
+        center_support_weight: factor on the center-MSE weight of the pixels under a Gaussian (1 = the
+            paper's loss; :class:`bestie.losses.BestieLoss`).
         setting: ``"image"`` (image-level labels + peak points) or ``"point"`` (GT center points).
         sigma, min_area, point_threshold: pseudo-label parameters (6, 50, 0.7).
         refine: online self-refinement on/off; ``refine_iter``: first (0-based) iteration that uses it
@@ -89,6 +94,8 @@ class BestieConfig:
         val_max_images: score at most this many images of ``val_split`` (null = all).
         val_flip: flip TTA during validation (the public image-label script turns it off).
         log_every: iterations between ``train`` log records.
+        probe_images: crops of the learning probe (:mod:`bestie.probe`) measured at every ``train`` log
+            record and at the end (0 = off).
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); ignored on CPU.
     """
 
@@ -99,6 +106,8 @@ class BestieConfig:
     fusion_channels: int = 64
     hrnet_fusion: str = "branch0"
     output_stride: int | None = None
+    center_mode: str = "class"
+    center_support_weight: float = 1.0
     setting: str = "image"
     sigma: float = 6.0
     min_area: int = 50
@@ -134,6 +143,7 @@ class BestieConfig:
     val_max_images: int | None = None
     val_flip: bool = False
     log_every: int = 20
+    probe_images: int = 8
     amp: bool = True
 
     def __post_init__(self) -> None:
@@ -151,6 +161,9 @@ class BestieConfig:
             (self.checkpoint_every >= 1, f"bestie.checkpoint_every must be >= 1, got {self.checkpoint_every}"),
             (self.val_every >= 0, f"bestie.val_every must be >= 0, got {self.val_every}"),
             (self.log_every >= 1, f"bestie.log_every must be >= 1, got {self.log_every}"),
+            (self.probe_images >= 0, f"bestie.probe_images must be >= 0, got {self.probe_images}"),
+            (self.center_support_weight >= 1.0,
+             f"bestie.center_support_weight must be >= 1, got {self.center_support_weight}"),
             (self.num_workers >= 0, f"bestie.num_workers must be >= 0, got {self.num_workers}"),
             (0.0 < self.top_k_percent <= 1.0, f"bestie.top_k_percent must be in (0, 1], got {self.top_k_percent}"),
             (0.0 < self.bn_momentum <= 1.0, f"bestie.bn_momentum must be in (0, 1], got {self.bn_momentum}"),
@@ -176,7 +189,7 @@ def partial_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:
 
 def _model_kwargs(cfg: BestieConfig) -> dict[str, Any]:
     return dict(head_channels=cfg.head_channels, fusion_channels=cfg.fusion_channels, hrnet_fusion=cfg.hrnet_fusion,
-                bn_momentum=cfg.bn_momentum, output_stride=cfg.output_stride)
+                bn_momentum=cfg.bn_momentum, output_stride=cfg.output_stride, center_mode=cfg.center_mode)
 
 
 def _resume_key(cfg: BestieConfig) -> dict[str, Any]:
@@ -242,7 +255,29 @@ def _make_loss(cfg: BestieConfig) -> torch.nn.Module:
     from bestie.losses import BestieLoss
 
     return BestieLoss(seg_weight=cfg.seg_weight, center_weight=cfg.center_weight, offset_weight=cfg.offset_weight,
-                      top_k_percent=cfg.top_k_percent)
+                      top_k_percent=cfg.top_k_percent, center_agnostic=cfg.center_mode == "agnostic",
+                      center_support_weight=cfg.center_support_weight)
+
+
+@torch.no_grad()
+def _run_probe(model: torch.nn.Module, probe: Mapping[str, torch.Tensor] | None, loss_fn: Any,
+               device: torch.device) -> dict[str, Any]:
+    """The learning probe's figures (:mod:`bestie.probe`) in eval mode, inference thresholds; {} when off."""
+    if probe is None:
+        return {}
+    from bestie.probe import probe_metrics
+    from bestie.stages.predict_instances import InferenceConfig
+
+    net = engine.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    try:
+        out = net(probe["image"].to(device))
+    finally:
+        net.train(was_training)
+    inf = InferenceConfig()
+    return probe_metrics(out, probe, loss_fn.center_term, center_threshold=inf.center_threshold,
+                         nms_kernel=inf.nms_kernel, beta=inf.beta, min_area=inf.min_area)
 
 
 def _build_val(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], jlog: engine.JsonLog) -> Any:
@@ -377,6 +412,11 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
         generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
     )
     val_ds = _build_val(cfg, dataset_cfg, jlog) if dist.is_main else None
+    probe = None
+    if dist.is_main and cfg.probe_images:
+        from bestie.probe import collate_probe, probe_keys
+
+        probe = collate_probe(train_ds, probe_keys(len(train_ds), cfg.probe_images))
     jlog.write(event="start", iteration=start_iter, resumed=start_iter > 0, world_size=dist.world_size,
                device=str(dev), num_images=len(train_ds), skipped_empty_labels=train_ds.num_skipped_empty,
                config=to_dict(cfg), model_config=model_config)
@@ -435,9 +475,10 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
                 vec[: len(keys)] /= dist.world_size
             now = time.time()
             rec = {k: float(vec[i]) for i, k in enumerate(keys)}
+            probe_rec = _run_probe(ddp_model, probe, loss_fn, dev)
             jlog.write(event="train", iteration=done, lr=scheduler.get_last_lr()[0],
                        pseudo_instances_per_image=float(vec[-3] / max(1.0, float(vec[-1]) * sampler.local_batch)),
-                       points_dropped=int(vec[-2]), sec_per_iter=(now - t_last) / n_sum, **rec)
+                       points_dropped=int(vec[-2]), sec_per_iter=(now - t_last) / n_sum, **rec, **probe_rec)
             bar.set_postfix(loss=f"{rec.get('total', float('nan')):.4f}")
             sums, n_sum, inst_sum, drop_sum, t_last = {}, 0, 0, 0, now
         if done % cfg.checkpoint_every == 0 and done < cfg.max_iters:
@@ -456,7 +497,8 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     summary = {"iterations": done, "resumed_from": start_iter, "checkpoint": str(out_checkpoint),
                "best_checkpoint": str(best_path) if best["iteration"] is not None else None, "best": best,
                "skipped_empty_labels": train_ds.num_skipped_empty,
-               "refinement": {"iterations_run": refine_ran, "iterations_with_targets": refine_hit}}
+               "refinement": {"iterations_run": refine_ran, "iterations_with_targets": refine_hit},
+               "probe": _run_probe(ddp_model, probe, loss_fn, dev)}
     if dist.is_main and refine_ran and not refine_hit:
         log.warning("self-refinement ran in %d iterations but never produced a refined target: the centre head "
                     "stayed below center_threshold_refine=%s (the refined terms were 0 and halved the pseudo "
