@@ -28,6 +28,21 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 
+def segm_stats(coco_gt: COCO, results: Sequence[Mapping[str, Any]] | str, img_ids: Sequence[int] | None = None):
+    """pycocotools ``COCOeval`` (``segm``) stats (AP, AP50, AP75, ...) of results against ``coco_gt``."""
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = coco_gt.loadRes(results if isinstance(results, str) else [dict(r) for r in results])
+        e = COCOeval(coco_gt, dt, "segm")
+        if img_ids is not None:
+            e.params.imgIds = [int(i) for i in img_ids]
+        e.evaluate()
+        e.accumulate()
+        e.summarize()
+    return e.stats
+
+
 def quiet_coco(dataset: Mapping[str, Any] | str) -> COCO:
     """``COCO`` of a dict or a file, without pycocotools' prints."""
     with contextlib.redirect_stdout(io.StringIO()):
@@ -53,7 +68,7 @@ def assert_dataset_fields(data: Mapping[str, Any], class_names: Sequence[str] | 
         assert isinstance(im["file_name"], str) and im["file_name"], im
         assert isinstance(im["height"], int) and isinstance(im["width"], int) and im["height"] > 0 and im["width"] > 0, im
     cats = data["categories"]
-    assert all(isinstance(c["id"], int) and isinstance(c["name"], str) and "supercategory" in c for c in cats), cats
+    assert all(isinstance(c["id"], int) and isinstance(c["name"], str) for c in cats), cats
     assert len({c["id"] for c in cats}) == len(cats) and len({c["name"] for c in cats}) == len(cats), cats
     if class_names is not None:
         assert [c["name"] for c in sorted(cats, key=lambda c: c["id"])] == list(class_names)  # Detectron2's thing_classes
