@@ -36,6 +36,7 @@ STAGE_SECTIONS: dict[str, tuple[str, str]] = {
     "export": ("export_pseudo_labels", "ExportConfig"),
     "maskrcnn": ("train_maskrcnn", "MaskRCNNConfig"),
     "evaluate": ("evaluate", "EvalConfig"),
+    "predict": ("predict", "PredictConfig"),
 }
 
 #: string fields with a closed set of values (section-independent names)
@@ -153,6 +154,8 @@ def _json_type(tp: Any, name: str) -> dict[str, Any]:
         return out
     if tp is type(None):
         return {"type": "null"}
+    if origin is typing.Literal:
+        return {"type": "string", "enum": [str(a) for a in args]}
     if tp is bool:
         return {"type": "boolean"}
     if tp is int:

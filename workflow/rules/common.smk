@@ -103,4 +103,6 @@ def points_h5():
 
 def final_outputs():
     outs = [f"{OUT}/report.html", f"{OUT}/metrics.json"]
+    if config["predict"].get("images"):
+        outs.append(f"{OUT}/predict/predictions.json")
     return outs
