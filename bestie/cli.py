@@ -181,7 +181,7 @@ def _add_predict(add: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: the checkpoint's)")
     p.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds this many pixels "
-                   "(default: the model's input size)")
+                   "before the network, masks mapped back (default 1333)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (Mask R-CNN)")
     p.add_argument("--ids-from", help="COCO dataset JSON whose image ids (matched by file name) the results use")
     p.add_argument("--no-overlays", action="store_true", help="write no overlay PNGs")

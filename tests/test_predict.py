@@ -81,11 +81,10 @@ def bestie_ck(demo):
     model = BestieNet("tf_efficientnet_lite0", 3, None, "light", head_channels=32, fusion_channels=16, warn_random=False)
     with torch.no_grad():
         model.heads["seg"].out.bias.copy_(torch.tensor([0.0, 0.0, 3.0, 0.0]))
-    bcfg = BestieConfig(weights=None, resize=96, crop_size=96)
     extra = {"model_config": dict(model.config), "mean": list(model.mean), "std": list(model.std),
              "class_names": list(DEMO_CLASSES), "category_ids": GAP_IDS, "kind": "last",
              "inference": to_dict(InferenceConfig(center_threshold=0.0, min_area=20)),
-             "train_config": to_dict(bcfg)}
+             "train_config": to_dict(BestieConfig(weights=None, resize=96, crop_size=96))}
     path = demo["tmp"] / "bestie" / "model.pt"
     save_checkpoint(path, model, iteration=1, extra=extra)
     return path
@@ -209,7 +208,7 @@ def test_bestie_checkpoint_three_images_one_corrupt(demo, bestie_ck, tmp_path):
     files = sorted(demo["folder"].iterdir())  # broken.jpg, demo_0005.jpg, demo_0006.jpg
     s = run(PredictConfig(), bestie_ck, [str(f) for f in files], tmp_path / "b", "cpu")
     assert s["model"] == "bestie" and (s["num_inputs"], s["num_images"], s["num_skipped"]) == (3, 2, 1)
-    assert s["settings"]["max_side"] == 96 and s["settings"]["inference"]["flip"] is True
+    assert s["settings"]["max_side"] == 1333 and s["settings"]["inference"]["flip"] is True
     meta = _json(tmp_path / "b" / "images.json")
     assert_dataset_fields(meta, DEMO_CLASSES, GAP_IDS)
     assert [im["id"] for im in meta["images"]] == [1, 2]  # 1..N over the readable inputs
@@ -218,7 +217,7 @@ def test_bestie_checkpoint_three_images_one_corrupt(demo, bestie_ck, tmp_path):
     assert {r["category_id"] for r in results} == {44}  # class 1 -> its category id, gaps kept
     # the instances are those of predict_instances.predict_image with the checkpoint's inference settings
     model, extra = __import__("bestie.stages.predict_instances", fromlist=["x"]).load_bestie_model(bestie_ck)
-    inf = InferenceConfig(**{**extra["inference"], "resize": None})
+    inf = InferenceConfig(**extra["inference"])
     expected = []
     for im in meta["images"]:
         inst = predict_image(model, load_rgb(im["file_name"]), extra["mean"], extra["std"], inf, "cpu")

@@ -8,9 +8,8 @@ prediction needs, so no config is read:
   normalises its own input), ``class_names``, ``category_ids`` and ``inference`` (``score_threshold``,
   ``mask_threshold``, ``max_dets``), written by :mod:`bestie.stages.train_maskrcnn`;
 - BESTIE (``extra["model_config"]``): ``model_config``, ``mean``, ``std``, ``class_names``,
-  ``category_ids``, ``inference`` (an :class:`~bestie.stages.predict_instances.InferenceConfig` dict) and
-  ``train_config`` (its ``resize`` / ``crop_size`` set the working size), written by
-  :mod:`bestie.stages.train_bestie`.
+  ``category_ids`` and ``inference`` (an :class:`~bestie.stages.predict_instances.InferenceConfig` dict),
+  written by :mod:`bestie.stages.train_bestie`.
 
 A missing key is an :class:`~bestie.errors.ArtifactError` naming it. :class:`PredictConfig` (flags of the
 command) overrides the score threshold, flip test-time augmentation, working size, batch size and device.
@@ -25,9 +24,11 @@ that side before the network; instances are predicted at this working size and e
 back to the original size (bilinear on the mask, threshold 0.5; Mask R-CNN: on its probability, at its
 ``mask_threshold``) one at a time, only to be RLE-encoded. Peak memory is then set by ``max_side``
 (network, maps, working-size masks) plus the decoded image and one full-size mask, not by the image size:
-a 4000 x 3000 photo costs 36 MB of pixels and 12 MB per mask in flight. The default ``max_side`` is the
-size the model works at anyway: Mask R-CNN's ``max_size`` (its own transform would shrink the image to
-it), BESTIE's training ``resize`` (else ``crop_size``), so objects appear at the scale the network learnt.
+a 4000 x 3000 photo costs 36 MB of pixels and 12 MB per mask in flight. The default cap, 1333 px, is
+the longest side of the standard COCO Mask R-CNN input (torchvision, Detectron2): images up to it (VOC,
+COCO: 500-640 px) are predicted exactly as ``bestie evaluate`` (Mask R-CNN) and ``bestie
+predict-instances`` (BESTIE, with the checkpoint's ``inference`` settings, ``resize`` included) predict
+them, so the figures agree; a lower cap trades mask detail for memory and time.
 
 Outputs in ``out_dir`` (each written atomically):
 
@@ -88,8 +89,8 @@ class PredictConfig:
             ``inference.score_threshold``; BESTIE 0, every instance whose centre passed ``center_threshold``).
         flip: flip test-time augmentation; null = the checkpoint's (BESTIE ``inference.flip``; Mask R-CNN
             off). Mask R-CNN merges the detections of both views by class-wise box NMS.
-        max_side: longer side (pixels) of the working size (larger images are downscaled, masks mapped
-            back); null = the model's own input size (Mask R-CNN ``max_size``, BESTIE training resize).
+        max_side: longer side (pixels) of the working size: larger images are downscaled for the network
+            and their masks mapped back (1333, the standard COCO Mask R-CNN maximum).
         batch_size: images per forward pass (Mask R-CNN; BESTIE groups each image on its own).
         overlays: write ``overlays/<stem>.png``.
         ids_from: a COCO dataset JSON whose image ids (matched by file base name) the results use.
@@ -99,7 +100,7 @@ class PredictConfig:
     model: Literal["maskrcnn", "bestie"] = "maskrcnn"
     score_threshold: float | None = None
     flip: bool | None = None
-    max_side: int | None = None
+    max_side: int = 1333
     batch_size: int = 1
     overlays: bool = True
     ids_from: str | None = None
@@ -109,8 +110,8 @@ class PredictConfig:
             raise ConfigError(f"predict.model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
         if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
             raise ConfigError(f"predict.score_threshold must be in [0, 1] or null, got {self.score_threshold}")
-        if self.max_side is not None and self.max_side < 32:
-            raise ConfigError(f"predict.max_side must be >= 32 pixels or null, got {self.max_side}")
+        if self.max_side < 32:
+            raise ConfigError(f"predict.max_side must be >= 32 pixels, got {self.max_side}")
         if self.batch_size < 1:
             raise ConfigError(f"predict.batch_size must be >= 1, got {self.batch_size}")
 
@@ -220,7 +221,7 @@ class _MaskRCNNPredictor(_Predictor):
         self.model.to(device)
         self.device = device
         self.class_names, self.category_ids = names, cats
-        self.max_side = int(cfg.max_side or spec["max_size"])
+        self.max_side = int(cfg.max_side)
         self.settings = {"score_threshold": self.score_threshold, "mask_threshold": self.mask_threshold,
                          "max_dets": self.max_dets, "flip": self.flip, "max_side": self.max_side,
                          "architecture": spec.get("name")}
@@ -267,25 +268,23 @@ class _BestiePredictor(_Predictor):
         from bestie.config import from_dict
         from bestie.stages.predict_instances import InferenceConfig, load_bestie_model
 
-        _require(extra, ("model_config", "mean", "std", "class_names", "category_ids", "inference", "train_config"),
+        _require(extra, ("model_config", "mean", "std", "class_names", "category_ids", "inference"),
                  path, "BESTIE", "bestie train-bestie")
         names, cats = list(extra["class_names"]), [int(c) for c in extra["category_ids"]]
         _check_classes(path, int(extra["model_config"].get("num_classes", -1)), names, cats)
         inf = dict(extra["inference"])
-        inf["resize"] = None  # the working size is set here (max_side), before the network
         if cfg.flip is not None:
             inf["flip"] = bool(cfg.flip)
         try:
             self.inference = from_dict(InferenceConfig, inf, "inference")
         except ConfigError as exc:
             raise ArtifactError(f"checkpoint {path}: bad 'inference' settings: {exc}") from exc
-        train = dict(extra["train_config"])
         self.model, info = load_bestie_model(path, device)
         self.mean, self.std = tuple(info["mean"]), tuple(info["std"])
         self.device = device
         self.class_names, self.category_ids = names, cats
         self.score_threshold = float(cfg.score_threshold or 0.0)
-        self.max_side = int(cfg.max_side or train.get("resize") or train["crop_size"])
+        self.max_side = int(cfg.max_side)
         from bestie.config import to_dict
 
         self.settings = {"score_threshold": self.score_threshold, "max_side": self.max_side,
