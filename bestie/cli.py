@@ -161,7 +161,7 @@ def _cmd_predict(a: argparse.Namespace) -> None:
 
     cfg = from_dict(st.PredictConfig, a.params, "predict")
     flags = {"score_threshold": a.score_threshold, "flip": a.flip, "max_side": a.max_side,
-             "batch_size": a.batch_size, "ids_from": a.ids_from}
+             "batch_size": a.batch_size, "ids_from": a.ids_from, "overlay_threshold": a.overlay_threshold}
     cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
     if a.no_overlays:
         cfg = replace(cfg, overlays=False)
@@ -184,6 +184,7 @@ def _add_predict(add: Callable[..., argparse.ArgumentParser]) -> None:
                    "before the network, masks mapped back (default 1333)")
     p.add_argument("--batch-size", type=int, help="images per forward pass (Mask R-CNN)")
     p.add_argument("--ids-from", help="COCO dataset JSON whose image ids (matched by file name) the results use")
+    p.add_argument("--overlay-threshold", type=float, help="overlays draw instances scoring at least this (default 0.3)")
     p.add_argument("--no-overlays", action="store_true", help="write no overlay PNGs")
 
 

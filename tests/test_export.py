@@ -184,7 +184,8 @@ def test_export_coco_keeps_original_category_ids(tmp_path):
     assert max(ds.cat_ids) > ds.num_classes  # COCO ids have gaps: not 1..C
     assert_dataset_fields(json.loads(out.read_text()), ds.class_names, ds.cat_ids)
     assert [im["id"] for im in coco.dataset["images"]] == [int(i) for i in ids]  # COCO keeps its image ids
-    assert [c["supercategory"] for c in coco.dataset["categories"]] == [ds.coco.cats[c]["supercategory"] for c in ds.cat_ids]
+    supers = [ds.coco.cats[c]["supercategory"] for c in ds.cat_ids]
+    assert [c["supercategory"] for c in coco.dataset["categories"]] == supers
     # the pseudo labels (here: the GT masks) score AP 1 against the original annotation file on these images
     gt = _load_coco(SHARED / "coco128/annotations/instances_train.json")
     assert segm_stats(gt, coco.dataset["annotations"], [int(i) for i in ids])[0] == pytest.approx(1.0)

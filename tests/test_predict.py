@@ -97,13 +97,15 @@ def _json(path):
 # ------------------------------------------------------------------------------------------- Mask R-CNN
 def test_maskrcnn_predicts_folder_and_skips_corrupt_file(demo, tmp_path):
     out = tmp_path / "out"
-    summary = run(PredictConfig(score_threshold=0.0, batch_size=2), demo["maskrcnn"], [demo["folder"]], out, "cpu")
+    summary = run(PredictConfig(score_threshold=0.0, batch_size=2, overlay_threshold=0.0), demo["maskrcnn"],
+                  [demo["folder"]], out, "cpu")
     assert summary["num_inputs"] == 3 and summary["num_images"] == 2 and summary["num_skipped"] == 1
     assert summary["skipped"][0]["path"].endswith("broken.jpg") and "broken.jpg" in summary["skipped"][0]["fault"]
     assert _json(out / "summary.json") == json.loads(json.dumps(summary))
     meta = _json(out / "images.json")
     assert [Path(im["file_name"]).name for im in meta["images"]] == ["demo_0005.jpg", "demo_0006.jpg"]
-    assert [im["id"] for im in meta["images"]] == [1, 2] and all(im["height"] == im["width"] == 96 for im in meta["images"])
+    assert [im["id"] for im in meta["images"]] == [1, 2]
+    assert all(im["height"] == im["width"] == 96 for im in meta["images"])
     assert_dataset_fields(meta, DEMO_CLASSES, [1, 2, 3])
     results = _json(out / "predictions.json")
     assert isinstance(results, list) and len(results) == summary["num_instances"] > 0
@@ -127,6 +129,14 @@ def test_maskrcnn_predicts_folder_and_skips_corrupt_file(demo, tmp_path):
     pngs = sorted(p.name for p in (out / "overlays").iterdir())
     assert pngs == ["demo_0005.png", "demo_0006.png"]
     assert load_rgb(out / "overlays" / "demo_0005.png").shape == (288, 288, 3)
+    # overlays draw only instances >= overlay_threshold: at 1.0 the overlay is the bare (enlarged) image
+    from bestie.report.figures import overlay_panel
+
+    run(PredictConfig(score_threshold=0.0, overlay_threshold=1.0), demo["maskrcnn"], [demo["folder"]], tmp_path / "t",
+        "cpu")
+    bare = overlay_panel(load_rgb(demo["folder"] / "demo_0005.jpg"), None, None, DEMO_CLASSES)
+    np.testing.assert_array_equal(load_rgb(tmp_path / "t" / "overlays" / "demo_0005.png"), bare)
+    assert not np.array_equal(load_rgb(out / "overlays" / "demo_0005.png"), bare)
     # the checkpoint's score threshold by default: fewer (or as many) instances, all >= 0.05
     default = run(PredictConfig(overlays=False), demo["maskrcnn"], [demo["folder"]], tmp_path / "d", "cpu")
     assert default["settings"]["score_threshold"] == 0.05

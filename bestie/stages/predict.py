@@ -40,9 +40,9 @@ Outputs in ``out_dir`` (each written atomically):
   ``images`` (``id``, ``file_name`` = the input path, ``height``, ``width``, ``overlay``), the
   ``categories`` (``id``, ``name``, ``supercategory``) and no annotations:
   ``COCO("images.json").loadRes("predictions.json")``;
-- ``overlays/<stem>.png``: the image (at the working size; small images enlarged) with each instance's
-  mask, outline, class name and score (:func:`bestie.report.figures.overlay_panel`); a repeated stem
-  gets ``_2``, ``_3``, ...;
+- ``overlays/<stem>.png``: the image (at the working size; small images enlarged) with each instance
+  scoring at least ``overlay_threshold``: mask, outline, class name and score
+  (:func:`bestie.report.figures.overlay_panel`); a repeated stem gets ``_2``, ``_3``, ...;
 - ``summary.json``: counts (inputs, predicted, skipped with their faults, instances), the checkpoint,
   the settings used and the time.
 
@@ -93,6 +93,8 @@ class PredictConfig:
             and their masks mapped back (1333, the standard COCO Mask R-CNN maximum).
         batch_size: images per forward pass (Mask R-CNN; BESTIE groups each image on its own).
         overlays: write ``overlays/<stem>.png``.
+        overlay_threshold: overlays draw the instances scoring at least this (``predictions.json`` keeps
+            every instance above ``score_threshold``, as COCO AP needs; drawing those too buries the image).
         ids_from: a COCO dataset JSON whose image ids (matched by file base name) the results use.
     """
 
@@ -103,6 +105,7 @@ class PredictConfig:
     max_side: int = 1333
     batch_size: int = 1
     overlays: bool = True
+    overlay_threshold: float = 0.3
     ids_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -110,6 +113,8 @@ class PredictConfig:
             raise ConfigError(f"predict.model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
         if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
             raise ConfigError(f"predict.score_threshold must be in [0, 1] or null, got {self.score_threshold}")
+        if not 0.0 <= self.overlay_threshold <= 1.0:
+            raise ConfigError(f"predict.overlay_threshold must be in [0, 1], got {self.overlay_threshold}")
         if self.max_side < 32:
             raise ConfigError(f"predict.max_side must be >= 32 pixels, got {self.max_side}")
         if self.batch_size < 1:
@@ -469,9 +474,11 @@ def run(
                 results.extend(instances_to_coco_results(image_id, one, cat_of))
             rec = {"id": image_id, "file_name": os.fspath(path), "height": size[0], "width": size[1]}
             if cfg.overlays:
-                masks = inst["masks"] if inst["threshold"] is None else inst["masks"] > inst["threshold"]
-                panel = overlay_panel(work, {"masks": masks, "labels": inst["labels"], "scores": inst["scores"]},
-                                      None, predictor.class_names)
+                show = inst["scores"] >= cfg.overlay_threshold
+                masks = inst["masks"][show]
+                masks = masks if inst["threshold"] is None else masks > inst["threshold"]
+                panel = overlay_panel(work, {"masks": masks, "labels": inst["labels"][show],
+                                             "scores": inst["scores"][show]}, None, predictor.class_names)
                 name = _overlay_name(path, used)
                 with atomic_write(overlay_dir / name) as fh:
                     fh.write(png_bytes(panel))
@@ -517,6 +524,7 @@ def run(
         "skipped": skipped,
         "num_instances": len(results),
         "settings": {**predictor.settings, "batch_size": cfg.batch_size, "ids_from": cfg.ids_from,
+                     "overlay_threshold": cfg.overlay_threshold if cfg.overlays else None,
                      "device": str(getattr(predictor, "device", device))},
         "seconds": round(time.time() - t0, 3),
         "outputs": {"predictions": os.fspath(out / "predictions.json"), "images": os.fspath(out / "images.json"),
