@@ -259,7 +259,10 @@ class _MaskRCNNPredictor(_Predictor):
             # as bestie.stages.evaluate.predict_image: score filter, stable descending order, max_dets
             keep = torch.nonzero(scores >= self.score_threshold).flatten()
             keep = keep[torch.argsort(scores[keep], descending=True, stable=True)][: self.max_dets]
-            result.append({"masks": probs[keep].cpu().numpy().astype(np.float32),
+            outs[i] = None  # drop the reference to this image's full mask stack once it is consumed
+            if self.flip:
+                outs[n + i] = None
+            result.append({"masks": probs[keep].float().cpu().numpy(),
                            "labels": (labels[keep] - 1).cpu().numpy().astype(np.int64),
                            "scores": scores[keep].cpu().numpy().astype(np.float32),
                            "threshold": self.mask_threshold})
