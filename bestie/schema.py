@@ -69,6 +69,11 @@ _TOP: dict[str, Any] = {
             "pattern": "^[A-Za-z0-9_.-]+$",
             "description": "name of this run; every output goes to results/<run>/",
         },
+        "tensorboard": {
+            "type": "boolean",
+            "default": False,
+            "description": "also write the training logs as TensorBoard event files (<log>.tensorboard/ next to each JSON log; needs the tensorboard package)",
+        },
         "gpus": {
             "type": "integer",
             "minimum": 0,
