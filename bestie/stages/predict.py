@@ -273,7 +273,7 @@ class _BestiePredictor(_Predictor):
     kind = "bestie"
 
     def __init__(self, path: Path, extra: Mapping[str, Any], cfg: PredictConfig, device: torch.device) -> None:
-        from bestie.config import from_dict
+        from bestie.config import from_dict, to_dict
         from bestie.stages.predict_instances import InferenceConfig, load_bestie_model
 
         _require(extra, ("model_config", "mean", "std", "class_names", "category_ids", "inference"),
@@ -293,8 +293,6 @@ class _BestiePredictor(_Predictor):
         self.class_names, self.category_ids = names, cats
         self.score_threshold = float(cfg.score_threshold or 0.0)
         self.max_side = int(cfg.max_side)
-        from bestie.config import to_dict
-
         self.settings = {"score_threshold": self.score_threshold, "max_side": self.max_side,
                          "inference": to_dict(self.inference)}
 
