@@ -29,6 +29,7 @@ include: "workflow/rules/bestie.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/maskrcnn.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/predict.smk"
 
 
 rule all:

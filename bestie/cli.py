@@ -159,6 +159,41 @@ def _cmd_evaluate(a: argparse.Namespace) -> None:
     st.run(cfg, a.dataset, a.split, Path(a.checkpoint), Path(a.out_metrics), Path(a.out_predictions), device=a.device)
 
 
+def _cmd_predict(a: argparse.Namespace) -> None:
+    from dataclasses import replace
+
+    from bestie.config import from_dict
+    from bestie.stages import predict as st
+
+    cfg = from_dict(st.PredictConfig, a.params, "predict")
+    flags = {"score_threshold": a.score_threshold, "flip": a.flip, "max_side": a.max_side,
+             "batch_size": a.batch_size, "ids_from": a.ids_from, "overlay_threshold": a.overlay_threshold}
+    cfg = replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    if a.no_overlays:
+        cfg = replace(cfg, overlays=False)
+    summary = st.run(cfg, Path(a.model), a.images, Path(a.out), device=a.device)
+    print(f"{summary['num_images']} images, {summary['num_instances']} instances, {summary['num_skipped']} "
+          f"file(s) skipped -> {a.out}")
+
+
+def _add_predict(add: Callable[..., argparse.ArgumentParser]) -> None:
+    p = add("predict", _cmd_predict, "instance masks for new images from a BESTIE or Mask R-CNN checkpoint",
+            dataset=False, device=True)
+    p.add_argument("model", help="checkpoint: results/<run>/bestie/model.pt (or model.best.pt) or "
+                   "results/<run>/maskrcnn/model.pt")
+    p.add_argument("images", nargs="+", help="image files, folders and glob patterns")
+    p.add_argument("--out", required=True, help="output folder: predictions.json, images.json, overlays/, summary.json")
+    p.add_argument("--score-threshold", type=float, help="drop instances below this score (default: the checkpoint's)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation (default: the checkpoint's)")
+    p.add_argument("--max-side", type=int, help="downscale images whose longer side exceeds this many pixels "
+                   "before the network, masks mapped back (default 1333)")
+    p.add_argument("--batch-size", type=int, help="images per forward pass (Mask R-CNN)")
+    p.add_argument("--ids-from", help="COCO dataset JSON whose image ids (matched by file name) the results use")
+    p.add_argument("--overlay-threshold", type=float, help="overlays draw instances scoring at least this (default 0.3)")
+    p.add_argument("--no-overlays", action="store_true", help="write no overlay PNGs")
+
+
 def _cmd_report(a: argparse.Namespace) -> None:
     from bestie.stages import report as st
 
@@ -253,6 +288,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--out-metrics", required=True)
     p.add_argument("--out-predictions", required=True)
+
+    _add_predict(add)
 
     p = add("report", _cmd_report, "metrics table of every stage + HTML report", params=False)
     p.add_argument("--run", required=True)

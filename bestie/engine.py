@@ -332,6 +332,9 @@ def check_finite(losses: Mapping[str, torch.Tensor], iteration: int) -> None:
 class JsonLog:
     """Append-only JSON-lines log: one object per :meth:`write`, flushed at once (rank 0 only).
 
+    With ``BESTIE_TENSORBOARD=1`` (config key ``tensorboard``) each record's scalars also go to TensorBoard
+    event files next to the log (:mod:`bestie.tensorboard_log`).
+
     Args:
         path: the log file (parents are created; an existing file is appended to, so a resumed run
             continues its log).
@@ -342,8 +345,12 @@ class JsonLog:
         self.path = Path(path)
         self.enabled = rank == 0
         self._fh = None
+        self._tb = None
         if self.enabled:
+            from bestie.tensorboard_log import tensorboard_for
+
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tb = tensorboard_for(self.path)  # TensorBoard mirror, None unless switched on
             self._fh = open(self.path, "a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any] | None = None, **fields: Any) -> None:
@@ -353,14 +360,20 @@ class JsonLog:
             return
         obj = {**(record or {}), **fields}
         obj.setdefault("time", time.time())
-        self._fh.write(json.dumps({k: _plain(v) for k, v in obj.items()}) + "\n")
+        plain = {k: _plain(v) for k, v in obj.items()}
+        self._fh.write(json.dumps(plain) + "\n")
         self._fh.flush()
+        if self._tb is not None:
+            self._tb.write(plain)
 
     def close(self) -> None:
-        """Close the file (idempotent)."""
+        """Close the file and the TensorBoard mirror (idempotent)."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def __enter__(self) -> "JsonLog":
         return self

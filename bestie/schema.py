@@ -36,6 +36,7 @@ STAGE_SECTIONS: dict[str, tuple[str, str]] = {
     "export": ("export_pseudo_labels", "ExportConfig"),
     "maskrcnn": ("train_maskrcnn", "MaskRCNNConfig"),
     "evaluate": ("evaluate", "EvalConfig"),
+    "predict": ("predict", "PredictConfig"),
 }
 
 #: string fields with a closed set of values (section-independent names)
@@ -67,6 +68,11 @@ _TOP: dict[str, Any] = {
             "type": "string",
             "pattern": "^[A-Za-z0-9_.-]+$",
             "description": "name of this run; every output goes to results/<run>/",
+        },
+        "tensorboard": {
+            "type": "boolean",
+            "default": False,
+            "description": "also write the training logs as TensorBoard event files (<log>.tensorboard/ next to each JSON log; needs the tensorboard package)",
         },
         "gpus": {
             "type": "integer",
@@ -153,6 +159,8 @@ def _json_type(tp: Any, name: str) -> dict[str, Any]:
         return out
     if tp is type(None):
         return {"type": "null"}
+    if origin is typing.Literal:
+        return {"type": "string", "enum": [str(a) for a in args]}
     if tp is bool:
         return {"type": "boolean"}
     if tp is int:

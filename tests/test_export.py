@@ -17,6 +17,7 @@ from bestie.data.demo import DEMO_CLASSES
 from bestie.errors import ArtifactError, ConfigError, DataError
 from bestie.io.h5store import H5Writer
 from bestie.stages.export_pseudo_labels import ExportConfig, category_ids, filter_instances, run
+from coco_interop import assert_dataset_fields, segm_stats
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -107,6 +108,10 @@ def test_export_round_trip_from_hdf5(demo, tmp_path):
             assert ann["iscrowd"] == 0
     info = json.loads(out.read_text())["info"]
     assert info["split"] == "train" and info["export"]["score_threshold"] == 0.3
+    # Detectron2 / MMDetection fields; the pseudo labels as results (loadRes) score AP 1 against themselves
+    assert_dataset_fields(json.loads(out.read_text()), DEMO_CLASSES, [1, 2, 3])
+    assert [im["id"] for im in coco.dataset["images"]] == list(range(1, len(ds.ids) + 1))  # VOC: 1..N
+    assert segm_stats(coco, coco.dataset["annotations"])[0] == pytest.approx(1.0)
 
 
 def test_export_without_label_filter_keeps_absent_classes(demo, tmp_path):
@@ -177,6 +182,13 @@ def test_export_coco_keeps_original_category_ids(tmp_path):
     coco = _load_coco(out)
     assert [c["id"] for c in coco.dataset["categories"]] == category_ids(ds) == ds.cat_ids
     assert max(ds.cat_ids) > ds.num_classes  # COCO ids have gaps: not 1..C
+    assert_dataset_fields(json.loads(out.read_text()), ds.class_names, ds.cat_ids)
+    assert [im["id"] for im in coco.dataset["images"]] == [int(i) for i in ids]  # COCO keeps its image ids
+    supers = [ds.coco.cats[c]["supercategory"] for c in ds.cat_ids]
+    assert [c["supercategory"] for c in coco.dataset["categories"]] == supers
+    # the pseudo labels (here: the GT masks) score AP 1 against the original annotation file on these images
+    gt = _load_coco(SHARED / "coco128/annotations/instances_train.json")
+    assert segm_stats(gt, coco.dataset["annotations"], [int(i) for i in ids])[0] == pytest.approx(1.0)
     for img in coco.dataset["images"]:
         gt_anns = [a for a in ds.coco.loadAnns(ds.coco.getAnnIds(imgIds=[int(img["image_key"])])) if not a["iscrowd"]]
         anns = coco.loadAnns(coco.getAnnIds(imgIds=[img["id"]]))

@@ -9,6 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from bestie.errors import DataError
+from coco_interop import assert_dataset_fields, assert_results_fields, segm_stats
 from bestie.io.coco_json import (
     decode_rle,
     encode_mask,
@@ -161,11 +162,16 @@ def test_written_dataset_loads_in_pycocotools(tmp_path):
     # results written from the same masks load with loadRes
     res_path = tmp_path / "res.json"
     write_coco_results(res_path, [
-        {"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"], "score": 1.0}
+        {"image_id": a["image_id"], "category_id": a["category_id"], "segmentation": a["segmentation"], "score": 1.0,
+         "bbox": a["bbox"]}
         for a in anns
     ])
     dt = coco.loadRes(str(res_path))
     assert len(dt.getAnnIds()) == len(anns)
+    # every field Detectron2 / MMDetection read; the annotations as results score AP 1 in COCOeval segm
+    assert_dataset_fields(json.loads(path.read_text()), ["person", "dog"], [1, 18])
+    assert_results_fields(json.loads(res_path.read_text()), {im["id"]: im for im in images}, [1, 18])
+    assert segm_stats(coco, str(res_path))[0] == pytest.approx(1.0)
 
 
 def test_write_coco_dataset_validation(tmp_path):

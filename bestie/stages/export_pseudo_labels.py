@@ -15,15 +15,21 @@ filtered, in this order:
 
 The written JSON is a COCO instances dataset (loads in ``pycocotools.coco.COCO``):
 
-- ``images``: ``id`` = 1, 2, ... in dataset order, ``file_name`` (base name of the image file),
-  ``height``, ``width`` (pixels, the size of the predicted masks), and the extra field ``image_key`` = the
-  dataset's image id string (how :mod:`bestie.stages.train_maskrcnn` finds the image). Every image of the
-  split is listed, also those left without instances.
-- ``annotations``: ``segmentation`` compressed RLE (``counts`` str), ``bbox`` ``[x, y, w, h]`` from the
-  mask, ``area`` (pixel count), ``iscrowd`` 0, ``category_id``, and the extra field ``score``.
-- ``categories``: the dataset's categories, in class-index order: VOC-layout datasets use ids
-  ``1..C`` (class ``c`` -> id ``c + 1``), COCO datasets their original category ids
-  (:func:`category_ids`).
+- ``images``: ``id`` = the original image id for COCO datasets (so the file scores against the
+  dataset's own annotation file), else 1, 2, ... in dataset order; ``file_name`` (base name of the image
+  file), ``height``, ``width`` (pixels, the size of the predicted masks), and the extra field
+  ``image_key`` = the dataset's image id string (how :mod:`bestie.stages.train_maskrcnn` finds the
+  image). Every image of the split is listed, also those left without instances.
+- ``annotations``: ``id`` 1, 2, ..., ``segmentation`` compressed RLE (``counts`` str), ``bbox``
+  ``[x, y, w, h]`` from the mask, ``area`` (pixel count, > 0), ``iscrowd`` 0, ``category_id``, and the
+  extra field ``score``.
+- ``categories``: the dataset's categories (``id``, ``name``, ``supercategory``: COCO's, else ""), in
+  class-index order: VOC-layout datasets use ids ``1..C`` (class ``c`` -> id ``c + 1``), COCO datasets
+  their original category ids, gaps kept (:func:`category_ids`).
+
+These are the fields Detectron2's ``load_coco_json`` (``register_coco_instances``) and MMDetection's
+``CocoDataset`` read; both take the class names from ``categories`` (MMDetection matches them against
+its ``metainfo.classes``).
 - ``info``: the split, the source file and the export settings.
 """
 
@@ -233,8 +239,10 @@ def run(
     from bestie.io.coco_json import make_annotation, write_coco_dataset
 
     cat_ids = category_ids(dataset)
+    coco = getattr(dataset, "coco", None)  # COCO datasets keep their image ids and supercategories
     categories = [
-        {"id": cid, "name": name, "supercategory": ""} for cid, name in zip(cat_ids, dataset.class_names)
+        {"id": cid, "name": name, "supercategory": str(coco.cats[cid].get("supercategory", "")) if coco else ""}
+        for cid, name in zip(cat_ids, dataset.class_names)
     ]
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
@@ -254,8 +262,9 @@ def run(
                 )
             dropped += n_raw - int(inst["labels"].size)
             h, w = inst["masks"].shape[1:]
+            image_no = int(image_id) if coco is not None else k
             images.append({
-                "id": k,
+                "id": image_no,
                 "file_name": Path(dataset.image_path(image_id)).name,
                 "height": int(h),
                 "width": int(w),
@@ -263,7 +272,8 @@ def run(
             })
             with_instances += bool(inst["labels"].size)
             for mask, label, score in zip(inst["masks"], inst["labels"], inst["scores"]):
-                annotations.append(make_annotation(len(annotations) + 1, k, cat_ids[int(label)], mask, float(score)))
+                annotations.append(
+                    make_annotation(len(annotations) + 1, image_no, cat_ids[int(label)], mask, float(score)))
     finally:
         source.close()
     info = {

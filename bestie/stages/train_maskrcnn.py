@@ -325,7 +325,8 @@ def run(
         pseudo_json: COCO JSON of :mod:`bestie.stages.export_pseudo_labels`.
         out_checkpoint: final checkpoint (``bestie.engine.save_checkpoint`` format; ``extra`` holds
             ``kind="maskrcnn"``, ``model_spec`` (:func:`bestie.models.maskrcnn.build_maskrcnn` keywords),
-            ``class_names``, ``category_ids``, ``config``, ``split``, ``iterations``).
+            ``class_names``, ``category_ids``, ``inference`` (``score_threshold``, ``mask_threshold``,
+            ``max_dets``: what ``bestie predict`` applies), ``config``, ``split``, ``iterations``).
         out_log: JSON-lines log: per record ``iteration``, ``epoch``, ``lr``, ``loss`` and each loss term
             (means over ranks), ``sec_per_iter``; a resumed run appends to it.
         device: ``"cpu"`` / ``"cuda"`` (default: CUDA when available; under torchrun ``cuda:LOCAL_RANK``).
@@ -360,6 +361,7 @@ def run(
         seed_everything,
     )
     from bestie.models.maskrcnn import build_maskrcnn
+    from bestie.stages.evaluate import EvalConfig
     from bestie.stages.export_pseudo_labels import category_ids
 
     pseudo_json = Path(pseudo_json)
@@ -426,6 +428,10 @@ def run(
         "model_spec": spec,
         "class_names": list(dataset.class_names),
         "category_ids": category_ids(dataset),
+        # what `bestie predict` applies without a config: the detector's own score filter and cap, and
+        # the evaluation's mask threshold
+        "inference": {"score_threshold": spec["box_score_thresh"], "mask_threshold": EvalConfig().mask_threshold,
+                      "max_dets": spec["box_detections_per_img"]},
         "config": to_dict(cfg),
         "split": split,
         "pseudo_json": str(pseudo_json),

@@ -14,6 +14,9 @@ OUT = f"results/{RUN}"
 LOGS = f"{OUT}/logs"
 BENCH = f"{OUT}/benchmarks"
 GPUS = int(config["gpus"])
+# The training logs' TensorBoard mirror (bestie.tensorboard_log): jobs inherit the environment, and
+# switching it does not rerun anything (the event files are a by-product, not outputs).
+os.environ["BESTIE_TENSORBOARD"] = "1" if config.get("tensorboard") else "0"
 
 
 wildcard_constraints:
@@ -103,4 +106,6 @@ def points_h5():
 
 def final_outputs():
     outs = [f"{OUT}/report.html", f"{OUT}/metrics.json"]
+    if config["predict"].get("images"):
+        outs.append(f"{OUT}/predict/predictions.json")
     return outs
