@@ -295,13 +295,19 @@ def _build_val(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], jlog: engine.J
     return ds
 
 
+def _inference_config(cfg: BestieConfig) -> Any:
+    """The inference settings of in-training validation (grouping as in training, flip per ``val_flip``)."""
+    from bestie.stages.predict_instances import InferenceConfig
+
+    return InferenceConfig(nms_kernel=cfg.nms_kernel, beta=cfg.beta, min_area=cfg.min_area, flip=cfg.val_flip)
+
+
 def _validate(model: torch.nn.Module, val_ds: Any, cfg: BestieConfig, device: torch.device) -> dict[str, Any]:
-    from bestie.stages.predict_instances import InferenceConfig, evaluate_model
+    from bestie.stages.predict_instances import evaluate_model
 
     net = engine.unwrap_model(model)
     ids = val_ds.ids if cfg.val_max_images is None else val_ds.ids[: cfg.val_max_images]
-    inf = InferenceConfig(nms_kernel=cfg.nms_kernel, beta=cfg.beta, min_area=cfg.min_area, flip=cfg.val_flip)
-    res = evaluate_model(net, val_ds, inf, device, mean=net.mean, std=net.std, ids=ids)
+    res = evaluate_model(net, val_ds, _inference_config(cfg), device, mean=net.mean, std=net.std, ids=ids)
     res.pop("voc", None)
     return res
 
@@ -386,8 +392,13 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     scaler = engine.create_grad_scaler(dev, use_amp)
     loss_fn = _make_loss(cfg).to(dev)
 
+    from bestie.stages.export_pseudo_labels import category_ids
+
+    # class names, dataset category ids and the inference settings of validation travel with every
+    # checkpoint, so `bestie predict` needs no config
     extra_base = {"model_config": model_config, "mean": mean, "std": std,
-                  "class_names": list(dataset.class_names), "train_config": to_dict(cfg),
+                  "class_names": list(dataset.class_names), "category_ids": category_ids(dataset),
+                  "inference": to_dict(_inference_config(cfg)), "train_config": to_dict(cfg),
                   "resume_key": _resume_key(cfg)}
     start_iter = 0
     best: dict[str, Any] = {"mAP50": None, "iteration": None}
