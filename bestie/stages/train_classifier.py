@@ -58,6 +58,7 @@ from bestie.engine import (
     seed_everything,
     unwrap_model,
 )
+from bestie.report.units import percent
 
 __all__ = ["ClassifierConfig", "run", "partial_checkpoint_path", "average_precision", "build_model",
            "ClassifierTrainSet"]
@@ -440,8 +441,8 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
         save_checkpoint(out_checkpoint, model, None, None, None, max_iter, meta, rank=0)
         partial.unlink(missing_ok=True)
         jlog.write(event="final", iteration=max_iter, train_mAP=final_map, val_mAP=val_map, seconds=train_seconds)
-        log.info("classifier %s: train mAP %.1f, %s mAP %s, %.0f s", out_checkpoint, final_map or float("nan"),
-                 dataset_cfg.get("eval_split"), "-" if val_map is None else f"{val_map:.1f}", train_seconds)
+        log.info("classifier %s: train mAP %s, %s mAP %s, %.0f s", out_checkpoint, percent(final_map, fraction=False),
+                 dataset_cfg.get("eval_split"), percent(val_map, fraction=False), train_seconds)
     jlog.close()
     if dist.is_distributed:
         torch.distributed.barrier()
