@@ -256,7 +256,7 @@ def test_run_workflow_report_on_demo(tmp_path):
     bestie_ov = _section(page, "Overlays: BESTIE pseudo labels on train")
     assert "score &gt;= 0.900" in bestie_ov and "F1 100.0" in bestie_ov
     n_gt = [len(train.instances_gt(i)["labels"]) for i in train.ids]
-    assert re.findall(r"\((?:GT \| prediction), (\d+) drawn\)", bestie_ov) == [str(n) for n in n_gt]
+    assert re.findall(r"\(GT \| prediction, (\d+) drawn at score &gt;= 0\.900\)", bestie_ov) == [str(n) for n in n_gt]
     mrcnn_ov = _section(page, "Overlays: Mask R-CNN on val")
     assert "score &gt;= 0.700" in mrcnn_ov and "0 drawn" not in mrcnn_ov
     # BESTIE's curve, computed by the report from the instances: precision 1 up to recall 1 (the false

@@ -99,6 +99,7 @@ class OverlaySample:
         pred: predicted instances ``{"masks": (N, H, W) bool, "labels": (N,) int 0-based, "scores": (N,)}``.
         gt: GT instances ``{"masks", "labels"}`` or None.
         class_names: names per class index.
+        drawn: how the drawn predictions were chosen (e.g. ``score >= 0.133``), for the caption.
     """
 
     title: str
@@ -106,6 +107,7 @@ class OverlaySample:
     pred: Mapping[str, Any] | None
     gt: Mapping[str, Any] | None
     class_names: Sequence[str]
+    drawn: str = ""
 
 
 @dataclass
@@ -332,6 +334,10 @@ def _keep(inst: Mapping[str, Any], score_threshold: float | None, max_drawn: int
             "scores": scores[order]}
 
 
+def _drawn(score_threshold: float | None) -> str:
+    return "the 3 best" if score_threshold is None else f"score >= {score_threshold:.3f}"
+
+
 def _pick_ids(dataset: Any, candidates: Sequence[str], num: int | None) -> list[str]:
     """The first ``num`` ids (dataset order; None: all) among ``candidates`` that have GT instances."""
     picked = []
@@ -477,7 +483,7 @@ def overlays_from_predictions(
         image = dataset.image(image_id)
         pred = _decode_records(per_image[image_id], image.shape[:2], cat_to_label)
         out.append(OverlaySample(image_id, image, _keep(pred, score_threshold, max_drawn), _gt(dataset, image_id),
-                                 list(dataset.class_names)))
+                                 list(dataset.class_names), _drawn(score_threshold)))
     return out
 
 
@@ -499,7 +505,7 @@ def overlays_from_instances(
         for image_id in _pick_ids(dataset, reader.ids(), num):
             inst = _keep(reader.read(image_id), score_threshold, max_drawn)
             out.append(OverlaySample(image_id, dataset.image(image_id), inst, _gt(dataset, image_id),
-                                     list(dataset.class_names)))
+                                     list(dataset.class_names), _drawn(score_threshold)))
     return out
 
 
@@ -649,7 +655,8 @@ def _overlay_html(item: OverlayItem) -> str:
     panel = overlay_panel(item.image, item.pred, item.gt, item.class_names)
     n_pred = 0 if not item.pred else len(item.pred.get("labels", []))
     sides = "GT | prediction" if item.gt is not None else "prediction"
-    cap = f"{html.escape(item.title)} ({sides}, {n_pred} drawn)"
+    how = f" at {item.drawn}" if item.drawn else ""
+    cap = f"{html.escape(item.title)} ({sides}, {n_pred} drawn{html.escape(how)})"
     return f"<figure>{_img_tag(png_bytes(panel), item.title, 'panel')}<figcaption>{cap}</figcaption></figure>"
 
 
