@@ -221,8 +221,10 @@ def save_checkpoint(
 
     path = Path(path)
     try:
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
+        # through a file object: torch.save names the zip's folder after a path it is given (here the
+        # random temp name), so the same state would give different bytes on every run
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            torch.save(state, fh)
     except ArtifactError:
         raise
     except OSError as exc:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib
 import re
 import sys
@@ -21,7 +22,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["STAGE_SECTIONS", "build_schema", "section_schema", "SCHEMA_PATH"]
+__all__ = ["STAGE_SECTIONS", "build_schema", "section_schema", "SCHEMA_PATH", "config_error"]
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -219,6 +220,54 @@ def build_schema() -> dict[str, Any]:
         cls = getattr(importlib.import_module(f"bestie.stages.{module}"), name)
         schema["properties"][section] = section_schema(cls)
     return schema
+
+
+def _error_key(err: Any) -> tuple[str, str]:
+    """``(dotted key, what is wrong)`` of one jsonschema ``ValidationError``."""
+    path = [str(p) if not isinstance(p, int) else f"[{p}]" for p in err.absolute_path]
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        allowed = sorted((err.schema or {}).get("properties", {}))
+        extra = sorted(k for k in err.instance if k not in allowed)
+        if extra:
+            guess = difflib.get_close_matches(extra[0], allowed, n=1)
+            hint = f"; did you mean {guess[0]!r}?" if guess else ""
+            return ".".join([*path, extra[0]]).replace(".[", "["), (
+                f"unknown key{hint} (allowed: {', '.join(allowed)})")
+    key = ".".join(path).replace(".[", "[") or "(top level)"
+    return key, err.message
+
+
+def config_error(config: Any, schema_path: str | Path = SCHEMA_PATH, source: str = "the config") -> str | None:
+    """A short message for the schema violations of ``config``, or None when it is valid.
+
+    The message (a few lines, no dump of the config) starts and ends with the dotted key at fault, e.g.
+    ``config key classifier_pam.epochz: unknown key; did you mean 'epochs'? (allowed: ...)`` ...
+    ``invalid config key classifier_pam.epochz in <source> (schema <path>)``; further violations, if
+    any, are listed one per line in between. Defaults are not filled (Snakemake's ``validate`` does that
+    once this returns None).
+
+    Args:
+        config: the parsed configuration (dict).
+        schema_path: the JSON schema (YAML file), by default :data:`SCHEMA_PATH`.
+        source: how the config is named in the last line (e.g. the config file names).
+
+    Raises:
+        OSError / yaml.YAMLError: the schema file cannot be read.
+    """
+    import jsonschema
+
+    schema = yaml.safe_load(Path(schema_path).read_text())
+    cls = jsonschema.validators.validator_for(schema)
+    errors = sorted(cls(schema).iter_errors(config), key=lambda e: [str(p) for p in e.absolute_path])
+    if not errors:
+        return None
+    keyed = [_error_key(e) for e in errors]
+    first = keyed[0][0]
+    lines = [f"config key {first}: {keyed[0][1]}"]
+    lines += [f"config key {k}: {m}" for k, m in keyed[1:]]
+    more = f" (and {len(keyed) - 1} more above)" if len(keyed) > 1 else ""
+    lines.append(f"invalid config key {first}{more} in {source} (schema {schema_path})")
+    return "\n".join(lines)
 
 
 def render() -> str:

@@ -84,3 +84,47 @@ def test_python_dash_m_bestie_help():
     for command in ("train-classifier", "make-cams", "make-wsss", "train-bestie", "predict-instances",
                     "export-pseudo-labels", "train-maskrcnn", "evaluate", "report"):
         assert command in proc.stdout
+
+
+def test_config_error_names_the_key_first_and_last():
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert schema.config_error(cfg) is None
+    cfg["classifier_pam"]["epochz"] = 3
+    msg = schema.config_error(cfg, source="my.yaml").splitlines()
+    assert msg[0].startswith("config key classifier_pam.epochz: unknown key; did you mean 'epochs'?")
+    assert msg[-1].startswith("invalid config key classifier_pam.epochz in my.yaml") and len(msg) == 2
+    cfg["classifier_pam"].pop("epochz")
+    cfg["demo"]["image_size"] = [16, 160]
+    cfg["wsss"]["crf_iters"] = "ten"
+    msg = schema.config_error(cfg).splitlines()
+    assert msg[0] == "config key demo.image_size[0]: 16 is less than the minimum of 32"
+    assert msg[1] == "config key wsss.crf_iters: 'ten' is not of type 'integer'"
+    assert msg[-1].startswith("invalid config key demo.image_size[0] (and 1 more above)") and len(msg) == 3
+
+
+def test_snakemake_schema_error_is_short_and_names_the_key(tmp_path):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["bestie"]["warmup_iter"] = 10
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory",
+                           str(tmp_path), "-n", "--configfile", str(path)], capture_output=True, text=True, timeout=300)
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert proc.returncode != 0 and len(lines) <= 5, lines
+    assert lines[0].startswith("config key bestie.warmup_iter: unknown key; did you mean 'warmup_iters'?"), lines
+    assert lines[-1].startswith(f"invalid config key bestie.warmup_iter in {path}"), lines
+
+
+def test_show_metrics_prints_percent_and_semantic_drift(tmp_path, capsys):
+    from bestie.stages.report import collect_metrics
+
+    stages = collect_metrics({"bestie": {"split": "train", "mAP25": 0.7724, "mAP50": 0.3279, "mAP70": 0.0985,
+                                         "mAP75": 0.0383, "semantic_drift": 0.00216}})
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"run": "x", "units": "percent", "stages": stages}))
+    assert main(["show-metrics", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split()[-1] == "drift"
+    assert out[-1].split()[-9:] == ["-", "77.2", "32.8", "9.8", "3.8", "-", "-", "-", "0.2"]
+    assert main(["show-metrics", str(tmp_path / "none.json")]) == 2
+    assert "none.json" in capsys.readouterr().err

@@ -24,6 +24,8 @@ __all__ = [
     "draw_instances",
     "overlay_panel",
     "instance_colors",
+    "label_map_overlay",
+    "semantic_panel",
 ]
 
 _LOSS_X_KEYS = ("iteration", "iter", "step", "epoch")
@@ -60,37 +62,50 @@ def _numeric(v: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def loss_curve_png(records: Sequence[Mapping[str, Any]], title: str) -> bytes | None:
+#: records of these events (or without an ``event`` key) are per-iteration training records
+_TRAIN_EVENTS = (None, "train")
+
+
+def loss_curve_png(records: Sequence[Mapping[str, Any]], title: str,
+                   keys: Sequence[str] | None = None) -> bytes | None:
     """Loss curves of a JSON-lines training log.
 
     Args:
-        records: log records; the x axis is the first of ``iteration`` / ``iter`` / ``step`` / ``epoch``
-            present (else the record index); every key containing ``"loss"`` with a finite number is one
-            curve (``loss`` itself drawn thicker). Non-finite values (logged as strings) are skipped.
+        records: log records; only per-iteration ones are drawn (no ``event`` key, or ``event ==
+            "train"``: the classifier's ``epoch_end`` means and every ``start`` / ``end`` record are left
+            out). The x axis is the first of ``iteration`` / ``iter`` / ``step`` / ``epoch`` present (else
+            the record index). Non-finite values (logged as strings) are skipped.
         title: plot title.
+        keys: the keys drawn, one curve each, the first one thicker (e.g. BESTIE's ``total``, ``seg``,
+            ``center``, ``offset``); None: every key containing ``"loss"`` (``loss`` itself thicker).
 
     Returns:
-        PNG bytes, or None when no record has a loss value.
+        PNG bytes, or None when no record has a value of those keys.
     """
     from matplotlib.figure import Figure
 
     series: dict[str, tuple[list[float], list[float]]] = {}
     for i, rec in enumerate(records):
+        if rec.get("event") not in _TRAIN_EVENTS:
+            continue
         x = next((_numeric(rec.get(k)) for k in _LOSS_X_KEYS if _numeric(rec.get(k)) is not None), float(i))
         for key, value in rec.items():
             y = _numeric(value)
-            if "loss" in key.lower() and y is not None:
+            wanted = key in keys if keys is not None else "loss" in key.lower()
+            if wanted and y is not None:
                 xs, ys = series.setdefault(key, ([], []))
                 xs.append(x)
                 ys.append(y)
     if not series:
         return None
+    main = keys[0] if keys else "loss"
+    order = [k for k in keys if k in series] if keys is not None else sorted(series, key=lambda k: (k != "loss", k))
     fig = Figure(figsize=(6.4, 3.6))
     ax = fig.add_subplot(1, 1, 1)
     positive = all(y > 0 for _, ys in series.values() for y in ys)
-    for key in sorted(series, key=lambda k: (k != "loss", k)):
+    for key in order:
         xs, ys = series[key]
-        ax.plot(xs, ys, label=key, linewidth=2.0 if key == "loss" else 1.0)
+        ax.plot(xs, ys, label=key, linewidth=2.0 if key == main else 1.0, marker="." if len(xs) < 30 else None)
     if positive:
         ax.set_yscale("log")
     ax.set_xlabel(next((k for k in _LOSS_X_KEYS if any(k in r for r in records)), "record"))
@@ -130,7 +145,7 @@ def pr_curve_png(curve: Mapping[str, Any], title: str) -> bytes | None:
     ax.set_ylabel("precision")
     ax.set_title(f"{title} (IoU {curve.get('iou', 0.5):g})")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=6, ncol=2, loc="lower left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)  # outside the axes
     return figure_png(fig)
 
 
@@ -191,6 +206,55 @@ def draw_instances(
         cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), 2, cv2.LINE_AA)
         cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), 1, cv2.LINE_AA)
     return canvas
+
+
+def label_map_overlay(image: np.ndarray, label_map: np.ndarray, palette: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """A semantic label map blended over its image.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        label_map: ``(H, W)`` uint8, 0 = background (left as the image), ``1..C`` = classes, 255 =
+            uncertain / ignore (blended like a class, in its palette colour).
+        palette: ``(256, 3)`` uint8 RGB colour per label (e.g. the VOC colour map).
+        alpha: opacity of the label colours.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB.
+
+    Raises:
+        ValueError: a label map whose size differs from the image.
+    """
+    label_map = np.asarray(label_map)
+    if label_map.shape != image.shape[:2]:
+        raise ValueError(f"label_map_overlay: label map {label_map.shape} does not match the image {image.shape[:2]}")
+    out = image.astype(np.float32)
+    fg = label_map != 0
+    out[fg] = out[fg] * (1 - alpha) + palette[label_map[fg]].astype(np.float32) * alpha
+    return np.clip(out, 0, 255).astype(np.uint8)
+
+
+def semantic_panel(image: np.ndarray, label_maps: Sequence[np.ndarray | None], palette: np.ndarray,
+                   max_side: int = 720) -> np.ndarray:
+    """``[image | map 1 | map 2 ...]`` panel of semantic label maps (a None map is skipped).
+
+    Small images are enlarged by an integer factor (nearest neighbour) as in :func:`overlay_panel`, the
+    panel is at most ``max_side`` px wide; 4-px white gaps separate the parts.
+
+    Returns:
+        ``(h, w, 3)`` uint8 RGB.
+    """
+    parts = [image] + [label_map_overlay(image, m, palette) for m in label_maps if m is not None]
+    h, w = image.shape[:2]
+    up = max(1, min(320 // max(h, w), (max_side - 4 * (len(parts) - 1)) // (len(parts) * w)))
+    if up > 1:
+        parts = [np.repeat(np.repeat(p, up, axis=0), up, axis=1) for p in parts]
+    gap = np.full((parts[0].shape[0], 4, 3), 255, dtype=np.uint8)
+    panel = np.concatenate([x for p in parts for x in (p, gap)][:-1], axis=1)
+    f = max_side / max(panel.shape[:2])
+    if f < 1:
+        panel = cv2.resize(panel, (max(1, round(panel.shape[1] * f)), max(1, round(panel.shape[0] * f))),
+                           interpolation=cv2.INTER_AREA)
+    return panel
 
 
 def _upscale(inst: Mapping[str, Any] | None, f: int) -> Mapping[str, Any] | None:

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from bestie.report.units import percent
+
 __all__ = ["baseline_instances", "run"]
 
 log = logging.getLogger(__name__)
@@ -130,5 +132,6 @@ def run(cfg, dataset_cfg: dict, split: str, wsss_h5: Path, points_h5: Path | Non
             point_store.close()
     metrics = evaluator.evaluate()
     metrics.update({"split": split, "num_images": scored, "method": "wsss-components-with-one-point"})
-    log.info("pseudo-label baseline on %s (%d images): mAP50 %.2f", split, scored, metrics["mAP50"])
+    log.info("pseudo-label baseline on %s (%d images): mAP25 %s mAP50 %s mAP70 %s", split, scored,
+             *(percent(metrics.get(k)) for k in ("mAP25", "mAP50", "mAP70")))
     write_json_atomic(out_metrics, metrics)

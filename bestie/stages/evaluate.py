@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.report.units import percent
 
 __all__ = ["EvalConfig", "load_maskrcnn", "predict_image", "eval_dataset_cfg", "build_coco_gt", "pr_curves", "run"]
 
@@ -367,7 +368,6 @@ def run(
     }
     write_coco_results(out_predictions, results)
     write_json_atomic(out_metrics, metrics)
-    fmt = lambda v: "n/a" if v is None else f"{100 * v:.1f}"  # noqa: E731
     log.info("Mask R-CNN on %s (%d images scored): mAP25 %s mAP50 %s mAP70 %s mAP75 %s | COCO AP %s AP50 %s",
-             split, scored, *(fmt(metrics[k]) for k in ("mAP25", "mAP50", "mAP70", "mAP75", "AP", "AP50")))
+             split, scored, *(percent(metrics[k]) for k in ("mAP25", "mAP50", "mAP70", "mAP75", "AP", "AP50")))
     return metrics

@@ -47,6 +47,7 @@ import torch
 
 from bestie.config import to_dict
 from bestie.errors import ArtifactError, ConfigError
+from bestie.report.units import percent
 
 __all__ = ["CamConfig", "run", "THRESHOLDS", "downsample_cams", "upsample_cams", "cam_label_map",
            "peak_quality", "load_classifier"]
@@ -394,8 +395,8 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Seque
         }
     diag["seconds"] = time.time() - t0
     write_json_atomic(out_diagnostics, diag)
-    log.info("cams %s: best mIoU %s at threshold %s (%d images, %.0f s)", out_cams, diag["best_mIoU"],
-             diag["best_threshold"], len(ds.ids), diag["seconds"])
+    log.info("cams %s: best mIoU %s at threshold %s (%d images, %.0f s)", out_cams,
+             percent(diag["best_mIoU"], fraction=False), diag["best_threshold"], len(ds.ids), diag["seconds"])
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:

@@ -48,6 +48,7 @@ import numpy as np
 
 from bestie.config import to_dict
 from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.report.units import percent
 from bestie.wsss.crf import CrfParams, cams_to_wsss, mark_uncertain, seed_map, threshold_argmax
 
 __all__ = ["WsssConfig", "run", "import_wsss_pngs", "voc_palette", "write_palette_png", "resolve_threshold",
@@ -488,9 +489,10 @@ def run(
     diag = {"method": cfg.method, "bg_threshold": threshold, "config": to_dict(cfg), "cams": str(cams_h5),
             "num_images": len(ds.ids), **scores.result(), "timing": timing, "seconds": time.time() - t0}
     write_json_atomic(out_diagnostics, diag)
-    log.info("wsss %s (%s, threshold %.2f): mIoU %s (CAM argmax %s), %.1f%% uncertain, %.0f s", out_wsss_h5,
-             cfg.method, threshold, diag.get("mIoU"), (diag.get("cam_argmax") or {}).get("mIoU"),
-             100 * (diag.get("share_uncertain") or 0.0), diag["seconds"])
+    log.info("wsss %s (%s, threshold %.2f): mIoU %s (CAM argmax %s), %s%% uncertain, %.0f s", out_wsss_h5,
+             cfg.method, threshold, percent(diag.get("mIoU"), fraction=False),
+             percent((diag.get("cam_argmax") or {}).get("mIoU"), fraction=False),
+             percent(diag.get("share_uncertain") or 0.0), diag["seconds"])
     return diag
 
 

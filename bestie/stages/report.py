@@ -9,17 +9,22 @@ cams_pam       CAMs of the PAM classifier (diagnostics)     mIoU (``best_mIoU`` 
 cams_dense     CAMs of the dense classifier (diagnostics)   mIoU (``best_mIoU``)
 wsss           WSSS maps (diagnostics)                      mIoU
 baseline       pseudo labels by semantic transfer only      mAP25 / 50 / 70 / 75
-bestie         BESTIE instances = pseudo labels (train)     mAP25 / 50 / 70 / 75
+bestie         BESTIE instances = pseudo labels (train)     mAP25 / 50 / 70 / 75, semantic drift
 maskrcnn       Mask R-CNN on the held-out split             mAP25 / 50 / 70 / 75, COCO AP / AP50 / AP75
 =============  ==========================================  =====================================
 
 Units: ``bestie.evaluation.semantic`` reports mIoU in percent and is shown as is; the VOC and COCO
-evaluators report AP as fractions in ``[0, 1]``, shown multiplied by 100. Missing stages (not run, or
-not part of this setting) are listed as missing; other keys become extra rows with the same columns.
+evaluators report AP as fractions in ``[0, 1]``, and the semantic drift (share of GT-instance pixels the
+BESTIE semantic branch calls background) is a fraction too: both are shown multiplied by 100, one decimal
+(:func:`bestie.report.units.percent`). Missing stages (not run, or not part of this setting) are listed as
+missing; other keys become extra rows with the same columns.
 
-The HTML page (written atomically, nothing external: images are base64 PNG ``data:`` URIs) holds the
-table, the per-class APs of the Mask R-CNN, the training loss curves, the precision-recall curve of the
-Mask R-CNN evaluation and overlays of predictions next to the GT for a few images.
+The HTML page (written atomically, nothing external: images are base64 PNG ``data:`` URIs) holds, in
+this order: the header (run, dataset, splits), the table, the stage wall and CPU times of the
+workflow's benchmark files, per-class APs (BESTIE and Mask R-CNN), the training loss curves (classifiers,
+BESTIE, Mask R-CNN), precision-recall curves (BESTIE and Mask R-CNN) and overlays: CAMs, WSSS maps, BESTIE
+pseudo labels and Mask R-CNN predictions next to the GT. Instance overlays are drawn at a score threshold
+chosen from the data (:func:`best_f1_threshold`), stated in each section's caption.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import logging
 import math
 import os
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -40,6 +45,7 @@ from typing import Any, Union
 import numpy as np
 
 from bestie.errors import ArtifactError
+from bestie.report.units import percent
 
 __all__ = [
     "STAGES",
@@ -51,6 +57,14 @@ __all__ = [
     "read_jsonl",
     "overlays_from_predictions",
     "overlays_from_instances",
+    "overlays_from_wsss",
+    "ImagePanel",
+    "best_f1_threshold",
+    "read_benchmarks",
+    "per_class_rows",
+    "pr_curve_from_instances",
+    "prediction_threshold",
+    "instances_threshold",
     "run",
     "run_workflow_report",
 ]
@@ -66,9 +80,13 @@ STAGES: dict[str, str] = {
     "bestie": "BESTIE instances (pseudo labels)",
     "maskrcnn": "Mask R-CNN",
 }
-#: Table columns (all in percent).
-COLUMNS: tuple[str, ...] = ("mIoU", "mAP25", "mAP50", "mAP70", "mAP75", "AP", "AP50", "AP75")
+#: Table columns (all in percent); ``drift`` is the semantic drift of the BESTIE predictions.
+COLUMNS: tuple[str, ...] = ("mIoU", "mAP25", "mAP50", "mAP70", "mAP75", "AP", "AP50", "AP75", "drift")
 _FRACTION_KEYS = ("mAP25", "mAP50", "mAP70", "mAP75", "AP", "AP50", "AP75")
+#: loss keys drawn per training log of the workflow (None: every key containing "loss")
+LOSS_KEYS: dict[str, tuple[str, ...] | None] = {"bestie_log": ("total", "seg", "center", "offset")}
+#: at most this many instances are drawn per overlay image (highest scores first)
+MAX_DRAWN = 12
 
 
 @dataclass
@@ -81,6 +99,7 @@ class OverlaySample:
         pred: predicted instances ``{"masks": (N, H, W) bool, "labels": (N,) int 0-based, "scores": (N,)}``.
         gt: GT instances ``{"masks", "labels"}`` or None.
         class_names: names per class index.
+        drawn: how the drawn predictions were chosen (e.g. ``score >= 0.133``), for the caption.
     """
 
     title: str
@@ -88,9 +107,23 @@ class OverlaySample:
     pred: Mapping[str, Any] | None
     gt: Mapping[str, Any] | None
     class_names: Sequence[str]
+    drawn: str = ""
 
 
-OverlayItem = Union[OverlaySample, tuple, str, os.PathLike]
+@dataclass
+class ImagePanel:
+    """A ready panel of the report (e.g. image | WSSS map | GT).
+
+    Attributes:
+        title: caption.
+        image: ``(H, W, 3)`` uint8 RGB.
+    """
+
+    title: str
+    image: np.ndarray
+
+
+OverlayItem = Union[OverlaySample, ImagePanel, tuple, str, os.PathLike]
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -104,8 +137,8 @@ def summarize_metrics(data: Mapping[str, Any]) -> dict[str, Any]:
     """The table columns of one stage's metrics JSON, in percent.
 
     ``mIoU`` is taken from ``mIoU`` (else ``best_mIoU``), already in percent; ``mAP25..75`` and COCO
-    ``AP``, ``AP50``, ``AP75`` are fractions and are multiplied by 100. Absent or non-numeric values are
-    None. ``split`` and ``num_images`` are copied when present.
+    ``AP``, ``AP50``, ``AP75`` and ``drift`` (from ``semantic_drift``) are fractions and are multiplied by
+    100. Absent or non-numeric values are None. ``split`` and ``num_images`` are copied when present.
     """
     out: dict[str, Any] = {}
     miou = _num(data.get("mIoU"))
@@ -113,6 +146,8 @@ def summarize_metrics(data: Mapping[str, Any]) -> dict[str, Any]:
     for key in _FRACTION_KEYS:
         v = _num(data.get(key))
         out[key] = None if v is None else 100.0 * v
+    drift = _num(data.get("semantic_drift"))
+    out["drift"] = None if drift is None else 100.0 * drift
     for key in ("split", "num_images"):
         if key in data:
             out[key] = data[key]
@@ -163,7 +198,7 @@ def collect_metrics(metrics: Mapping[str, str | os.PathLike | Mapping[str, Any] 
 
 
 def _fmt(v: Any) -> str:
-    return "-" if v is None else f"{v:.1f}"
+    return percent(v, fraction=False, missing="-")
 
 
 def metrics_table(metrics: Mapping[str, Any]) -> str:
@@ -174,7 +209,7 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
             ``"stages"``), or a mapping stage key -> metrics dict / JSON path (summarised here).
 
     Returns:
-        Lines ``stage | split | mIoU mAP25 mAP50 mAP70 mAP75 AP AP50 AP75`` (percent, one decimal,
+        Lines ``stage | split | mIoU mAP25 mAP50 mAP70 mAP75 AP AP50 AP75 drift`` (percent, one decimal,
         ``-`` where a stage has no such value, ``(missing)`` for a stage without metrics).
     """
     rows = metrics["stages"] if isinstance(metrics.get("stages"), Mapping) else collect_metrics(metrics)
@@ -193,7 +228,8 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
         return "  ".join(left + right).rstrip()
 
     rule = "-" * len(line(head))
-    title = "metrics in percent (mIoU: semantic; mAP: VOC instance AP at IoU 0.25/0.5/0.7/0.75; AP: COCO mask AP)"
+    title = ("metrics in percent (mIoU: semantic; mAP: VOC instance AP at IoU 0.25/0.5/0.7/0.75; AP: COCO mask AP; "
+             "drift: semantic drift, GT-instance pixels predicted background)")
     return "\n".join([title, line(head), rule, *(line(r) for r in body)])
 
 
@@ -218,20 +254,96 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     return records
 
 
+def read_benchmarks(bench_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Wall and CPU time of each job from Snakemake's benchmark files (``<bench_dir>/<job>.tsv``).
+
+    Args:
+        bench_dir: the run's ``benchmarks`` folder (a missing folder gives an empty list).
+
+    Returns:
+        ``[{"job": file stem, "s": wall seconds, "cpu_time": CPU seconds (user + system), "max_rss":
+        MB}]`` in the order the jobs finished (file modification time); a value that is ``NA`` or not
+        a number is None; with several rows (``--benchmark-repeats``) the last one counts. Files without
+        a data row are skipped with a warning.
+    """
+    d = Path(bench_dir)
+    if not d.is_dir():
+        return []
+    rows = []
+    for f in sorted(d.glob("*.tsv"), key=lambda p: (p.stat().st_mtime, p.name)):
+        lines = [ln.split("\t") for ln in f.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        if len(lines) < 2:
+            log.warning("%s: no benchmark row, skipped", f)
+            continue
+        rec = dict(zip(lines[0], lines[-1]))
+
+        def num(key: str) -> float | None:
+            try:
+                v = float(rec.get(key, "NA"))
+            except ValueError:
+                return None
+            return v if math.isfinite(v) else None
+
+        rows.append({"job": f.stem, "s": num("s"), "cpu_time": num("cpu_time"), "max_rss": num("max_rss")})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ per class
+_AP_KEYS = (("0.25", "AP25"), ("0.5", "AP50"), ("0.7", "AP70"), ("0.75", "AP75"))
+
+
+def per_class_rows(data: Mapping[str, Any], class_names: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
+    """Per-class AP rows of one stage's metrics: ``[{"class", "num_gt", "AP25", ..., "AP75"[, "coco_AP"]}]``.
+
+    Takes ``per_class`` (the list of ``bestie evaluate``) when present, else builds the rows from the VOC
+    evaluator's result under ``voc`` (``per_class`` by IoU threshold, ``num_gt``), as
+    ``bestie predict-instances`` writes it; class names from ``class_names``, else the metrics'
+    ``class_names``, else the index. APs stay fractions. None when neither is there.
+    """
+    pc = data.get("per_class")
+    if isinstance(pc, list) and pc and isinstance(pc[0], Mapping):
+        return [dict(r) for r in pc]
+    voc = data.get("voc")
+    if not isinstance(voc, Mapping) or not isinstance(voc.get("per_class"), Mapping) or not voc["per_class"]:
+        return None
+    per = voc["per_class"]
+    names = list(class_names or data.get("class_names") or [])
+    num_gt = list(voc.get("num_gt") or [])
+    rows = []
+    for c in range(max(len(v) for v in per.values())):
+        row: dict[str, Any] = {"class": names[c] if c < len(names) else str(c),
+                               "num_gt": num_gt[c] if c < len(num_gt) else None}
+        for t, key in _AP_KEYS:
+            if t in per and c < len(per[t]):
+                row[key] = per[t][c]
+        rows.append(row)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------ overlays
-def _filter(inst: Mapping[str, Any], score_threshold: float) -> dict[str, np.ndarray]:
+def _keep(inst: Mapping[str, Any], score_threshold: float | None, max_drawn: int) -> dict[str, np.ndarray]:
+    """Instances with ``score >= score_threshold`` (None: the 3 best), at most ``max_drawn``, best first."""
     scores = np.asarray(inst["scores"], dtype=np.float32)
-    keep = scores >= score_threshold
-    return {"masks": np.asarray(inst["masks"])[keep], "labels": np.asarray(inst["labels"])[keep],
-            "scores": scores[keep]}
+    order = np.argsort(-scores, kind="stable")
+    if score_threshold is None:
+        order = order[:3]
+    else:
+        order = order[scores[order] >= score_threshold]
+    order = order[:max_drawn]
+    return {"masks": np.asarray(inst["masks"])[order], "labels": np.asarray(inst["labels"])[order],
+            "scores": scores[order]}
 
 
-def _pick_ids(dataset: Any, candidates: Sequence[str], num: int) -> list[str]:
-    """The first ``num`` ids (dataset order) among ``candidates`` that have GT instances."""
+def _drawn(score_threshold: float | None) -> str:
+    return "the 3 best" if score_threshold is None else f"score >= {score_threshold:.3f}"
+
+
+def _pick_ids(dataset: Any, candidates: Sequence[str], num: int | None) -> list[str]:
+    """The first ``num`` ids (dataset order; None: all) among ``candidates`` that have GT instances."""
     picked = []
     wanted = set(candidates)
     for image_id in dataset.ids:
-        if len(picked) >= num:
+        if num is not None and len(picked) >= num:
             break
         if image_id in wanted and dataset.has_gt(image_id):
             picked.append(image_id)
@@ -246,48 +358,142 @@ def _gt(dataset: Any, image_id: str) -> dict[str, np.ndarray] | None:
     return gt
 
 
-def overlays_from_predictions(
-    dataset: Any, predictions_json: str | os.PathLike, num: int = 4, score_threshold: float = 0.5
-) -> list[OverlaySample]:
-    """Overlays of COCO results with an ``image_key`` field (the predictions JSON of ``bestie evaluate``).
+def best_f1_threshold(
+    pairs: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]], num_classes: int, iou: float = 0.5
+) -> tuple[float | None, dict[str, Any]]:
+    """The score threshold of the best F1 over a set of images, at mask IoU ``>= iou``.
 
-    The first ``num`` images of the dataset that have GT and at least one record are used; results with a
-    score below ``score_threshold`` are not drawn. Category ids map back to classes by the dataset's
-    category ids (:func:`bestie.stages.export_pseudo_labels.category_ids`).
+    Detections are matched to GT as the VOC evaluator does (:class:`bestie.evaluation.voc.
+    VOCInstanceEvaluator`: class-aware, highest score first, each GT matched once); over all images and
+    classes, sorted by descending score, ``F1(k) = 2 TP(k) / (k + num_gt)`` for the top ``k``; the
+    threshold is the score of the detection at the best ``k``.
+
+    Args:
+        pairs: ``(pred, gt)`` per image: ``pred`` ``{"masks": (N, H, W) bool, "labels": (N,) int 0-based,
+            "scores": (N,)}``, ``gt`` ``{"masks": (M, H, W) bool, "labels": (M,)}``.
+        num_classes: ``C``.
+        iou: match threshold.
+
+    Returns:
+        ``(threshold or None when no detection matches any GT, {"f1", "precision", "recall", "num_images",
+        "num_detections", "num_gt", "iou"})`` (fractions).
 
     Raises:
-        ArtifactError: an unreadable JSON file, or records without ``image_key``.
+        DataError: inconsistent instance dicts (from the evaluator).
     """
-    from bestie.io.coco_json import decode_rle
-    from bestie.stages.export_pseudo_labels import category_ids
+    from bestie.evaluation.voc import VOCInstanceEvaluator
 
+    ev = VOCInstanceEvaluator(num_classes, (iou,))
+    for pred, gt in pairs:
+        ev.update(pred, gt)
+    scores, _, tp = ev._class_tp()
+    num_gt = int(sum(ev.evaluate()["num_gt"]))
+    info: dict[str, Any] = {"f1": None, "precision": None, "recall": None, "num_images": ev.num_images,
+                            "num_detections": int(scores.size), "num_gt": num_gt, "iou": float(iou)}
+    if scores.size == 0 or num_gt == 0:
+        return None, info
+    order = np.argsort(-scores, kind="stable")
+    ctp = np.cumsum(tp[order, 0].astype(np.float64))
+    k = np.arange(1, scores.size + 1, dtype=np.float64)
+    f1 = 2.0 * ctp / (k + num_gt)
+    best = int(np.argmax(f1))
+    if f1[best] <= 0:
+        return None, info
+    info.update(f1=float(f1[best]), precision=float(ctp[best] / k[best]), recall=float(ctp[best] / num_gt))
+    return float(scores[order][best]), info
+
+
+def _prediction_records(dataset: Any, predictions_json: str | os.PathLike) -> dict[str, list[dict]]:
     results = _read_json(predictions_json)
     if not isinstance(results, list):
         raise ArtifactError(f"{predictions_json}: expected a COCO results list")
-    cat_to_label = {cid: i for i, cid in enumerate(category_ids(dataset))}
     per_image: dict[str, list[dict]] = defaultdict(list)
     for r in results:
         if "image_key" not in r:
             raise ArtifactError(f"{predictions_json}: result records lack 'image_key' (not written by bestie evaluate)")
         per_image[str(r["image_key"])].append(r)
+    return per_image
+
+
+def _decode_records(recs: Sequence[Mapping[str, Any]], shape: tuple[int, int],
+                    cat_to_label: Mapping[int, int]) -> dict[str, np.ndarray]:
+    from bestie.io.coco_json import decode_rle
+
+    recs = [r for r in recs if int(r["category_id"]) in cat_to_label]
+    masks = np.stack([decode_rle(r["segmentation"]) for r in recs]) if recs else np.zeros((0, *shape), bool)
+    return {"masks": masks.astype(bool),
+            "labels": np.asarray([cat_to_label[int(r["category_id"])] for r in recs], dtype=np.int64),
+            "scores": np.asarray([float(r["score"]) for r in recs], dtype=np.float32)}
+
+
+def _image_shape(dataset: Any, image_id: str, gt: Mapping[str, Any] | None) -> tuple[int, int]:
+    if gt is not None and np.asarray(gt["masks"]).ndim == 3:
+        return tuple(np.asarray(gt["masks"]).shape[1:])  # type: ignore[return-value]
+    return tuple(dataset.image(image_id).shape[:2])  # type: ignore[return-value]
+
+
+def prediction_threshold(dataset: Any, predictions_json: str | os.PathLike, max_images: int = 200,
+                         iou: float = 0.5) -> tuple[float | None, dict[str, Any]]:
+    """:func:`best_f1_threshold` of a COCO results file of ``bestie evaluate`` over the first ``max_images``
+    images with GT (dataset order)."""
+    from bestie.stages.export_pseudo_labels import category_ids
+
+    per_image = _prediction_records(dataset, predictions_json)
+    cat_to_label = {cid: i for i, cid in enumerate(category_ids(dataset))}
+
+    def pairs():
+        for image_id in _pick_ids(dataset, list(per_image), max_images):
+            gt = _gt(dataset, image_id)
+            yield _decode_records(per_image[image_id], _image_shape(dataset, image_id, gt), cat_to_label), gt
+
+    return best_f1_threshold(pairs(), dataset.num_classes, iou)
+
+
+def instances_threshold(dataset: Any, instances_h5: str | os.PathLike, max_images: int = 200,
+                        iou: float = 0.5) -> tuple[float | None, dict[str, Any]]:
+    """:func:`best_f1_threshold` of an instances HDF5 of ``bestie predict-instances`` over the first
+    ``max_images`` images with GT (dataset order)."""
+    from bestie.io.h5store import H5Reader
+
+    with H5Reader(instances_h5) as reader:
+        pairs = ((reader.read(i), _gt(dataset, i)) for i in _pick_ids(dataset, reader.ids(), max_images))
+        return best_f1_threshold(pairs, dataset.num_classes, iou)
+
+
+def overlays_from_predictions(
+    dataset: Any, predictions_json: str | os.PathLike, num: int = 4, score_threshold: float | None = 0.5,
+    max_drawn: int = MAX_DRAWN,
+) -> list[OverlaySample]:
+    """Overlays of COCO results with an ``image_key`` field (the predictions JSON of ``bestie evaluate``).
+
+    The first ``num`` images of the dataset that have GT and at least one record are used; results with a
+    score below ``score_threshold`` are not drawn (None: the 3 best of each image), nor more than
+    ``max_drawn`` per image (the best ones). Category ids map back to classes by the dataset's category
+    ids (:func:`bestie.stages.export_pseudo_labels.category_ids`).
+
+    Raises:
+        ArtifactError: an unreadable JSON file, or records without ``image_key``.
+    """
+    from bestie.stages.export_pseudo_labels import category_ids
+
+    per_image = _prediction_records(dataset, predictions_json)
+    cat_to_label = {cid: i for i, cid in enumerate(category_ids(dataset))}
     out = []
     for image_id in _pick_ids(dataset, list(per_image), num):
-        recs = [r for r in per_image[image_id] if float(r["score"]) >= score_threshold]
         image = dataset.image(image_id)
-        h, w = image.shape[:2]
-        masks = np.stack([decode_rle(r["segmentation"]) for r in recs]) if recs else np.zeros((0, h, w), bool)
-        pred = {"masks": masks,
-                "labels": np.asarray([cat_to_label.get(int(r["category_id"]), -1) for r in recs], dtype=np.int64),
-                "scores": np.asarray([float(r["score"]) for r in recs], dtype=np.float32)}
-        out.append(OverlaySample(image_id, image, pred, _gt(dataset, image_id), list(dataset.class_names)))
+        pred = _decode_records(per_image[image_id], image.shape[:2], cat_to_label)
+        out.append(OverlaySample(image_id, image, _keep(pred, score_threshold, max_drawn), _gt(dataset, image_id),
+                                 list(dataset.class_names), _drawn(score_threshold)))
     return out
 
 
 def overlays_from_instances(
-    dataset: Any, instances_h5: str | os.PathLike, num: int = 4, score_threshold: float = 0.5
+    dataset: Any, instances_h5: str | os.PathLike, num: int = 4, score_threshold: float | None = 0.5,
+    max_drawn: int = MAX_DRAWN,
 ) -> list[OverlaySample]:
     """Overlays of an instances HDF5 of ``bestie predict-instances`` (arrays ``masks``, ``labels``,
-    ``scores`` per image id), first ``num`` images with GT, instances with ``score >= score_threshold``.
+    ``scores`` per image id), first ``num`` images with GT, instances with ``score >= score_threshold``
+    (None: the 3 best), at most ``max_drawn`` per image.
 
     Raises:
         ArtifactError: a missing or corrupt HDF5 file.
@@ -297,27 +503,79 @@ def overlays_from_instances(
     out = []
     with H5Reader(instances_h5) as reader:
         for image_id in _pick_ids(dataset, reader.ids(), num):
-            inst = _filter(reader.read(image_id), score_threshold)
+            inst = _keep(reader.read(image_id), score_threshold, max_drawn)
             out.append(OverlaySample(image_id, dataset.image(image_id), inst, _gt(dataset, image_id),
-                                     list(dataset.class_names)))
+                                     list(dataset.class_names), _drawn(score_threshold)))
     return out
+
+
+def overlays_from_wsss(dataset: Any, wsss_h5: str | os.PathLike, num: int = 4) -> list[ImagePanel]:
+    """``image | WSSS map | GT semantic map`` panels of the first ``num`` images of a WSSS store
+    (``wsss`` arrays, 0 background, ``c + 1`` class ``c``, 255 uncertain), in the VOC colour map; the GT
+    part is left out where the dataset has no semantic GT (COCO).
+
+    Raises:
+        ArtifactError: a missing or corrupt HDF5 file.
+    """
+    from bestie.io.h5store import H5Reader
+    from bestie.report.figures import semantic_panel
+    from bestie.stages.make_wsss import voc_palette
+
+    palette = voc_palette()
+    out = []
+    with H5Reader(wsss_h5) as reader:
+        stored = set(reader.ids())
+        for image_id in [i for i in dataset.ids if i in stored][:num]:
+            image = dataset.image(image_id)
+            gt = dataset.semantic_gt(image_id)
+            out.append(ImagePanel(image_id, semantic_panel(image, [reader.read(image_id)["wsss"], gt], palette)))
+    return out
+
+
+def pr_curve_from_instances(dataset: Any, instances_h5: str | os.PathLike, iou: float = 0.5,
+                            max_images: int | None = 500) -> dict[str, Any] | None:
+    """Precision-recall curve of an instances HDF5 against the dataset's GT, as ``bestie evaluate``
+    computes it for the Mask R-CNN (:func:`bestie.stages.evaluate.pr_curves`, COCOeval segm), over the
+    first ``max_images`` images with GT (None: all). None without such images.
+
+    Raises:
+        ArtifactError: a missing or corrupt HDF5 file.
+    """
+    from bestie.io.coco_json import instances_to_coco_results
+    from bestie.io.h5store import H5Reader
+    from bestie.stages.evaluate import build_coco_gt, pr_curves
+    from bestie.stages.export_pseudo_labels import category_ids
+
+    cat_ids = category_ids(dataset)
+    gts, coco_ids, results = [], [], []
+    with H5Reader(instances_h5) as reader:
+        for k, image_id in enumerate(_pick_ids(dataset, reader.ids(), max_images), start=1):
+            gts.append(_gt(dataset, image_id))
+            coco_ids.append(k)
+            results += instances_to_coco_results(k, reader.read(image_id), lambda c: cat_ids[c])
+    if not gts:
+        return None
+    curve = pr_curves(build_coco_gt(gts, coco_ids, cat_ids, dataset.class_names), results, iou)
+    curve["source"] = f"{curve.get('source', '')}; {len(gts)} images, computed by the report"
+    return curve
 
 
 # ---------------------------------------------------------------------------------------------- HTML
 _CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
 h1 { font-size: 1.6em; } h2 { font-size: 1.25em; border-bottom: 1px solid #ccc; padding-bottom: .2em; }
 table { border-collapse: collapse; margin: .5em 0 1em; font-size: .92em; }
 th, td { border: 1px solid #ccc; padding: .25em .6em; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 th { background: #f3f3f3; } .missing { color: #999; font-style: italic; } .note { color: #555; font-size: .9em; }
 figure { display: inline-block; margin: .4em; vertical-align: top; } figcaption { font-size: .85em; color: #444; }
-img { max-width: 100%; }
+img { max-width: 100%; } img.small { width: 240px; image-rendering: pixelated; } img.panel { width: 540px; }
 """
 
 
-def _img_tag(png: bytes, alt: str) -> str:
+def _img_tag(png: bytes, alt: str, cls: str = "") -> str:
     data = base64.b64encode(png).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
+    klass = f' class="{cls}"' if cls else ""
+    return f'<img{klass} src="data:image/png;base64,{data}" alt="{html.escape(alt)}">'
 
 
 def _metrics_html(rows: Mapping[str, Mapping[str, Any]]) -> str:
@@ -347,8 +605,30 @@ def _per_class_html(per_class: Sequence[Mapping[str, Any]]) -> str:
             elif c == "num_gt":
                 cells.append(f'<td class="num">{"-" if v is None else int(v)}</td>')
             else:
-                cells.append(f'<td class="num">{_fmt(None if _num(v) is None else 100 * float(v))}</td>')
+                cells.append(f'<td class="num">{percent(v, missing="-")}</td>')
         body.append(f"<tr>{''.join(cells)}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def _seconds(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.0f} s" if v < 120 else f"{v / 60:.1f} min"
+
+
+def _benchmarks_html(rows: Sequence[Mapping[str, Any]]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in ("job", "wall", "CPU", "CPU / wall", "max RSS (MB)"))
+    body = []
+    for r in rows:
+        ratio = f"{r['cpu_time'] / r['s']:.2f}" if r.get("cpu_time") is not None and r.get("s") else "-"
+        rss = "-" if r.get("max_rss") is None else f"{r['max_rss']:.0f}"
+        body.append(f"<tr><td>{html.escape(str(r['job']))}</td><td class='num'>{_seconds(r.get('s'))}</td>"
+                    f"<td class='num'>{_seconds(r.get('cpu_time'))}</td><td class='num'>{ratio}</td>"
+                    f"<td class='num'>{rss}</td></tr>")
+    wall = sum(r["s"] or 0.0 for r in rows)
+    cpu = sum(r["cpu_time"] or 0.0 for r in rows)
+    body.append(f"<tr><th>sum</th><th class='num'>{_seconds(wall)}</th><th class='num'>{_seconds(cpu)}</th>"
+                "<th></th><th></th></tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 
 
@@ -359,7 +639,11 @@ def _overlay_html(item: OverlayItem) -> str:
         p = Path(item)
         if not p.is_file():
             raise ArtifactError(f"overlay image {p} does not exist")
-        return f"<figure>{_img_tag(p.read_bytes(), p.name)}<figcaption>{html.escape(p.name)}</figcaption></figure>"
+        return (f"<figure>{_img_tag(p.read_bytes(), p.name, 'small')}<figcaption>{html.escape(p.name)}"
+                "</figcaption></figure>")
+    if isinstance(item, ImagePanel):
+        return (f"<figure>{_img_tag(png_bytes(item.image), item.title, 'panel')}<figcaption>{html.escape(item.title)}"
+                "</figcaption></figure>")
     if isinstance(item, tuple):
         if len(item) == 3:
             item = OverlaySample("", item[0], item[1], item[2], [])
@@ -371,30 +655,41 @@ def _overlay_html(item: OverlayItem) -> str:
     panel = overlay_panel(item.image, item.pred, item.gt, item.class_names)
     n_pred = 0 if not item.pred else len(item.pred.get("labels", []))
     sides = "GT | prediction" if item.gt is not None else "prediction"
-    cap = f"{html.escape(item.title)} ({sides}, {n_pred} predicted)"
-    return f"<figure>{_img_tag(png_bytes(panel), item.title)}<figcaption>{cap}</figcaption></figure>"
+    how = f" at {item.drawn}" if item.drawn else ""
+    cap = f"{html.escape(item.title)} ({sides}, {n_pred} drawn{html.escape(how)})"
+    return f"<figure>{_img_tag(png_bytes(panel), item.title, 'panel')}<figcaption>{cap}</figcaption></figure>"
+
+
+LogSpec = Union[str, os.PathLike, tuple]
 
 
 def run(
     metrics: Mapping[str, str | os.PathLike | Mapping[str, Any] | None],
-    logs: Mapping[str, str | os.PathLike],
+    logs: Mapping[str, LogSpec],
     overlays: Sequence[OverlayItem] | Mapping[str, Sequence[OverlayItem]],
     out_html: str | os.PathLike,
     *,
     title: str = "BESTIE weakly-supervised instance segmentation: report",
     info: Mapping[str, Any] | None = None,
+    benchmarks: Sequence[Mapping[str, Any]] | None = None,
+    pr_curves: Mapping[str, Mapping[str, Any] | None] | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write the HTML report and return the combined metrics.
 
     Args:
         metrics: stage key -> metrics JSON path or dict (:data:`STAGES`; missing stages allowed).
-        logs: curve title -> JSON-lines training log (missing / empty logs are noted, not fatal).
-        overlays: :class:`OverlaySample` s, tuples ``(image, pred, gt)`` / ``(title, image, pred, gt
-            [, class_names])``, or paths of ready PNG/JPEG images; or a mapping section title -> such a
-            list.
+        logs: curve title -> JSON-lines training log, or ``(log, keys)`` with the keys to draw
+            (:func:`bestie.report.figures.loss_curve_png`); missing / empty logs are noted, not fatal.
+        overlays: :class:`OverlaySample` s, :class:`ImagePanel` s, tuples ``(image, pred, gt)`` /
+            ``(title, image, pred, gt[, class_names])``, or paths of ready PNG images; or a mapping
+            section title -> such a list.
         out_html: output page, written atomically (UTF-8, self-contained).
         title: page title.
         info: extra key/value lines for the page header (run name, dataset, ...).
+        benchmarks: rows of :func:`read_benchmarks` (None or empty: the section says so).
+        pr_curves: stage key -> precision-recall curve for stages whose metrics hold none (``pr_curve``).
+        notes: section title -> a note printed under that heading (e.g. how overlays were chosen).
 
     Returns:
         ``{"stages": collect_metrics(metrics), "units": "percent", **info}`` (JSON-serialisable).
@@ -406,45 +701,67 @@ def run(
     from bestie.io.atomic import atomic_write
     from bestie.report.figures import loss_curve_png, pr_curve_png
 
+    notes = dict(notes or {})
     rows = collect_metrics(metrics)
     raw: dict[str, Any] = {}
-    for key, src in metrics.items():
+    for key in rows:  # table order
+        src = metrics[key]
         if isinstance(src, Mapping):
             raw[key] = src
         elif src is not None and Path(src).is_file():
             raw[key] = _read_json(src)
+
+    def heading(text: str) -> None:
+        parts.append(f"<h2>{html.escape(text)}</h2>")
+        if text in notes:
+            parts.append(f"<p class='note'>{html.escape(notes[text])}</p>")
+
     parts = [f"<h1>{html.escape(title)}</h1>"]
     info = dict(info or {})
     meta = {**info, "generated": datetime.datetime.now().isoformat(timespec="seconds")}
     parts.append("<p class='note'>" + "<br>".join(
         f"<b>{html.escape(str(k))}</b>: {html.escape(str(v))}" for k, v in meta.items()) + "</p>")
 
-    parts.append("<h2>Metrics</h2>")
+    heading("Metrics")
     parts.append(_metrics_html(rows))
     parts.append(
         "<p class='note'>All values in percent. mIoU: semantic segmentation against SegmentationClass (best "
         "background threshold for CAMs). mAP25/50/70/75: VOC instance-mask AP at IoU 0.25/0.5/0.7/0.75 "
         "(METHOD.md evaluation protocol); pseudo labels and BESTIE are scored on the training images, the "
-        "Mask R-CNN on the held-out split. AP/AP50/AP75: COCO mask AP (pycocotools).</p>"
+        "Mask R-CNN on the held-out split. AP/AP50/AP75: COCO mask AP (pycocotools). drift: semantic drift, "
+        "the share of GT-instance pixels that the BESTIE semantic branch labels background.</p>"
     )
+
+    heading("Stage times")
+    if benchmarks:
+        parts.append(_benchmarks_html(benchmarks))
+        parts.append("<p class='note'>From Snakemake's benchmark files (results/&lt;run&gt;/benchmarks/*.tsv), in "
+                     "the order the jobs finished. CPU = user + system time of the job's processes; jobs may "
+                     "have run side by side, so the sum of wall times can exceed the workflow's wall time.</p>")
+    else:
+        parts.append("<p class='missing'>no benchmark files</p>")
+
     for key, data in raw.items():
-        per_class = data.get("per_class") if isinstance(data, Mapping) else None
-        if isinstance(per_class, list) and per_class and isinstance(per_class[0], Mapping):
-            parts.append(f"<h2>Per class: {html.escape(STAGES.get(key, key))}</h2>")
+        per_class = per_class_rows(data) if isinstance(data, Mapping) else None
+        if per_class:
+            heading(f"Per class: {STAGES.get(key, key)}")
             parts.append(_per_class_html(per_class))
 
-    parts.append("<h2>Training losses</h2>")
-    for name, path in logs.items():
-        png = loss_curve_png(read_jsonl(path), name)
+    heading("Training losses")
+    for name, spec in logs.items():
+        path, keys = spec if isinstance(spec, tuple) else (spec, None)
+        png = loss_curve_png(read_jsonl(path), name, keys)
         if png is None:
             parts.append(f"<p class='missing'>{html.escape(name)}: no loss records in {html.escape(os.fspath(path))}</p>")
         else:
             parts.append(f"<figure>{_img_tag(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>")
 
-    parts.append("<h2>Precision-recall</h2>")
+    heading("Precision-recall")
     n_pr = 0
     for key, data in raw.items():
         curve = data.get("pr_curve") if isinstance(data, Mapping) else None
+        if not isinstance(curve, Mapping):
+            curve = (pr_curves or {}).get(key)
         png = pr_curve_png(curve, STAGES.get(key, key)) if isinstance(curve, Mapping) else None
         if png is not None:
             n_pr += 1
@@ -456,7 +773,7 @@ def run(
 
     sections = overlays if isinstance(overlays, Mapping) else {"Predictions": overlays}
     for section, items in sections.items():
-        parts.append(f"<h2>Overlays: {html.escape(section)}</h2>")
+        heading(f"Overlays: {section}")
         if not items:
             parts.append("<p class='missing'>no images</p>")
         parts.extend(_overlay_html(item) for item in items)
@@ -473,6 +790,26 @@ def run(
     return {**info, "units": "percent", "stages": rows}
 
 
+_LOG_ORDER = ("classifier_", "bestie", "maskrcnn")  # pipeline order of the training logs
+_LOG_NAMES = {"bestie": "BESTIE", "maskrcnn": "Mask R-CNN"}
+
+
+def _log_title(key: str) -> str:
+    """``classifier_pam_log`` -> ``classifier pam training``; ``bestie_log`` -> ``BESTIE training``."""
+    name = key[: -len("_log")]
+    return f"{_LOG_NAMES.get(name, name.replace('_', ' '))} training"
+
+
+def _threshold_note(what: str, threshold: float | None, info: Mapping[str, Any]) -> str:
+    if threshold is None:
+        return (f"{what}: no detection matches a GT instance at mask IoU {info['iou']:g} on the "
+                f"{info['num_images']} images scored, so each image shows its 3 highest-scoring instances.")
+    return (f"{what}: instances with score >= {threshold:.3f} (at most {MAX_DRAWN} per image), the threshold of the "
+            f"best F1 at mask IoU {info['iou']:g} over {info['num_images']} images with GT "
+            f"({info['num_detections']} detections, {info['num_gt']} GT instances): F1 {percent(info['f1'])}, "
+            f"precision {percent(info['precision'])}, recall {percent(info['recall'])}. Left: GT, right: prediction.")
+
+
 def run_workflow_report(
     run_name: str,
     dataset_cfg: Mapping[str, Any],
@@ -481,7 +818,6 @@ def run_workflow_report(
     out_metrics: str | os.PathLike,
     *,
     num_overlays: int = 4,
-    overlay_score_threshold: float = 0.5,
 ) -> dict[str, Any]:
     """The workflow's ``report`` rule: combined metrics JSON + HTML page of one run.
 
@@ -489,12 +825,14 @@ def run_workflow_report(
         run_name: the config's ``run``.
         dataset_cfg: the dataset section (``train_split`` / ``eval_split`` select the overlay images).
         inputs: name -> path; metrics of the stages of :data:`STAGES` under their keys, training logs under
-            ``bestie_log`` / ``maskrcnn_log`` (and any other ``*_log``), the BESTIE instances HDF5 of the
-            training split under ``instances`` and the Mask R-CNN predictions JSON under ``predictions``.
+            ``*_log`` (``classifier_pam_log``, ``classifier_dense_log``, ``bestie_log``, ``maskrcnn_log``;
+            drawn keys from :data:`LOSS_KEYS`), the BESTIE instances HDF5 of the training split under
+            ``instances``, the Mask R-CNN predictions JSON under ``predictions``, the WSSS maps HDF5 under
+            ``wsss_maps``, the CAM overlay folders under ``cam_overlays_<kind>`` and the benchmark folder
+            under ``benchmarks``. Every one may be absent.
         out_html: the page.
         out_metrics: the combined metrics JSON (what :func:`metrics_table` prints), written atomically.
         num_overlays: images per overlay section.
-        overlay_score_threshold: instances scoring below this are not drawn.
 
     Returns:
         The combined metrics (also written to ``out_metrics``).
@@ -503,25 +841,55 @@ def run_workflow_report(
     from bestie.io.atomic import write_json_atomic
     from bestie.stages.evaluate import eval_dataset_cfg
 
+    def have(key: str) -> bool:
+        return bool(inputs.get(key)) and Path(inputs[key]).exists()
+
     metrics = {k: v for k, v in inputs.items() if k in STAGES}
-    logs = {k[: -len("_log")].replace("_", " ") + " training": v for k, v in inputs.items() if k.endswith("_log")}
+    log_keys = sorted((k for k in inputs if k.endswith("_log")),
+                      key=lambda k: (next((i for i, p in enumerate(_LOG_ORDER) if k.startswith(p)), len(_LOG_ORDER)), k))
+    logs = {_log_title(k): (inputs[k], LOSS_KEYS.get(k)) for k in log_keys}
     train_split = dataset_cfg.get("train_split", "train")
     eval_split = dataset_cfg.get("eval_split", "val")
-    overlays: dict[str, list[OverlaySample]] = {}
-    if inputs.get("predictions") and Path(inputs["predictions"]).is_file():
+    overlays: dict[str, list[OverlayItem]] = {}
+    notes: dict[str, str] = {}
+    pr: dict[str, Any] = {}
+    train_ds = None
+    for kind in ("pam", "dense"):
+        key = f"cam_overlays_{kind}"
+        if have(key):
+            section = f"CAMs, {kind} classifier"
+            overlays[section] = sorted(Path(inputs[key]).glob("*.png"))[:num_overlays]
+            notes[f"Overlays: {section}"] = (f"PNGs of make_cams ({inputs[key]}): CAMs of the classes present "
+                                             "over the image, peak points with their class and confidence.")
+    if have("wsss_maps"):
+        train_ds = train_ds or build_dataset(dataset_cfg, split=train_split)
+        section = f"WSSS maps on {train_split}"
+        overlays[section] = overlays_from_wsss(train_ds, inputs["wsss_maps"], num_overlays)
+        notes[f"Overlays: {section}"] = ("image | WSSS map | GT SegmentationClass, VOC colour map; cream = "
+                                         "uncertain / ignore (255), left as the image = background.")
+    if have("instances"):
+        train_ds = train_ds or build_dataset(dataset_cfg, split=train_split)
+        section = f"BESTIE pseudo labels on {train_split}"
+        thr, tinfo = instances_threshold(train_ds, inputs["instances"])
+        overlays[section] = overlays_from_instances(train_ds, inputs["instances"], num_overlays, thr)
+        notes[f"Overlays: {section}"] = _threshold_note("BESTIE instances", thr, tinfo)
+        bestie_src = metrics.get("bestie")
+        bestie_data = _read_json(bestie_src) if bestie_src and Path(bestie_src).is_file() else {}
+        if not isinstance(bestie_data, Mapping) or "pr_curve" not in bestie_data:
+            pr["bestie"] = pr_curve_from_instances(train_ds, inputs["instances"])
+    if have("predictions"):
         ds = build_dataset(eval_dataset_cfg(dataset_cfg, eval_split), split=eval_split)
-        overlays[f"Mask R-CNN on {eval_split} (score >= {overlay_score_threshold:g})"] = overlays_from_predictions(
-            ds, inputs["predictions"], num_overlays, overlay_score_threshold)
-    if inputs.get("instances") and Path(inputs["instances"]).is_file():
-        ds = build_dataset(dataset_cfg, split=train_split)
-        overlays[f"BESTIE pseudo labels on {train_split} (score >= {overlay_score_threshold:g})"] = (
-            overlays_from_instances(ds, inputs["instances"], num_overlays, overlay_score_threshold))
+        section = f"Mask R-CNN on {eval_split}"
+        thr, tinfo = prediction_threshold(ds, inputs["predictions"])
+        overlays[section] = overlays_from_predictions(ds, inputs["predictions"], num_overlays, thr)
+        notes[f"Overlays: {section}"] = _threshold_note("Mask R-CNN predictions", thr, tinfo)
     info = {
         "run": run_name,
         "dataset": f"{dataset_cfg.get('format')} {dataset_cfg.get('root') or dataset_cfg.get('ann_file')}",
-        "splits": f"train {train_split}, held-out {eval_split}",
+        "splits": f"{train_split}, held-out {eval_split}",
     }
-    combined = run(metrics, logs, overlays, out_html, info=info)
+    benchmarks = read_benchmarks(inputs["benchmarks"]) if inputs.get("benchmarks") else None
+    combined = run(metrics, logs, overlays, out_html, info=info, benchmarks=benchmarks, pr_curves=pr, notes=notes)
     write_json_atomic(out_metrics, combined)
     print(metrics_table(combined))
     return combined

@@ -14,7 +14,10 @@ Files:
 
 - ``out_checkpoint`` (written atomically at the very end): ``{"model": state dict, "extra": {"kind":
   "cam_classifier", "config": ClassifierConfig as dict, "num_classes", "class_names", "mean", "std",
-  "stride", "train_mAP", "val_mAP"}, ...}``, loadable with ``torch.load(weights_only=True)``.
+  "stride", "num_threads", "train_mAP", "val_mAP"}, ...}``, loadable with ``torch.load(weights_only=True)``.
+  The same config, seed and thread count (``num_threads``: torch's intra-op threads, from
+  ``OMP_NUM_THREADS``, which Snakemake sets to the rule's ``threads``) give a byte-identical file on CPU,
+  whatever ``num_workers``; another thread count gives other weights.
 - :func:`partial_checkpoint_path` ``(out_checkpoint)`` = ``<out_checkpoint>.partial`` (e.g. ``pam.pt.partial``,
   the convention of :func:`bestie.engine.partial_checkpoint_path` shared by every training stage):
   full training state every ``checkpoint_every`` iterations; a rerun resumes from it; removed once the
@@ -58,6 +61,7 @@ from bestie.engine import (
     seed_everything,
     unwrap_model,
 )
+from bestie.report.units import percent
 
 __all__ = ["ClassifierConfig", "run", "partial_checkpoint_path", "average_precision", "build_model",
            "ClassifierTrainSet"]
@@ -368,6 +372,8 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
         "mean": list(mean),
         "std": list(std),
         "stride": int(model.stride),
+        # CPU results depend on it (reduction order): the same seed on 1 and 2 threads gives other weights
+        "num_threads": torch.get_num_threads(),
     }
     start = 0
     if partial.is_file():
@@ -436,12 +442,11 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
         val_map = _held_out_map(unwrap_model(model), dataset_cfg, cfg, mean, std, dist.device)
         meta["train_mAP"] = final_map
         meta["val_mAP"] = val_map
-        meta["train_seconds"] = train_seconds
         save_checkpoint(out_checkpoint, model, None, None, None, max_iter, meta, rank=0)
         partial.unlink(missing_ok=True)
         jlog.write(event="final", iteration=max_iter, train_mAP=final_map, val_mAP=val_map, seconds=train_seconds)
-        log.info("classifier %s: train mAP %.1f, %s mAP %s, %.0f s", out_checkpoint, final_map or float("nan"),
-                 dataset_cfg.get("eval_split"), "-" if val_map is None else f"{val_map:.1f}", train_seconds)
+        log.info("classifier %s: train mAP %s, %s mAP %s, %.0f s", out_checkpoint, percent(final_map, fraction=False),
+                 dataset_cfg.get("eval_split"), percent(val_map, fraction=False), train_seconds)
     jlog.close()
     if dist.is_distributed:
         torch.distributed.barrier()

@@ -396,6 +396,10 @@ def run(
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
         pin_memory=dist.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
+        # Without its own generator a loader draws its workers' base seed from the global torch RNG at
+        # each epoch's start with num_workers 0, but once only with persistent workers: the RPN / ROI
+        # sampling (global RNG) then differed from epoch 2 on between num_workers 0 and 2.
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     iters_per_epoch = math.ceil(sampler.per_rank / cfg.batch_size)
     max_iters = cfg.max_iters or cfg.epochs * iters_per_epoch
@@ -435,6 +439,8 @@ def run(
         "config": to_dict(cfg),
         "split": split,
         "pseudo_json": str(pseudo_json),
+        # CPU weights depend on the intra-op thread count (OMP_NUM_THREADS = the rule's threads)
+        "num_threads": torch.get_num_threads(),
     }
     jlog = JsonLog(out_log, rank=dist.rank)
     model.train()

@@ -7,6 +7,17 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+# A violation ends the run with a few lines that start and end with the bad key (Snakemake's own
+# validate error is followed by a dump of the whole section); validate then fills the defaults.
+from bestie.schema import config_error
+
+_config_problem = config_error(
+    config,
+    Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml",
+    ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"])),
+)
+if _config_problem:
+    sys.exit(_config_problem)
 validate(config, schema="../schemas/config.schema.yaml")
 
 RUN = config["run"]

@@ -38,11 +38,19 @@ def report_inputs(wildcards):
         "maskrcnn_log": f"{OUT}/maskrcnn/train_log.jsonl",
         "instances": f"{OUT}/bestie/instances_{train}.h5",
         "predictions": f"{OUT}/evaluate/predictions_{val}.json",
+        "wsss_maps": wsss_h5(),
     }
+    kinds = [] if config["wsss"].get("import_png_dir") else ["dense"]
     if config["wsss"].get("import_png_dir"):
         del inputs["wsss"], inputs["cams_dense"]
     if not point_setting():
         inputs["cams_pam"] = f"{OUT}/cams/pam_diagnostics.json"
+        kinds.insert(0, "pam")
+    for kind in kinds:
+        inputs[f"cam_overlays_{kind}"] = f"{OUT}/cams/{kind}_overlays"
+        for ckpt in classifier_checkpoints(kind):  # one log per classifier (ensemble member)
+            name = Path(ckpt).stem.replace(f"{kind}_", f"{kind} ", 1)
+            inputs[f"classifier_{name}_log"] = ckpt[: -len(".pt")] + "_log.jsonl"
     return inputs
 
 
@@ -56,7 +64,8 @@ rule report:
         launch=launcher(0),
         ds=lambda wc: dataset_params(),
         run=RUN,
-        inputs=lambda wc, input: json.dumps(dict(input.items()), sort_keys=True),
+        # the benchmark folder is read, not an input: it fills while the jobs finish
+        inputs=lambda wc, input: json.dumps({**dict(input.items()), "benchmarks": BENCH}, sort_keys=True),
     log:
         f"{LOGS}/report.log",
     threads: 1
