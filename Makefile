@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/snakemake --cores $(CORES) --configfile config.yaml
+	$(BIN)/snakemake --cores $(CORES) --show-failed-logs --configfile config.yaml
 	$(BIN)/bestie show-metrics results/demo/metrics.json
 
 test: $(STAMP)

@@ -387,6 +387,9 @@ def run(
                "checkpoint_iteration": extra.get("iteration"), "config": to_dict(cfg),
                "class_names": list(dataset.class_names), **metrics}
     write_json_atomic(out_metrics_json, metrics)
-    log.info("predict_instances %s: %d images, %d instances, mAP50 %s, semantic drift %s", split,
-             metrics["num_images"], metrics["num_instances"], metrics["mAP50"], metrics["semantic_drift"])
+    from bestie.report.units import percent
+
+    log.info("predict_instances %s: %d images, %d instances (%s %% from centres), mAP50 %s, semantic drift %s %%",
+             split, metrics["num_images"], metrics["num_instances"], percent(metrics["center_instance_share"]),
+             percent(metrics["mAP50"]), percent(metrics["semantic_drift"]))
     return metrics
