@@ -26,7 +26,7 @@ Files:
   processes), ``val`` and ``end`` records.
 
 All checkpoints are :func:`bestie.engine.save_checkpoint` files whose ``extra`` holds ``model_config``,
-``mean``, ``std``, ``class_names`` and ``kind``; :func:`bestie.stages.predict_instances.load_bestie_model`
+``mean``, ``std``, ``class_names``, ``category_ids``, ``inference``, ``num_threads`` and ``kind``; :func:`bestie.stages.predict_instances.load_bestie_model`
 rebuilds the network from any of them.
 """
 
@@ -399,7 +399,8 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     extra_base = {"model_config": model_config, "mean": mean, "std": std,
                   "class_names": list(dataset.class_names), "category_ids": category_ids(dataset),
                   "inference": to_dict(_inference_config(cfg)), "train_config": to_dict(cfg),
-                  "resume_key": _resume_key(cfg)}
+                  # the same config, seed and thread count give the same weights (OMP_NUM_THREADS = the rule's threads)
+                  "num_threads": torch.get_num_threads(), "resume_key": _resume_key(cfg)}
     start_iter = 0
     best: dict[str, Any] = {"mAP50": None, "iteration": None}
     if partial.is_file():
