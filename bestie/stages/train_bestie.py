@@ -26,8 +26,8 @@ Files:
   processes), ``val`` and ``end`` records.
 
 All checkpoints are :func:`bestie.engine.save_checkpoint` files whose ``extra`` holds ``model_config``,
-``mean``, ``std``, ``class_names``, ``category_ids``, ``inference``, ``num_threads`` and ``kind``; :func:`bestie.stages.predict_instances.load_bestie_model`
-rebuilds the network from any of them.
+``mean``, ``std``, ``class_names``, ``category_ids``, ``inference``, ``num_threads`` and ``kind``;
+:func:`bestie.stages.predict_instances.load_bestie_model` rebuilds the network from any of them.
 """
 
 from __future__ import annotations
