@@ -198,7 +198,8 @@ def load_schema(path: Any = None) -> dict[str, Any]:
 
     p = Path(path) if path is not None else Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        # the C loader where PyYAML has it: this runs in every DAG build (snakemake -n)
+        return yaml.load(p.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read the config schema {p}: {exc}") from exc
 

@@ -23,6 +23,7 @@ IMAGE_SETTING_JOBS = {
     "train_maskrcnn": 1,
     "evaluate": 1,
     "report": 1,
+    "check": 1,  # issue 18: the pre-flight checks every stage waits for
     "all": 1,
 }
 

@@ -29,7 +29,7 @@ from bestie.errors import ConfigError, DataError
 from bestie.data.images import load_label_png, load_rgb, unreadable_images
 
 __all__ = ["VOC_CLASSES", "VOCDataset", "IMAGE_EXTENSIONS", "check_class_names", "read_split_list", "nfc",
-           "list_stems", "near_miss"]
+           "list_stems", "near_miss", "xml_object_names"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,25 @@ def near_miss(img_id: str, directory: Path, names: Sequence[str] | None = None) 
             return name
     close = difflib.get_close_matches(img_id, list(stems), n=1, cutoff=0.8)
     return stems[close[0]] if close else None
+
+
+def xml_object_names(path: Path) -> list[str]:
+    """The ``<object><name>`` texts of a VOC annotation XML, in file order (blanks stripped).
+
+    Raises:
+        DataError: unparsable XML or an ``<object>`` without a name (names the file).
+    """
+    try:
+        tree = ET.parse(path)
+    except (ET.ParseError, OSError) as exc:
+        raise DataError(f"cannot parse annotation XML {path}: {exc}") from exc
+    names = []
+    for obj in tree.getroot().iter("object"):
+        name_el = obj.find("name")
+        if name_el is None or name_el.text is None or not name_el.text.strip():
+            raise DataError(f"{path}: an <object> without a <name>")
+        names.append(name_el.text.strip())
+    return names
 
 
 def read_split_list(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
@@ -383,16 +402,8 @@ class VOCDataset:
         return out
 
     def _labels_from_xml(self, path: Path) -> tuple[int, ...]:
-        try:
-            tree = ET.parse(path)
-        except (ET.ParseError, OSError) as exc:
-            raise DataError(f"cannot parse annotation XML {path}: {exc}") from exc
         idx: set[int] = set()
-        for obj in tree.getroot().iter("object"):
-            name_el = obj.find("name")
-            if name_el is None or name_el.text is None or not name_el.text.strip():
-                raise DataError(f"{path}: an <object> without a <name>")
-            name = name_el.text.strip()
+        for name in xml_object_names(path):
             k = self._class_index.get(name)
             if k is None:
                 raise DataError(

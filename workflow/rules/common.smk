@@ -61,11 +61,53 @@ def dataset_params():
     return json.dumps(ds, sort_keys=True, separators=(",", ":"))
 
 
-def dataset_marker():
+def demo_marker():
     """A file whose presence means the dataset is readable; the demo data rule makes it for the demo."""
     if config["demo"]["generate"]:
         return os.path.join(config["dataset"]["root"], "demo.json")
     return []
+
+
+CHECK_REPORT = f"{OUT}/check.json"
+
+
+def dataset_marker():
+    """What every stage waits for: the demo data (when generated) and the check report (rule check), the
+    latter ancient() so that a rerun check never reruns a stage by its timestamp alone."""
+    return [*([demo_marker()] if demo_marker() else []), ancient(CHECK_REPORT)]
+
+
+def check_params():
+    """The whole config as JSON (dataset paths absolute): the check rule's input and rerun trigger."""
+    return json.dumps({**config, "dataset": json.loads(dataset_params())}, sort_keys=True, separators=(",", ":"))
+
+
+def dataset_fingerprint():
+    """Size and mtime of the dataset's list / annotation files and of its folders (whose mtime changes
+    when a file is added or removed): a params entry of the check rule, so that it reruns when the data
+    changes. os.stat calls only: no list is read here, so the DAG build stays fast."""
+    ds = config["dataset"]
+    splits = {ds.get("train_split") or "train", ds.get("eval_split") or "val"}
+    paths = []
+    if ds["format"] == "voc":
+        root = ds["root"]
+        paths += [os.path.join(root, d) for d in ("JPEGImages", "Annotations", "SegmentationClass",
+                                                   "SegmentationObject", "ImageSets/Segmentation")]
+        paths += [os.path.join(root, "ImageSets", "Segmentation", f"{s}.txt") for s in sorted(splits)]
+        if ds.get("list_file"):
+            paths += sorted({str(ds["list_file"]).replace("{split}", s) for s in splits})
+    else:
+        for key in ("ann_file", "image_dir"):
+            if ds.get(key):
+                paths += sorted({str(ds[key]).replace("{split}", s) for s in splits})
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            out.append(f"{p}:missing")
+    return ";".join(out)
 
 
 def point_setting():
