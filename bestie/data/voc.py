@@ -96,13 +96,15 @@ _list_stems = list_stems
 
 
 def _loose(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).casefold().strip()
+    """``text`` without case, accents (combining marks after NFKD) and surrounding blanks."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold().strip()
 
 
 def near_miss(img_id: str, directory: Path, names: Sequence[str] | None = None) -> str | None:
     """The file of ``directory`` whose name most nearly matches ``img_id`` (for "no image file" errors):
-    a stem equal after NFKC normalisation, case folding and blank stripping, else the closest stem by
-    ``difflib`` (ratio >= 0.8), else None. ``names`` (default: the folder listing) saves a listing."""
+    a stem equal up to case, accents (NFKD combining marks) and surrounding blanks, else the closest stem
+    by ``difflib`` on those forms (ratio >= 0.8), else None. ``names`` (default: the folder listing) saves a listing."""
     if names is None:
         try:
             names = os.listdir(directory)
@@ -113,8 +115,9 @@ def near_miss(img_id: str, directory: Path, names: Sequence[str] | None = None) 
     for stem, name in stems.items():
         if _loose(stem) == want:
             return name
-    close = difflib.get_close_matches(img_id, list(stems), n=1, cutoff=0.8)
-    return stems[close[0]] if close else None
+    loose = {_loose(stem): name for stem, name in stems.items()}
+    close = difflib.get_close_matches(want, list(loose), n=1, cutoff=0.8)
+    return loose[close[0]] if close else None
 
 
 def xml_object_names(path: Path) -> list[str]:
