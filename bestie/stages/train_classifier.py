@@ -387,7 +387,7 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     net.train()
-    jlog = JsonLog(out_log, rank=dist.rank)
+    jlog = JsonLog(out_log, rank=dist.rank, start_iteration=start)  # <out_log>.partial until finish()
     jlog.write(event="start", iteration=start, max_iter=max_iter, iters_per_epoch=ipe, resumed=start > 0,
                images=len(ds.ids), config=to_dict(cfg))
     stream = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=ipe)
@@ -442,6 +442,6 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
         jlog.write(event="final", iteration=max_iter, train_mAP=final_map, val_mAP=val_map, seconds=train_seconds)
         log.info("classifier %s: train mAP %.1f, %s mAP %s, %.0f s", out_checkpoint, final_map or float("nan"),
                  dataset_cfg.get("eval_split"), "-" if val_map is None else f"{val_map:.1f}", train_seconds)
-    jlog.close()
+    jlog.finish()
     if dist.is_distributed:
         torch.distributed.barrier()

@@ -430,7 +430,7 @@ def run(
         "split": split,
         "pseudo_json": str(pseudo_json),
     }
-    jlog = JsonLog(out_log, rank=dist.rank)
+    jlog = JsonLog(out_log, rank=dist.rank, start_iteration=start)  # <out_log>.partial until finish()
     model.train()
     it = start
     last_loss = float("nan")
@@ -473,6 +473,7 @@ def run(
         bar.close()
         jlog.close()
     save_checkpoint(out_checkpoint, model, None, None, None, it, {**extra_common, "iterations": it}, rank=dist.rank)
+    jlog.finish()
     if dist.is_main:
         partial.unlink(missing_ok=True)
         log.info("Mask R-CNN: %d iterations in %.0f s, final loss %.4f -> %s", it - start, time.time() - t0,
