@@ -38,7 +38,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from bestie.progress import progress
 
 from bestie.config import to_dict
 from bestie.errors import ConfigError
@@ -395,8 +395,7 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
     epoch_labels: list[np.ndarray] = []
     epoch_losses: list[float] = []
     t0 = time.time()
-    bar = tqdm(total=max_iter, initial=start, disable=not dist.is_main, desc=f"classifier {out_checkpoint.stem}",
-               mininterval=5.0)
+    bar = progress(total=max_iter, initial=start, disable=not dist.is_main, desc=f"classifier {out_checkpoint.stem}")
     for it in range(start, max_iter):
         images, targets = next(stream)
         images = images.to(dist.device, non_blocking=True).contiguous(memory_format=torch.channels_last)

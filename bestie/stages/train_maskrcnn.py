@@ -340,7 +340,7 @@ def run(
         WeightsError: configured weights missing or not matching.
         TrainingError: a NaN/inf loss.
     """
-    from tqdm import tqdm
+    from bestie.progress import progress
 
     from bestie.config import to_dict
     from bestie.data import build_dataset
@@ -436,7 +436,7 @@ def run(
     last_loss = float("nan")
     t0 = time.time()
     t_last, it_last = t0, start
-    bar = tqdm(total=max_iters, initial=start, disable=not dist.is_main, desc="maskrcnn", mininterval=5.0)
+    bar = progress(total=max_iters, initial=start, disable=not dist.is_main, desc="maskrcnn")
     try:
         batches = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=iters_per_epoch)
         while it < max_iters:
