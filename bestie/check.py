@@ -4,7 +4,8 @@
 depends) run. It reads file headers and small files only (split lists, XML, the COCO JSON, PNG/JPEG
 headers: no pixel is decoded) and collects **every** fault instead of stopping at the first:
 
-- each stage section builds its config dataclass (unknown keys, wrong types);
+- each stage section builds its config dataclass (unknown keys, wrong types; the workflow passes only
+  the keys of :data:`CHECKED_KEYS`, its schema has checked the rest);
 - the configured splits exist (``train_split``, ``eval_split``, BESTIE's ``val_split``), with their split
   lists / list files / annotation files; split-list lines are valid (:func:`bestie.data.voc.read_split_list`);
 - every listed id has its image file (the nearest file on disk is named for a near miss) and a label
@@ -32,10 +33,31 @@ from typing import Any, Iterable, Mapping
 
 from bestie.errors import BestieError, ConfigError, DataError
 
-__all__ = ["Fault", "CheckReport", "run_checks", "check_dataset", "check_weights", "check_disk", "check_gpus",
+__all__ = ["Fault", "CheckReport", "CHECKED_KEYS", "checked_config", "run_checks", "check_dataset", "check_weights", "check_disk", "check_gpus",
            "estimate_bytes", "write_report"]
 
 log = logging.getLogger(__name__)
+
+#: the keys of the stage sections that the checks read (besides ``run``, ``gpus`` and ``dataset``): the
+#: workflow passes only these to its check rule, so that changing another key (a learning rate, a
+#: threshold) neither reruns the check nor anything else
+CHECKED_KEYS: dict[str, tuple[str, ...]] = {
+    "classifier_pam": ("backbone", "weights"),
+    "classifier_dense": ("backbone", "weights"),
+    "wsss": ("method", "affinity_backbone", "affinity_weights", "import_png_dir"),
+    "bestie": ("backbone", "weights", "setting", "val_split", "val_every"),
+    "maskrcnn": ("model", "weights"),
+}
+
+
+def checked_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a workflow config that :func:`run_checks` reads (see :data:`CHECKED_KEYS`)."""
+    out: dict[str, Any] = {k: config[k] for k in ("run", "gpus", "dataset") if k in config}
+    for section, keys in CHECKED_KEYS.items():
+        part = config.get(section) or {}
+        out[section] = {k: part[k] for k in keys if k in part}
+    return out
+
 
 #: faults shown per kind before "... and N more of this kind"
 MAX_SHOWN = 20

@@ -134,3 +134,29 @@ def test_snakemake_stops_at_the_check_before_any_training(tmp_path):
     assert "3 fault(s) found before any training" in log
     out = work / "results" / "chk"
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["logs/check.log"]
+
+
+def test_check_reruns_on_data_changes_only(tmp_path):
+    from workflow_util import planned_jobs
+
+    root = _copy_voc(tmp_path / "voc", IDS, {"train": IDS, "val": IDS[:2]})
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = _config(root)
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    snakemake(work, "results/chk/check.json", "--cores", "1", "--configfile", str(path))
+    assert json.loads((work / "results" / "chk" / "check.json").read_text())["ok"] is True
+
+    def planned(change: dict | None = None) -> dict:
+        c = json.loads(json.dumps(cfg))
+        for section, values in (change or {}).items():
+            c[section].update(values)
+        p = write_config(tmp_path / "c.yaml", c)
+        return planned_jobs(snakemake(work, "-n", "results/chk/classifier/pam.pt", "--configfile", str(p)).stdout)
+
+    assert planned() == {"train_classifier": 1}
+    # stage keys rerun no check (and so nothing upstream of their stage)
+    assert planned({"classifier_pam": {"lr": 0.5}}) == {"train_classifier": 1}
+    assert planned({"classifier_pam": {"weights": None}}) == {"train_classifier": 1}
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("".join(f"{i}\n" for i in IDS[:3]))
+    assert planned() == {"check": 1, "train_classifier": 1}  # the data changed: checked again, then the stage

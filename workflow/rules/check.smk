@@ -1,7 +1,8 @@
 # Stage 0: the pre-flight checks (`bestie check`, bestie/check.py). Every stage's rule takes the report
-# as an ancient() input (dataset_marker()), so all of them wait for it but none reruns because it was
-# rewritten. It reruns when the config or the dataset's lists and folders change (params), reads headers
-# and small files only, and lists every fault at once (results/<run>/logs/check.log) before any training.
+# as an input (dataset_marker()), so none starts before the data and the config passed. It reruns when
+# the dataset section, its lists and folders, or the GPU count change (check_params(): changes that make
+# every stage stale anyway), reads headers and small files only, and lists every fault at once
+# (results/<run>/logs/check.log) before any training. CHECK_CONFIG (common.smk) is not a param on purpose.
 
 
 rule check:
@@ -10,8 +11,7 @@ rule check:
     output:
         report=CHECK_REPORT,
     params:
-        cfg=lambda wc: check_params(),
-        fingerprint=dataset_fingerprint(),
+        checked=check_params(),
         launch=launcher(0),
     log:
         f"{LOGS}/check.log",
@@ -21,4 +21,4 @@ rule check:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{params.launch} check --config {params.cfg:q} --out {output.report:q} > {log:q} 2>&1"
+        "{params.launch} check --config {CHECK_CONFIG:q} --out {output.report:q} > {log:q} 2>&1"

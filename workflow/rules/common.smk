@@ -72,20 +72,41 @@ CHECK_REPORT = f"{OUT}/check.json"
 
 
 def dataset_marker():
-    """What every stage waits for: the demo data (when generated) and the check report (rule check), the
-    latter ancient() so that a rerun check never reruns a stage by its timestamp alone."""
-    return [*([demo_marker()] if demo_marker() else []), ancient(CHECK_REPORT)]
+    """What every stage waits for: the demo data (when generated) and the check report (rule check).
+
+    The report is a plain input: the check reruns only when the data changes (check_params()), and then
+    every stage is stale anyway. (An ancient() input would spare that, but Snakemake 9 then drops a
+    downstream job that must run in the same invocation: snakemake/snakemake#4166.)"""
+    return [*([demo_marker()] if demo_marker() else []), CHECK_REPORT]
 
 
 def check_params():
-    """The whole config as JSON (dataset paths absolute): the check rule's input and rerun trigger."""
-    return json.dumps({**config, "dataset": json.loads(dataset_params())}, sort_keys=True, separators=(",", ":"))
+    """The check rule's rerun trigger: what every stage depends on anyway (the dataset section, paths
+    absolute, and the GPU count) plus dataset_fingerprint(). Stage keys are not in it, so changing a
+    learning rate, or a weights file, reruns no check and nothing upstream of that stage."""
+    return json.dumps({"dataset": json.loads(dataset_params()), "gpus": GPUS, "data": dataset_fingerprint()},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def check_config():
+    """The config the check reads (bestie.check.CHECKED_KEYS), as JSON: given to the job's command line,
+    not its params, so it is checked with the current values but triggers no rerun (see check_params)."""
+    from bestie.check import checked_config
+
+    cfg = checked_config({**config, "dataset": json.loads(dataset_params())})
+    return json.dumps(cfg, sort_keys=True, separators=(",", ":"))
+
+
+CHECK_CONFIG = check_config()
 
 
 def dataset_fingerprint():
     """Size and mtime of the dataset's list / annotation files and of its folders (whose mtime changes
     when a file is added or removed): a params entry of the check rule, so that it reruns when the data
-    changes. os.stat calls only: no list is read here, so the DAG build stays fast."""
+    changes. os.stat calls only: no list is read here, so the DAG build stays fast. Generated demo data
+    has none: the demo marker, an input of the check, stands for it."""
+    if config["demo"]["generate"]:
+        return ""
     ds = config["dataset"]
     splits = {ds.get("train_split") or "train", ds.get("eval_split") or "val"}
     paths = []
