@@ -11,7 +11,7 @@ rule check:
     output:
         report=CHECK_REPORT,
     params:
-        checked=check_params(),
+        checked=lambda wc: check_params(),
         launch=launcher(0),
     log:
         f"{LOGS}/check.log",
