@@ -82,6 +82,10 @@ def test_clean_copy_passes_and_writes_the_report(tmp_path):
     # the first two again for the val split
     pixels = 640 * 428 + 481 * 640 + 640 * 478 + 480 * 640 + 640 * 428 + 481 * 640
     assert rep["counts"]["estimated_bytes"] == (1 << 30) + 8 * pixels
+    # --set on the whole config: only the train split is checked when it is also the eval split
+    code = main(["check", "--config", json.dumps(_config(root)), "--out", str(out), "--skip-weights",
+                 "--out-dir", str(tmp_path), "--set", "dataset.eval_split=train"])
+    assert code == 0 and json.loads(out.read_text())["counts"]["images"] == {"train": 4}
 
 
 def test_missing_image_line_number_near_miss_and_point_masks(tmp_path):
