@@ -119,8 +119,8 @@ def _header_size(path: Path, faults: list[Fault], exif: bool) -> tuple[int, int]
 
     try:
         return image_size(path, exif_transpose=exif)
-    except DataError as exc:
-        faults.append(Fault(str(path), str(exc).replace(f"{path}", "").strip(": ") or str(exc)))
+    except DataError as exc:  # the message names the file
+        faults.append(Fault(str(path), str(exc).replace(f" {path}", "").replace(f"{path}", "").strip(": ") or "unreadable"))
         return None
 
 

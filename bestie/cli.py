@@ -237,7 +237,10 @@ def _apply_set(a: argparse.Namespace) -> None:
             valid = ", ".join(sorted(n for n in (names | {"dataset"}) if n == "dataset" and "dataset" in holder
                                      or n != "dataset" and section in holder))
             raise ConfigError(f"--set {item!r}: bestie {a.command} takes keys of: {valid or 'none'}")
-        apply_overrides(holder, [f"{head}.{rest}={value}"], schema)
+        try:
+            apply_overrides(holder, [f"{head}.{rest}={value}"], schema)
+        except ConfigError as exc:  # name the key as the user wrote it
+            raise ConfigError(str(exc).replace(f"{head}.{rest}", key)) from None
     if section in holder:
         a.params = holder[section]
     if "dataset" in holder:

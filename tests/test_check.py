@@ -164,3 +164,40 @@ def test_check_reruns_on_data_changes_only(tmp_path):
     assert planned({"classifier_pam": {"weights": None}}) == {"train_classifier": 1}
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("".join(f"{i}\n" for i in IDS[:3]))
     assert planned() == {"check": 1, "train_classifier": 1}  # the data changed: checked again, then the stage
+
+
+COCO128 = SHARED_DATA / "coco128"
+
+
+@pytest.mark.skipif(not COCO128.is_dir(), reason=f"real data {COCO128} is absent")
+def test_coco_sizes_categories_and_unreadable_images_all_reported(tmp_path):
+    data = json.loads((COCO128 / "annotations" / "instances_train.json").read_text())
+    keep = data["images"][:3]
+    images = tmp_path / "images"
+    images.mkdir()
+    for im in keep:
+        shutil.copy(COCO128 / "images" / im["file_name"], images / im["file_name"])
+    (images / keep[2]["file_name"]).write_bytes(b"not a jpeg")  # unreadable header
+    ids = {im["id"] for im in keep}
+    train = {"images": [dict(im) for im in keep], "categories": data["categories"],
+             "annotations": [a for a in data["annotations"] if a["image_id"] in ids]}
+    train["images"][0]["height"] += 1  # the JSON disagrees with the file
+    val = json.loads(json.dumps(train))
+    val["images"][0]["height"] -= 1
+    val["categories"] = val["categories"][:-1]  # one category fewer than the training split
+    val["annotations"] = [a for a in val["annotations"] if a["category_id"] != data["categories"][-1]["id"]]
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    (ann / "train.json").write_text(json.dumps(train))
+    (ann / "val.json").write_text(json.dumps(val))
+    cfg = _config(tmp_path)
+    cfg["dataset"] = {"format": "coco", "root": str(tmp_path), "train_split": "train", "eval_split": "val",
+                      "ann_file": str(ann / "{split}.json"), "image_dir": str(images)}
+    faults = [str(f) for f in run_checks(cfg, out_dir=tmp_path, weights=False).faults]
+    first, bad = images / keep[0]["file_name"], images / keep[2]["file_name"]
+    h, w = keep[0]["height"], keep[0]["width"]
+    assert f"{first}: image is {w}x{h} (WxH) but {ann / 'train.json'} gives image {keep[0]['id']} width {w}, height {h + 1}" in faults
+    assert sum(f.startswith(f"{bad}: cannot read image") for f in faults) == 2  # train and val list it
+    assert any(f.startswith(f"{ann / 'val.json'}: split 'val' has other categories than split 'train' (79 vs 80")
+               for f in faults), faults
+    assert len(faults) == 4, faults

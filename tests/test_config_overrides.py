@@ -109,7 +109,7 @@ def test_cli_set_types_stage_and_dataset_keys(tmp_path, capsys):
     code = main(["train-classifier", "--dataset", '{"format": "voc", "root": "r"}', "--out-checkpoint",
                  str(tmp_path / "c.pt"), "--out-log", str(tmp_path / "l.jsonl"), "--set", "classifier.epochz=3"])
     err = capsys.readouterr().err
-    assert code == 2 and "unknown config key 'classifier_pam.epochz'" in err and "Traceback" not in err
+    assert code == 2 and "unknown config key 'classifier.epochz'" in err and "Traceback" not in err
     code = main(["train-classifier", "--dataset", '{"format": "voc", "root": "r"}', "--out-checkpoint",
                  str(tmp_path / "c.pt"), "--out-log", str(tmp_path / "l.jsonl"), "--set", "bestie.lr=3"])
     assert code == 2 and "takes keys of: classifier, classifier_dense, classifier_pam, dataset" in capsys.readouterr().err
