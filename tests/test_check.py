@@ -158,7 +158,6 @@ def test_check_reruns_on_data_changes_only(tmp_path):
         p = write_config(tmp_path / "c.yaml", c)
         return planned_jobs(snakemake(work, "-n", "results/chk/classifier/pam.pt", "--configfile", str(p)).stdout)
 
-    assert planned() == {"train_classifier": 1}
     # stage keys rerun no check (and so nothing upstream of their stage)
     assert planned({"classifier_pam": {"lr": 0.5}}) == {"train_classifier": 1}
     assert planned({"classifier_pam": {"weights": None}}) == {"train_classifier": 1}
