@@ -209,6 +209,108 @@ def _cmd_show_metrics(a: argparse.Namespace) -> None:
     print(st.metrics_table(json.loads(path.read_text())))
 
 
+# ------------------------------------------------------------------ `bestie check` and `--set` overrides
+#: subcommand -> the config section its --params holds (the schema section that types its --set keys)
+_SET_SECTIONS: dict[str, str] = {
+    "demo-data": "demo",
+    "train-classifier": "classifier_pam",
+    "make-cams": "cams",
+    "make-wsss": "wsss",
+    "train-bestie": "bestie",
+    "predict-instances": "inference",
+    "score-baseline": "bestie",
+    "export-pseudo-labels": "export",
+    "train-maskrcnn": "maskrcnn",
+    "evaluate": "evaluate",
+}
+#: other names a --set key may use for a command's section (both classifiers share ClassifierConfig)
+_SET_ALIASES: dict[str, tuple[str, ...]] = {"classifier_pam": ("classifier", "classifier_dense")}
+
+
+def _add_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, typed by the schema (bestie.refine=false); repeatable")
+
+
+def _config_arg(text: str) -> Any:
+    """A whole workflow config: JSON text, or a YAML / JSON file."""
+    import yaml
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        path = Path(text)
+        if not path.is_file():
+            raise ConfigError(f"not valid JSON and not a file: {text[:80]!r}") from None
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config sections")
+        return data
+
+
+def _apply_set(a: argparse.Namespace) -> None:
+    """Apply ``--set`` items to ``a.params`` / ``a.dataset`` (stage commands) or ``a.config`` (check)."""
+    items = getattr(a, "set", None) or []
+    if not items:
+        return
+    from bestie.config import apply_overrides, load_schema, split_override
+
+    schema = load_schema()
+    if a.command == "check":
+        apply_overrides(a.config, items, schema)
+        return
+    section = _SET_SECTIONS.get(a.command)
+    names = {section, *_SET_ALIASES.get(section or "", ())} - {None}
+    holder: dict[str, Any] = {}
+    if getattr(a, "params", None) is not None and section:
+        holder[section] = dict(a.params or {})
+    if getattr(a, "dataset", None) is not None:
+        holder["dataset"] = dict(a.dataset)
+    for item in items:
+        key, value = split_override(item)
+        head, _, rest = key.partition(".")
+        if head in names and section in holder:
+            head = section
+        if head not in holder or not rest:
+            valid = ", ".join(sorted(n for n in (names | {"dataset"}) if n == "dataset" and "dataset" in holder
+                                     or n != "dataset" and section in holder))
+            raise ConfigError(f"--set {item!r}: bestie {a.command} takes keys of: {valid or 'none'}")
+        try:
+            apply_overrides(holder, [f"{head}.{rest}={value}"], schema)
+        except ConfigError as exc:  # name the key as the user wrote it
+            raise ConfigError(str(exc).replace(f"{head}.{rest}", key)) from None
+    if section in holder:
+        a.params = holder[section]
+    if "dataset" in holder:
+        a.dataset = holder["dataset"]
+
+
+def _cmd_check(a: argparse.Namespace) -> None:
+    from bestie.config import coerce_by_schema, load_schema
+    from bestie.stages import check as st
+
+    config = coerce_by_schema(a.config, load_schema())
+    st.run(config, Path(a.out) if a.out else None, Path(a.out_dir) if a.out_dir else None,
+           weights=not a.skip_weights)
+    print(f"bestie check: no fault found ({a.out or 'no report written'})")
+
+
+def _add_check_command(sub: Any) -> None:
+    p = sub.add_parser("check", help="check the config and the data of a run before any training",
+                       description="check the config and the data of a run before any training: every fault "
+                                   "(missing splits / images / masks, size mismatches, unknown classes, weights, "
+                                   "disk room, GPUs) is listed at once, with its file and line")
+    p.set_defaults(func=_cmd_check)
+    p.add_argument("--config", type=_config_arg, required=True, help="the workflow config (YAML/JSON file or JSON)")
+    p.add_argument("--out", help="write the JSON report here when no fault is found")
+    p.add_argument("--out-dir", help="the run's output folder for the disk check (default results/<run>)")
+    p.add_argument("--skip-weights", action="store_true", help="do not load configured weights files")
+    _add_set_option(p)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bestie", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -224,7 +326,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--dataset", type=_json_arg, required=True, help="the dataset config section (JSON or file)")
         if device:
             p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+        if params or dataset:
+            _add_set_option(p)
         return p
+
+    _add_check_command(sub)
 
     p = add("demo-data", _cmd_demo_data, "generate the synthetic demo dataset", dataset=False)
     p.add_argument("--root", required=True)
@@ -310,6 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        _apply_set(args)
         args.func(args)
     except BestieError as exc:
         print(f"bestie {args.command}: error: {exc}", file=sys.stderr)

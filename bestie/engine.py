@@ -7,7 +7,8 @@
 - :class:`ResumableSampler` + :func:`infinite_loader`: a data order that depends only on (seed, epoch),
   can start in the middle of an epoch, and hands each sample its own augmentation seed, so resumed and
   uninterrupted runs see identical batches regardless of worker count.
-- :func:`check_finite`: the NaN / inf guard; :class:`JsonLog`: one JSON object per line.
+- :func:`check_finite`: the NaN / inf guard; :class:`JsonLog`: one JSON object per line, in a side file
+  (:func:`partial_log_path`) that survives a killed job and that a resumed run continues.
 - :class:`WarmupPolyLR`, :class:`WarmupMultiStepLR`: iteration-based schedules whose state dicts hold
   plain numbers only (torch's ``MultiStepLR`` stores a ``Counter``, which ``weights_only`` refuses).
 - :func:`autocast_context`, :func:`create_grad_scaler`: AMP on CUDA (bf16 where supported, else fp16 with
@@ -46,6 +47,7 @@ __all__ = [
     "partial_checkpoint_path",
     "check_finite",
     "JsonLog",
+    "partial_log_path",
     "WarmupPolyLR",
     "WarmupMultiStepLR",
     "ResumableSampler",
@@ -331,19 +333,44 @@ def check_finite(losses: Mapping[str, torch.Tensor], iteration: int) -> None:
     raise TrainingError(f"non-finite loss at iteration {iteration}: {text}")
 
 
+def partial_log_path(out_log: str | os.PathLike) -> Path:
+    """Where a resumable run writes its JSON-lines log until it finishes: ``<out_log>.partial``.
+
+    The convention of :func:`partial_checkpoint_path` for logs (``train_log.jsonl`` ->
+    ``train_log.jsonl.partial``). The file is not a workflow output, so Snakemake never deletes it when a
+    job fails or is killed: a resumed run continues it, and :meth:`JsonLog.finish` moves it to ``out_log``.
+    """
+    p = Path(out_log)
+    return p.with_name(p.name + PARTIAL_SUFFIX)
+
+
 class JsonLog:
     """Append-only JSON-lines log: one object per :meth:`write`, flushed at once (rank 0 only).
 
     With ``BESTIE_TENSORBOARD=1`` (config key ``tensorboard``) each record's scalars also go to TensorBoard
     event files next to the log (:mod:`bestie.tensorboard_log`).
 
+    Two modes:
+
+    - plain (``start_iteration=None``, no :meth:`begin`): lines are appended to ``path`` itself;
+    - resumable (``start_iteration`` given, or :meth:`begin` called before the first write): lines go to
+      :func:`partial_log_path` (``<path>.partial``), which survives a failed or killed job, and
+      :meth:`finish` moves it to ``path`` once training has ended. ``begin(0)`` (a fresh run) empties the
+      history; ``begin(t)`` with ``t > 0`` (a run resumed from the checkpoint of iteration ``t``) keeps
+      the records up to iteration ``t``, drops the later ones (the killed run logged them after its last
+      checkpoint; this run logs them again) and a torn last line, and appends a record
+      ``{"event": "resume", "iteration": t, "dropped": k}``. So the finished log holds every logged
+      iteration exactly once, however often the run was killed.
+
+    A record's iteration is its ``"iteration"`` field; records without one are always kept.
+
     Args:
-        path: the log file (parents are created; an existing file is appended to, so a resumed run
-            continues its log).
+        path: the log file (parents are created when the first line is written).
         rank: process rank; other ranks write nothing.
+        start_iteration: the iteration training starts at: resumable mode (see above).
     """
 
-    def __init__(self, path: str | os.PathLike, rank: int = 0) -> None:
+    def __init__(self, path: str | os.PathLike, rank: int = 0, start_iteration: int | None = None) -> None:
         self.path = Path(path)
         self.enabled = rank == 0
         self._fh = None
@@ -351,15 +378,59 @@ class JsonLog:
         if self.enabled:
             from bestie.tensorboard_log import tensorboard_for
 
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._tb = tensorboard_for(self.path)  # TensorBoard mirror, None unless switched on
-            self._fh = open(self.path, "a", encoding="utf-8")
+        self._target = self.path
+        self.resumable = False
+        if start_iteration is not None:
+            self.begin(start_iteration)
+
+    def begin(self, start_iteration: int) -> None:
+        """Switch to resumable mode for a run that starts at ``start_iteration`` (see the class docstring).
+
+        Raises:
+            RuntimeError: a line was written already in plain mode.
+            ArtifactError: the partial log cannot be rewritten.
+        """
+        if self._fh is not None and not self.resumable:
+            raise RuntimeError(f"JsonLog {self.path}: begin() must come before the first write")
+        self.resumable = True
+        self._target = partial_log_path(self.path)
+        if not self.enabled:
+            return
+        if self._fh is not None:  # the file only: the TensorBoard mirror stays open
+            self._fh.close()
+            self._fh = None
+        start = int(start_iteration)
+        kept: list[str] = []
+        dropped = 0
+        if start > 0 and self._target.is_file():
+            for line in self._target.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by the kill
+                    dropped += 1
+                    continue
+                it = rec.get("iteration") if isinstance(rec, dict) else None
+                if isinstance(it, (int, float)) and it > start:
+                    dropped += 1
+                    continue
+                kept.append(line)
+        from bestie.io.atomic import atomic_write
+
+        with atomic_write(self._target, "w", encoding="utf-8") as f:
+            f.write("".join(f"{line}\n" for line in kept))
+        self._fh = open(self._target, "a", encoding="utf-8")
+        if start > 0:
+            self.write(event="resume", iteration=start, dropped=dropped)
 
     def write(self, record: Mapping[str, Any] | None = None, **fields: Any) -> None:
         """Append ``record`` merged with ``fields``; tensors / numpy scalars become numbers, NaN/inf become
         strings (so each line stays valid JSON); ``"time"`` (unix seconds) is added when absent."""
-        if not self.enabled or self._fh is None:
+        if not self.enabled:
             return
+        if self._fh is None:
+            self._target.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self._target, "a", encoding="utf-8")
         obj = {**(record or {}), **fields}
         obj.setdefault("time", time.time())
         plain = {k: _plain(v) for k, v in obj.items()}
@@ -369,13 +440,27 @@ class JsonLog:
             self._tb.write(plain)
 
     def close(self) -> None:
-        """Close the file and the TensorBoard mirror (idempotent)."""
+        """Close the file and the TensorBoard mirror (idempotent); a resumable log stays at
+        ``<path>.partial`` until :meth:`finish`."""
         if self._fh is not None:
             self._fh.close()
             self._fh = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+    def finish(self) -> None:
+        """Close, and in resumable mode move ``<path>.partial`` to ``path`` (atomic ``os.replace``).
+
+        Call once training has ended successfully; a failed run leaves the partial log for its resumption.
+        """
+        fh = self._fh
+        if fh is not None:
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.close()
+        if self.enabled and self.resumable and self._target.is_file():
+            os.replace(self._target, self.path)
 
     def __enter__(self) -> "JsonLog":
         return self

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from pathlib import Path
+
 from bestie.data.images import load_label_png, load_rgb
 from bestie.errors import DataError
 
@@ -145,3 +147,24 @@ def test_label_png_rejects_rgb_and_truncated(tmp_path):
     (tmp_path / "cut.png").write_bytes(data[: len(data) - 40])
     with pytest.raises(DataError, match=r"cut\.png"):
         load_label_png(tmp_path / "cut.png")
+
+
+def test_image_size_reads_the_header_with_the_exif_orientation(tmp_path):
+    from bestie.data.images import image_size
+
+    src = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128-voc" / "JPEGImages" / "2017_000030.jpg"
+    if not src.is_file():
+        pytest.skip(f"real data {src} is absent")
+    with Image.open(src) as im:
+        exif = im.getexif()
+        exif[0x0112] = 6  # rotate 90: width and height swap when loaded
+        im.save(tmp_path / "rot.jpg", exif=exif.tobytes())
+        im.save(tmp_path / "plain.png")
+    assert image_size(tmp_path / "rot.jpg") == load_rgb(tmp_path / "rot.jpg").shape[:2] == (640, 428)
+    assert image_size(tmp_path / "rot.jpg", exif_transpose=False) == (428, 640)
+    assert image_size(tmp_path / "plain.png") == load_rgb(tmp_path / "plain.png").shape[:2] == (428, 640)
+    (tmp_path / "junk.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"cannot read image .*junk\.jpg"):
+        image_size(tmp_path / "junk.jpg")
+    with pytest.raises(DataError, match=r"image file not found: .*none\.jpg"):
+        image_size(tmp_path / "none.jpg")

@@ -264,3 +264,58 @@ def test_coco128_voc_counts():
     assert len(classes) == 18
     assert {VOC_CLASSES.index("cow"), VOC_CLASSES.index("sheep")}.isdisjoint(classes)
     assert len(VOCDataset(VOC128, "val")) == 25
+
+
+# ------------------------------------------------------------------ issue 18: split lists, Unicode
+def _real_tree(root: Path, names: dict[str, str]) -> Path:
+    """JPEGImages/<name>.jpg + Annotations/<name>.xml copied from real coco128-voc files (source id -> name)."""
+    import shutil
+
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Segmentation"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for src, name in names.items():
+        shutil.copy(VOC128 / "JPEGImages" / f"{src}.jpg", root / "JPEGImages" / f"{name}.jpg")
+        shutil.copy(VOC128 / "Annotations" / f"{src}.xml", root / "Annotations" / f"{name}.xml")
+    return root
+
+
+@pytest.mark.skipif(not VOC128.is_dir(), reason="needs ../shared/data/coco128-voc")
+def test_split_list_ids_are_whole_lines(tmp_path):
+    root = _real_tree(tmp_path, {"2017_000030": "a b", "2017_000036": "a"})
+    sets = root / "ImageSets" / "Segmentation"
+    (sets / "train.txt").write_text("a b\r\n\na\n")
+    ds = VOCDataset(root, "train")
+    assert ds.ids == ["a b", "a"]  # "a b" is its own image, never "a"
+    assert ds.image("a b").shape == (428, 640, 3) and ds.image("a").shape == (640, 481, 3)
+    assert ds.labels("a b") == VOCDataset(VOC128, "train").labels("2017_000030")
+    (sets / "blank.txt").write_text("a\n a b\na \n")
+    with pytest.raises(DataError, match=r"blank\.txt: 2 bad line\(s\): line 2: id ' a b' starts or ends with a "
+                                        r"blank.*; line 3: id 'a ' starts"):
+        VOCDataset(root, "blank")
+    (root / "JPEGImages" / "a b.jpg").unlink()
+    with pytest.raises(DataError, match=r"have no image file: a b \(.*a b\.jpg"):  # not silently 'a'
+        VOCDataset(root, "train")
+
+
+@pytest.mark.skipif(not VOC128.is_dir(), reason="needs ../shared/data/coco128-voc")
+@pytest.mark.parametrize("disk_form, list_form", [("NFD", "NFC"), ("NFC", "NFD")])
+def test_ids_and_file_names_compared_after_nfc(tmp_path, disk_form, list_form):
+    import unicodedata
+
+    name = "café_01"
+    on_disk = unicodedata.normalize(disk_form, name)
+    root = _real_tree(tmp_path, {"2017_000042": on_disk})
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text(unicodedata.normalize(list_form, name) + "\n")
+    ds = VOCDataset(root, "train")
+    assert ds.ids == [unicodedata.normalize("NFC", name)]
+    assert ds.image_path(ds.ids[0]).name == f"{on_disk}.jpg"  # the file under its name on disk
+    assert ds.image(ds.ids[0]).shape == (478, 640, 3)
+    assert ds.labels(ds.ids[0]) == VOCDataset(VOC128, "train").labels("2017_000042")  # XML found too
+
+
+@pytest.mark.skipif(not VOC128.is_dir(), reason="needs ../shared/data/coco128-voc")
+def test_missing_id_names_the_near_miss_file(tmp_path):
+    root = _real_tree(tmp_path, {"2017_000042": "café_01"})
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("Cafe_01\n")
+    with pytest.raises(DataError, match=r"no image file: Cafe_01 \(.*Cafe_01\.jpg; nearest file on disk: 'café_01\.jpg'\)"):
+        VOCDataset(root, "train")

@@ -362,3 +362,121 @@ def test_sigkill_mid_training_resumes_from_the_last_checkpoint(tmp_path):
     assert a["iteration"] == b["iteration"] == 12
     for k, v in a["model"].items():  # ... and ends with exactly the uninterrupted run's weights
         assert torch.equal(v, b["model"][k]), k
+
+
+# ------------------------------------------------------------------ issue 18: logs that survive a kill
+def test_resumable_log_keeps_history_drops_relogged_iterations_and_finishes(tmp_path):
+    from bestie.engine import partial_log_path
+
+    path = tmp_path / "run" / "log.jsonl"
+    side = partial_log_path(path)
+    assert side == tmp_path / "run" / "log.jsonl.partial"
+    first = JsonLog(path, start_iteration=0)
+    first.write(event="start", iteration=0)
+    for it in range(1, 8):  # checkpoint at 4; killed after logging 7
+        first.write(iteration=it, loss=1.0 / it)
+    first._fh.write('{"iteration": 8, "lo')  # a line torn by SIGKILL
+    first._fh.flush()
+    first.close()
+    assert side.is_file() and not path.exists()  # nothing at the output path: Snakemake deletes nothing
+    second = JsonLog(path, start_iteration=4)
+    second.write(event="start", iteration=4)
+    for it in range(5, 11):
+        second.write(iteration=it, loss=1.0 / it)
+    second.finish()
+    assert path.is_file() and not side.exists()
+    recs = [json.loads(l) for l in path.read_text().splitlines()]
+    assert [r["iteration"] for r in recs if "event" not in r] == list(range(1, 11))  # each once
+    resume = [r for r in recs if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["iteration"] == 4 and resume[0]["dropped"] == 4  # 5, 6, 7 + torn
+    assert [r["iteration"] for r in recs if r.get("event") == "start"] == [0, 4]
+    fresh = JsonLog(path, start_iteration=0)  # a fresh run (no partial checkpoint) starts a fresh history
+    fresh.write(iteration=1, loss=0.5)
+    fresh.finish()
+    assert [json.loads(l)["iteration"] for l in path.read_text().splitlines()] == [1]
+    plain = JsonLog(tmp_path / "plain.jsonl")  # plain mode: straight to the path, as before
+    plain.write(iteration=1)
+    with pytest.raises(RuntimeError, match="before the first write"):
+        plain.begin(0)
+    plain.finish()
+    assert (tmp_path / "plain.jsonl").read_text().count("\n") == 1
+
+
+def _train_pids(parent_pid: int) -> list[int]:
+    import psutil
+
+    try:
+        children = psutil.Process(parent_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p.pid for p in children if "train-classifier" in " ".join(p.cmdline())]
+
+
+def test_sigkill_under_snakemake_keeps_the_log_and_resumes_to_the_same_weights(tmp_path):
+    """The classifier job of the workflow is SIGKILLed mid-training; the rerun resumes from the partial
+    checkpoint, its log holds every iteration 1..N exactly once plus a resume record, and its weights
+    equal an uninterrupted run's (issue 18)."""
+    import time
+
+    from bestie.data import generate_demo_dataset
+    from bestie.data.demo import DEMO_CLASSES
+    from workflow_util import REPO, SNAKEMAKE, tiny_config, write_config
+
+    root = tmp_path / "demo"
+    generate_demo_dataset(root, num_train=8, num_val=2, image_size=(64, 64), seed=1)
+    ds = {"format": "voc", "root": str(root), "train_split": "train", "eval_split": "val",
+          "classes": list(DEMO_CLASSES)}
+    work = tmp_path / "work"
+    work.mkdir()
+    cfgs = {}
+    for run in ("straight", "killed"):
+        cfg = tiny_config(run, ds)
+        cfg["classifier_pam"].update(epochs=12, lr_steps=[], batch_size=2, resize=64, crop_size=64,
+                                     checkpoint_every=3, num_workers=0)  # 4 iterations per epoch, 48 in all
+        cfgs[run] = write_config(tmp_path / f"{run}.yaml", cfg)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def snake(run: str) -> subprocess.Popen:
+        return subprocess.Popen([*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(work),
+                                 f"results/{run}/classifier/pam.pt", "--cores", "1", "--configfile", str(cfgs[run])],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    straight = snake("straight")
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out[-3000:]
+
+    k = work / "results" / "killed" / "classifier"
+    side, final, partial = k / "pam_log.jsonl.partial", k / "pam_log.jsonl", k / "pam.pt.partial"
+    proc = snake("killed")
+    killed_at = None
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if side.is_file() and partial.is_file():
+            its = [json.loads(l).get("iteration", 0) for l in side.read_text().splitlines() if l.endswith("}")]
+            if max(its, default=0) >= 10:
+                pids = _train_pids(proc.pid)
+                if pids:
+                    for pid in pids:
+                        os.kill(pid, signal.SIGKILL)
+                    killed_at = max(its)
+                    break
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=300)
+    assert killed_at is not None and proc.returncode != 0, out[-3000:]
+    assert side.is_file() and partial.is_file() and not final.exists() and not (k / "pam.pt").exists()
+    kept = [json.loads(l) for l in side.read_text().splitlines() if l.endswith("}")]
+    assert max(r.get("iteration", 0) for r in kept) >= 10  # the history survived the failed job
+
+    rerun = snake("killed")
+    out, _ = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, out[-3000:]
+    assert final.is_file() and not side.exists() and not partial.exists()
+    recs = [json.loads(l) for l in final.read_text().splitlines()]
+    assert [r["iteration"] for r in recs if "event" not in r] == list(range(1, 49))  # every iteration once
+    resume = [r for r in recs if r.get("event") == "resume"]
+    assert len(resume) == 1 and resume[0]["iteration"] % 3 == 0 and 9 <= resume[0]["iteration"] <= killed_at
+    assert [r["resumed"] for r in recs if r.get("event") == "start"] == [False, True]
+    a = torch.load(work / "results" / "straight" / "classifier" / "pam.pt", map_location="cpu", weights_only=True)
+    b = torch.load(k / "pam.pt", map_location="cpu", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])

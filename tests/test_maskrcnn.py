@@ -199,7 +199,9 @@ def test_train_resume_and_evaluate_end_to_end(demo, tmp_path, monkeypatch):
     state_b = read_checkpoint(ck_b)
     for k, v in state_a["model"].items():
         torch.testing.assert_close(state_b["model"][k], v, rtol=0, atol=0, msg=k)
-    assert [json.loads(x)["iteration"] for x in log_b.read_text().splitlines()] == [1, 2, 3, 4]
+    recs_b = [json.loads(x) for x in log_b.read_text().splitlines()]
+    assert [r["iteration"] for r in recs_b if "event" not in r] == [1, 2, 3, 4]
+    assert [(r["event"], r["iteration"]) for r in recs_b if "event" in r] == [("resume", 2)]  # issue 18
 
     # 3) evaluation on the val split: documented keys and ranges, predictions JSON usable by pycocotools
     out_m, out_p = tmp_path / "metrics.json", tmp_path / "preds.json"

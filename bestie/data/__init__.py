@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from bestie.config import parse_bool
 from bestie.errors import ConfigError
 from bestie.data.images import load_label_png, load_rgb
 from bestie.data.voc import VOC_CLASSES, VOCDataset
@@ -96,7 +97,7 @@ def build_dataset(cfg: Mapping[str, Any], split: str | None = None) -> VOCDatase
     fmt = cfg.get("format")
     default_split = cfg.get("split") or cfg.get("train_split") or "train"
     split_name = split if split is not None else default_split
-    skip = bool(cfg.get("skip_bad_images", False))
+    skip = parse_bool(cfg.get("skip_bad_images", False), "dataset.skip_bad_images")
 
     def need(key: str) -> Any:
         v = cfg.get(key)

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import os
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any
@@ -68,11 +69,13 @@ class COCODataset:
         if not self.image_dir.is_dir():
             raise DataError(f"COCO image folder is not a directory: {self.image_dir} (for {self.ann_file})")
         img_ids = sorted(int(i) for i in self.coco.imgs)
-        present = set(os.listdir(self.image_dir))
+        # File names compared after NFC normalisation (a JSON in NFC finds a file stored in NFD).
+        self._on_disk = {unicodedata.normalize("NFC", n): n for n in os.listdir(self.image_dir)}
         missing = []
         for i in img_ids:
             fn = str(self.coco.imgs[i]["file_name"])
-            if not ((fn in present) if ("/" not in fn and os.sep not in fn) else (self.image_dir / fn).is_file()):
+            flat = "/" not in fn and os.sep not in fn
+            if not ((unicodedata.normalize("NFC", fn) in self._on_disk) if flat else (self.image_dir / fn).is_file()):
                 missing.append(i)
         if missing:
             listed = ", ".join(
@@ -178,7 +181,10 @@ class COCODataset:
         return str(self.coco.imgs[self._int_id(img_id)]["file_name"])
 
     def image_path(self, img_id: str) -> Path:
-        return self.image_dir / self.file_name(img_id)
+        """The image file (``image_dir / file_name``, under its name on disk when it differs only in
+        Unicode normalisation)."""
+        fn = self.file_name(img_id)
+        return self.image_dir / self._on_disk.get(unicodedata.normalize("NFC", fn), fn)
 
     def image_size(self, img_id: str) -> tuple[int, int]:
         """``(height, width)`` in pixels as recorded in the annotation file."""

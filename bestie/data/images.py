@@ -18,7 +18,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bestie.errors import DataError
 
-__all__ = ["load_rgb", "load_label_png", "unreadable_images"]
+__all__ = ["load_rgb", "load_label_png", "unreadable_images", "image_size"]
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -161,3 +161,33 @@ def load_label_png(path: str | os.PathLike) -> np.ndarray:
     if arr.dtype != np.uint8 or arr.ndim != 2:
         raise DataError(f"label map {path} decoded to {arr.dtype} array of shape {arr.shape}, expected (H, W) uint8")
     return np.ascontiguousarray(arr)
+
+
+#: EXIF orientations that swap width and height (transpose, rotate 90 / 270, transverse)
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size(path: str | os.PathLike, *, exif_transpose: bool = True) -> tuple[int, int]:
+    """``(height, width)`` of an image file from its header, without decoding the pixels.
+
+    The size is the one :func:`load_rgb` returns (``exif_transpose`` applies the EXIF orientation, which
+    swaps height and width for orientations 5-8) or :func:`load_label_png` returns
+    (``exif_transpose=False``). Costs one header read (a few kB), not a decode.
+
+    Raises:
+        DataError: a missing file or one PIL cannot identify (names the path and the fault).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"image file not found: {p}" if not p.exists() else f"not a regular file: {p}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(p) as im:
+                w, h = im.size
+                if exif_transpose and im.format in ("JPEG", "MPO", "TIFF", "WEBP", "PNG"):
+                    if im.getexif().get(0x0112) in _SWAPPING_ORIENTATIONS:
+                        w, h = h, w
+    except _DECODE_ERRORS as exc:
+        raise DataError(f"cannot read image {p}: {type(exc).__name__}: {exc}") from exc
+    return int(h), int(w)

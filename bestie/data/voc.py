@@ -6,15 +6,19 @@ Layout under ``root``::
     Annotations/<id>.xml                object names -> image-level labels
     SegmentationClass/<id>.png          palette PNG: 0 background, 1..C class c+1, 255 boundary/ignore
     SegmentationObject/<id>.png         palette PNG: 0 background, 1..N instance index, 255 boundary/ignore
-    ImageSets/Segmentation/<split>.txt  one id per line
+    ImageSets/Segmentation/<split>.txt  one id per line (the whole line: an id may hold spaces)
 
-Image ids are arbitrary strings (never assumed to be ``YYYY_NNNNNN``).
+Image ids are arbitrary strings (never assumed to be ``YYYY_NNNNNN``). Ids and file names are compared
+after Unicode NFC normalisation, so a list written in NFC finds a file whose name is stored in NFD (as
+macOS writes them) and vice versa; the files are then opened under their names on disk.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import unicodedata
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Sequence
@@ -24,7 +28,8 @@ import numpy as np
 from bestie.errors import ConfigError, DataError
 from bestie.data.images import load_label_png, load_rgb, unreadable_images
 
-__all__ = ["VOC_CLASSES", "VOCDataset", "IMAGE_EXTENSIONS", "check_class_names"]
+__all__ = ["VOC_CLASSES", "VOCDataset", "IMAGE_EXTENSIONS", "check_class_names", "read_split_list", "nfc",
+           "list_stems", "near_miss", "xml_object_names"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +67,14 @@ def check_class_names(class_names: Sequence[str], source: str = "class_names") -
     return names
 
 
-def _list_stems(directory: Path, suffixes: Sequence[str]) -> dict[str, str]:
-    """Map file stem -> file name for the files of ``directory`` with one of ``suffixes`` (first wins)."""
+def nfc(text: str) -> str:
+    """``text`` in Unicode normal form C (how ids and file names are compared)."""
+    return unicodedata.normalize("NFC", text)
+
+
+def list_stems(directory: Path, suffixes: Sequence[str]) -> dict[str, str]:
+    """Map NFC file stem -> file name on disk for the files of ``directory`` with one of ``suffixes``
+    (earlier suffixes win); ``{}`` for a missing directory."""
     try:
         names = os.listdir(directory)
     except (FileNotFoundError, NotADirectoryError):
@@ -75,9 +86,96 @@ def _list_stems(directory: Path, suffixes: Sequence[str]) -> dict[str, str]:
         r = rank.get(ext)
         if r is None:
             continue
+        stem = nfc(stem)
         if stem not in best or r < best[stem][0]:
             best[stem] = (r, name)
     return {stem: name for stem, (_, name) in best.items()}
+
+
+_list_stems = list_stems
+
+
+def _loose(text: str) -> str:
+    """``text`` without case, accents (combining marks after NFKD) and surrounding blanks."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold().strip()
+
+
+def near_miss(img_id: str, directory: Path, names: Sequence[str] | None = None) -> str | None:
+    """The file of ``directory`` whose name most nearly matches ``img_id`` (for "no image file" errors):
+    a stem equal up to case, accents (NFKD combining marks) and surrounding blanks, else the closest stem
+    by ``difflib`` on those forms (ratio >= 0.8), else None. ``names`` (default: the folder listing) saves a listing."""
+    if names is None:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            return None
+    stems = {os.path.splitext(n)[0]: n for n in names}
+    want = _loose(img_id)
+    for stem, name in stems.items():
+        if _loose(stem) == want:
+            return name
+    loose = {_loose(stem): name for stem, name in stems.items()}
+    close = difflib.get_close_matches(want, list(loose), n=1, cutoff=0.8)
+    return loose[close[0]] if close else None
+
+
+def xml_object_names(path: Path) -> list[str]:
+    """The ``<object><name>`` texts of a VOC annotation XML, in file order (blanks stripped).
+
+    Raises:
+        DataError: unparsable XML or an ``<object>`` without a name (names the file).
+    """
+    try:
+        tree = ET.parse(path)
+    except (ET.ParseError, OSError) as exc:
+        raise DataError(f"cannot parse annotation XML {path}: {exc}") from exc
+    names = []
+    for obj in tree.getroot().iter("object"):
+        name_el = obj.find("name")
+        if name_el is None or name_el.text is None or not name_el.text.strip():
+            raise DataError(f"{path}: an <object> without a <name>")
+        names.append(name_el.text.strip())
+    return names
+
+
+def read_split_list(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
+    """Read a split list ``ImageSets/Segmentation/<split>.txt``: one id per line, the whole line.
+
+    Only the line end (``\\n``, ``\\r\\n``) is removed; blank lines are skipped. An id may hold spaces
+    (``a b`` is the id ``a b``, never ``a``); an id that starts or ends with a blank is refused, since
+    such blanks are invisible in the file and would silently name another file. Ids are NFC-normalised.
+
+    Args:
+        path: the text file (UTF-8).
+
+    Returns:
+        ``(ids, faults)``: the ids in file order (each once) and ``[(line number, fault), ...]`` for
+        refused lines (leading/trailing blanks, duplicates); the caller raises or collects them.
+
+    Raises:
+        DataError: the file cannot be read or is not UTF-8 (names the file).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read split list {path}: {exc}") from exc
+    ids: list[str] = []
+    faults: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if line != line.strip():
+            faults.append((lineno, f"id {line!r} starts or ends with a blank (remove the blanks, or rename the file)"))
+            continue
+        img_id = nfc(line)
+        if img_id in seen:
+            faults.append((lineno, f"duplicate id {img_id!r} (first on line {seen[img_id]})"))
+            continue
+        seen[img_id] = lineno
+        ids.append(img_id)
+    return ids, faults
 
 
 def _fmt_ids(ids: Sequence[str], paths: Sequence[object] | None = None) -> str:
@@ -93,9 +191,10 @@ def _fmt_ids(ids: Sequence[str], paths: Sequence[object] | None = None) -> str:
 class VOCDataset:
     """A split of a VOC-layout dataset: ids, images, image-level labels and GT masks.
 
-    Ids come from ``root/ImageSets/Segmentation/<split>.txt`` (first whitespace-separated token of each
-    non-blank line), or from ``list_file`` whose lines are ``<id> c1 c2 ...`` with 0-based class indices
-    (the ``train_cls.txt`` form of the public BESTIE code); labels then come from that file.
+    Ids come from ``root/ImageSets/Segmentation/<split>.txt`` (:func:`read_split_list`: one id per line,
+    the whole line, so ids may hold spaces), or from ``list_file`` whose lines are ``<id> c1 c2 ...``
+    with 0-based class indices (the ``train_cls.txt`` form of the public BESTIE code); labels then come
+    from that file. Ids are NFC-normalised and matched to NFC-normalised file names.
 
     Without a list file, the labels of an image are the names of the ``<object>`` elements of
     ``Annotations/<id>.xml`` (all objects, "difficult" ones included); when that XML is missing, the
@@ -145,6 +244,11 @@ class VOCDataset:
         missing = [i for i in ids if i not in self._image_names]
         if missing:
             paths = [self.root / "JPEGImages" / f"{i}.jpg" for i in missing]
+            names = list(self._image_names.values())
+            for k, i in enumerate(missing[:_MAX_LISTED]):
+                hit = near_miss(i, self.root / "JPEGImages", names)
+                if hit is not None:
+                    paths[k] = f"{paths[k]}; nearest file on disk: {hit!r}"
             msg = f"{len(missing)} of {len(ids)} image(s) listed in {self._source} have no image file: " + _fmt_ids(
                 missing, paths
             )
@@ -156,9 +260,9 @@ class VOCDataset:
         if skip_bad_images and ids:
             ids = self._drop_unreadable(ids)
         self.ids: list[str] = ids
-        self._xml = set(_list_stems(self.root / "Annotations", (".xml",)))
-        self._cls_png = set(_list_stems(self.root / "SegmentationClass", (".png",)))
-        self._obj_png = set(_list_stems(self.root / "SegmentationObject", (".png",)))
+        self._xml = list_stems(self.root / "Annotations", (".xml",))
+        self._cls_png = list_stems(self.root / "SegmentationClass", (".png",))
+        self._obj_png = list_stems(self.root / "SegmentationObject", (".png",))
         if self._list_labels is None:
             unlabeled = [i for i in ids if i not in self._xml and i not in self._cls_png]
             if unlabeled:
@@ -192,16 +296,11 @@ class VOCDataset:
         if not path.is_file():
             avail = sorted(p.stem for p in sets.glob("*.txt")) if sets.is_dir() else []
             raise DataError(f"split list not found: {path} (available splits: {avail or 'none'})")
-        ids: list[str] = []
-        seen: dict[str, int] = {}
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            fields = line.split()
-            if not fields:
-                continue
-            if fields[0] in seen:
-                raise DataError(f"{path}, line {lineno}: duplicate id {fields[0]!r} (first on line {seen[fields[0]]})")
-            seen[fields[0]] = lineno
-            ids.append(fields[0])
+        ids, faults = read_split_list(path)
+        if faults:
+            shown = "; ".join(f"line {n}: {m}" for n, m in faults[:_MAX_LISTED])
+            more = f" ... and {len(faults) - _MAX_LISTED} more" if len(faults) > _MAX_LISTED else ""
+            raise DataError(f"{path}: {len(faults)} bad line(s): {shown}{more}")
         return ids
 
     def _read_list_file(self, path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
@@ -220,7 +319,7 @@ class VOCDataset:
             fields = line.split()
             if not fields:
                 continue
-            img_id, vals = fields[0], fields[1:]
+            img_id, vals = nfc(fields[0]), fields[1:]
             if img_id in seen:
                 raise DataError(f"{path}, line {lineno}: duplicate id {img_id!r} (first on line {seen[img_id]})")
             seen[img_id] = lineno
@@ -268,13 +367,16 @@ class VOCDataset:
         return load_rgb(self.image_path(img_id))
 
     def xml_path(self, img_id: str) -> Path:
-        return self.root / "Annotations" / f"{img_id}.xml"
+        """``Annotations/<id>.xml`` (under its name on disk when that differs only in normalisation)."""
+        return self.root / "Annotations" / self._xml.get(img_id, f"{img_id}.xml")
 
     def class_png_path(self, img_id: str) -> Path:
-        return self.root / "SegmentationClass" / f"{img_id}.png"
+        """``SegmentationClass/<id>.png`` (under its name on disk)."""
+        return self.root / "SegmentationClass" / self._cls_png.get(img_id, f"{img_id}.png")
 
     def object_png_path(self, img_id: str) -> Path:
-        return self.root / "SegmentationObject" / f"{img_id}.png"
+        """``SegmentationObject/<id>.png`` (under its name on disk)."""
+        return self.root / "SegmentationObject" / self._obj_png.get(img_id, f"{img_id}.png")
 
     # ------------------------------------------------------------------ labels
     def labels(self, img_id: str) -> tuple[int, ...]:
@@ -303,16 +405,8 @@ class VOCDataset:
         return out
 
     def _labels_from_xml(self, path: Path) -> tuple[int, ...]:
-        try:
-            tree = ET.parse(path)
-        except (ET.ParseError, OSError) as exc:
-            raise DataError(f"cannot parse annotation XML {path}: {exc}") from exc
         idx: set[int] = set()
-        for obj in tree.getroot().iter("object"):
-            name_el = obj.find("name")
-            if name_el is None or name_el.text is None or not name_el.text.strip():
-                raise DataError(f"{path}: an <object> without a <name>")
-            name = name_el.text.strip()
+        for name in xml_object_names(path):
             k = self._class_index.get(name)
             if k is None:
                 raise DataError(

@@ -310,9 +310,9 @@ def run(
     results: list[dict[str, Any]] = []
     gts, gt_image_ids = [], []
     scored = 0
-    from tqdm import tqdm
+    from bestie.progress import progress
 
-    for k, image_id in enumerate(tqdm(dataset.ids, desc=f"evaluate {split}", mininterval=5.0), start=1):
+    for k, image_id in enumerate(progress(dataset.ids, desc=f"evaluate {split}"), start=1):
         pred = predict_image(model, dataset.image(image_id), dev, score_threshold=cfg.score_threshold,
                              mask_threshold=cfg.mask_threshold, max_dets=cfg.max_dets)
         coco_id = int(image_id) if is_coco else k

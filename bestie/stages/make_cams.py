@@ -261,7 +261,7 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Seque
             differ in classes or in PAM use (names the files).
         DataError: from the dataset.
     """
-    from tqdm import tqdm
+    from bestie.progress import progress
 
     from bestie.cam import average_cams, compute_cams
     from bestie.data import build_dataset
@@ -308,7 +308,7 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Seque
                    "class_names": list(ds.class_names), "columns": ["x", "y", "class", "conf"]}
     with H5Writer(out_cams, attrs=attrs) as wc, \
             (H5Writer(out_points, attrs=point_attrs) if out_points is not None else nullcontext()) as wp:
-        for i, img_id in enumerate(tqdm(ds.ids, desc=f"cams {Path(out_cams).stem}", mininterval=5.0)):
+        for i, img_id in enumerate(progress(ds.ids, desc=f"cams {Path(out_cams).stem}")):
             image = ds.image(img_id)
             height, width = image.shape[:2]
             classes = np.asarray(sorted(set(int(c) for c in ds.labels(img_id))), dtype=np.int64)

@@ -411,11 +411,11 @@ def _overlay_name(path: Path, used: set[str]) -> str:
 
 
 def _progress(items: Sequence[Any], desc: str):
-    # A bar on a terminal only; log files get the periodic log lines of run(). One place to swap for
-    # bestie.progress once it exists.
-    from tqdm import tqdm
+    # A bar on a terminal only; log files get plain lines with rate and ETA (bestie.progress), plus the
+    # instance counts of run().
+    from bestie.progress import progress
 
-    return tqdm(items, desc=desc, disable=not sys.stderr.isatty(), mininterval=1.0)
+    return progress(items, desc=desc)
 
 
 def run(

@@ -234,7 +234,7 @@ def evaluate_model(
         mean, std: encoder normalisation.
         ids: the images to predict (default: all of the dataset).
         writer: an open :class:`~bestie.io.h5store.H5Writer` to store the instances in, or None.
-        progress: show a tqdm bar.
+        progress: show progress (:func:`bestie.progress.progress`: a bar on a terminal, log lines otherwise).
 
     Returns:
         ``{"num_images", "num_images_with_gt", "num_instances", "mAP25", "mAP50", "mAP70", "mAP75"
@@ -243,9 +243,8 @@ def evaluate_model(
         {"center", "cluster", "fallback"} counts, "center_instance_share": share in [0, 1] of instances
         not from the centre-less fallback (None without instances)}``.
     """
-    from tqdm import tqdm
-
     from bestie.evaluation.voc import VOCInstanceEvaluator
+    from bestie.progress import progress as progress_bar
 
     evaluator = VOCInstanceEvaluator(int(dataset.num_classes))
     id_list = list(dataset.ids if ids is None else ids)
@@ -256,7 +255,7 @@ def evaluate_model(
     model.eval()
     t0 = time.time()
     try:
-        for img_id in tqdm(id_list, desc="predict", disable=not progress, mininterval=10):
+        for img_id in progress_bar(id_list, desc="predict", disable=not progress):
             image = dataset.image(img_id)
             maps = predict_maps(model, image, mean, std, cfg, device)
             inst = _instances_from_maps(maps, cfg)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,9 +354,8 @@ def run(
 
 def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, points_h5: Any, out_checkpoint: Path,
            dist: engine.DistInfo, jlog: engine.JsonLog) -> dict[str, Any]:
-    from tqdm import tqdm
-
     from bestie.data import build_dataset
+    from bestie.progress import progress
     from bestie.instance_data import BestieTrainDataset, IterationSampler
     from bestie.models.instance import BestieNet, convert_sync_batchnorm
 
@@ -415,6 +413,7 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
         start_iter = info["iteration"]
         best = dict(info["extra"].get("best") or best)
         log.info("resuming from %s at iteration %d", partial, start_iter)
+    jlog.begin(start_iter)  # <out_log>.partial until finish(): survives a killed job, a resumed run continues it
 
     sampler = IterationSampler(len(train_ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
                                start_iteration=start_iter)
@@ -456,8 +455,7 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     inst_sum = drop_sum = 0
     refine_ran = refine_hit = 0  # iterations (of this process, since its start) with refinement / with a target
     t_last = time.time()
-    bar = tqdm(total=cfg.max_iters, initial=start_iter, desc="bestie", disable=not dist.is_main,
-               mininterval=5.0 if sys.stderr.isatty() else 60.0)
+    bar = progress(total=cfg.max_iters, initial=start_iter, desc="bestie", disable=not dist.is_main)
     it = start_iter
     for it in range(start_iter, cfg.max_iters):
         batch = next(data_iter)
@@ -517,4 +515,5 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
                     "centre/offset losses). Train longer, lower bestie.center_threshold_refine, or set "
                     "bestie.refine_iter later / bestie.refine false.", refine_ran, cfg.center_threshold_refine)
     jlog.write(event="end", **summary)
+    jlog.finish()
     return summary

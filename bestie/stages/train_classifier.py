@@ -41,7 +41,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+from bestie.progress import progress
 
 from bestie.config import to_dict
 from bestie.errors import ConfigError
@@ -393,7 +393,7 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
     net.train()
-    jlog = JsonLog(out_log, rank=dist.rank)
+    jlog = JsonLog(out_log, rank=dist.rank, start_iteration=start)  # <out_log>.partial until finish()
     jlog.write(event="start", iteration=start, max_iter=max_iter, iters_per_epoch=ipe, resumed=start > 0,
                images=len(ds.ids), config=to_dict(cfg))
     stream = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=ipe)
@@ -401,8 +401,7 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
     epoch_labels: list[np.ndarray] = []
     epoch_losses: list[float] = []
     t0 = time.time()
-    bar = tqdm(total=max_iter, initial=start, disable=not dist.is_main, desc=f"classifier {out_checkpoint.stem}",
-               mininterval=5.0)
+    bar = progress(total=max_iter, initial=start, disable=not dist.is_main, desc=f"classifier {out_checkpoint.stem}")
     for it in range(start, max_iter):
         images, targets = next(stream)
         images = images.to(dist.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -447,6 +446,6 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
         jlog.write(event="final", iteration=max_iter, train_mAP=final_map, val_mAP=val_map, seconds=train_seconds)
         log.info("classifier %s: train mAP %s, %s mAP %s, %.0f s", out_checkpoint, percent(final_map, fraction=False),
                  dataset_cfg.get("eval_split"), percent(val_map, fraction=False), train_seconds)
-    jlog.close()
+    jlog.finish()
     if dist.is_distributed:
         torch.distributed.barrier()

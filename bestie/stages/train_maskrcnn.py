@@ -341,7 +341,7 @@ def run(
         WeightsError: configured weights missing or not matching.
         TrainingError: a NaN/inf loss.
     """
-    from tqdm import tqdm
+    from bestie.progress import progress
 
     from bestie.config import to_dict
     from bestie.data import build_dataset
@@ -442,13 +442,13 @@ def run(
         # CPU weights depend on the intra-op thread count (OMP_NUM_THREADS = the rule's threads)
         "num_threads": torch.get_num_threads(),
     }
-    jlog = JsonLog(out_log, rank=dist.rank)
+    jlog = JsonLog(out_log, rank=dist.rank, start_iteration=start)  # <out_log>.partial until finish()
     model.train()
     it = start
     last_loss = float("nan")
     t0 = time.time()
     t_last, it_last = t0, start
-    bar = tqdm(total=max_iters, initial=start, disable=not dist.is_main, desc="maskrcnn", mininterval=5.0)
+    bar = progress(total=max_iters, initial=start, disable=not dist.is_main, desc="maskrcnn")
     try:
         batches = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=iters_per_epoch)
         while it < max_iters:
@@ -485,6 +485,7 @@ def run(
         bar.close()
         jlog.close()
     save_checkpoint(out_checkpoint, model, None, None, None, it, {**extra_common, "iterations": it}, rank=dist.rank)
+    jlog.finish()
     if dist.is_main:
         partial.unlink(missing_ok=True)
         log.info("Mask R-CNN: %d iterations in %.0f s, final loss %.4f -> %s", it - start, time.time() - t0,

@@ -7,6 +7,20 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
+# The package of this checkout, whatever is installed: the config helpers below come from it.
+sys.path.insert(0, os.path.dirname(os.path.abspath(workflow.main_snakefile)))
+from bestie.config import OVERRIDE_KEY, apply_overrides, coerce_by_schema, load_schema
+
+# Command-line values, typed by the schema before it validates them (bestie.config's one strict parser):
+# `--config bestie='{max_iters: 10}'` arrives as {"max_iters": "10"}, and
+# `--config set="bestie.refine=false bestie.max_iters=10"` sets dotted keys (Snakemake itself refuses a
+# dot in a --config key). An unknown key or a value of the wrong type stops here, naming the key.
+_SCHEMA = load_schema(os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
+_overrides = config.pop(OVERRIDE_KEY, None)
+config.update(coerce_by_schema(config, _SCHEMA))
+if _overrides:
+    apply_overrides(config, _overrides if isinstance(_overrides, str) else [str(o) for o in _overrides], _SCHEMA)
+
 # A violation ends the run with a few lines that start and end with the bad key (Snakemake's own
 # validate error is followed by a dump of the whole section); validate then fills the defaults.
 from bestie.schema import config_error
@@ -18,6 +32,7 @@ _config_problem = config_error(
 )
 if _config_problem:
     sys.exit(_config_problem)
+
 validate(config, schema="../schemas/config.schema.yaml")
 
 RUN = config["run"]
@@ -61,11 +76,74 @@ def dataset_params():
     return json.dumps(ds, sort_keys=True, separators=(",", ":"))
 
 
-def dataset_marker():
+def demo_marker():
     """A file whose presence means the dataset is readable; the demo data rule makes it for the demo."""
     if config["demo"]["generate"]:
         return os.path.join(config["dataset"]["root"], "demo.json")
     return []
+
+
+CHECK_REPORT = f"{OUT}/check.json"
+
+
+def dataset_marker():
+    """What every stage waits for: the demo data (when generated) and the check report (rule check).
+
+    The report is a plain input: the check reruns only when the data changes (check_params()), and then
+    every stage is stale anyway. (An ancient() input would spare that, but Snakemake 9 then drops a
+    downstream job that must run in the same invocation: snakemake/snakemake#4166.)"""
+    return [*([demo_marker()] if demo_marker() else []), CHECK_REPORT]
+
+
+def check_params():
+    """The check rule's rerun trigger: what every stage depends on anyway (the dataset section, paths
+    absolute, and the GPU count) plus dataset_fingerprint(). Stage keys are not in it, so changing a
+    learning rate, or a weights file, reruns no check and nothing upstream of that stage."""
+    return json.dumps({"dataset": json.loads(dataset_params()), "gpus": GPUS, "data": dataset_fingerprint()},
+                      sort_keys=True, separators=(",", ":"))
+
+
+def check_config():
+    """The config the check reads (bestie.check.CHECKED_KEYS), as JSON: given to the job's command line,
+    not its params, so it is checked with the current values but triggers no rerun (see check_params)."""
+    from bestie.check import checked_config
+
+    cfg = checked_config({**config, "dataset": json.loads(dataset_params())})
+    return json.dumps(cfg, sort_keys=True, separators=(",", ":"))
+
+
+CHECK_CONFIG = check_config()
+
+
+def dataset_fingerprint():
+    """Size and mtime of the dataset's list / annotation files and of its folders (whose mtime changes
+    when a file is added or removed): a params entry of the check rule, so that it reruns when the data
+    changes. os.stat calls only: no list is read here, so the DAG build stays fast. Generated demo data
+    has none: the demo marker, an input of the check, stands for it."""
+    if config["demo"]["generate"]:
+        return ""
+    ds = config["dataset"]
+    splits = {ds.get("train_split") or "train", ds.get("eval_split") or "val"}
+    paths = []
+    if ds["format"] == "voc":
+        root = ds["root"]
+        paths += [os.path.join(root, d) for d in ("JPEGImages", "Annotations", "SegmentationClass",
+                                                   "SegmentationObject", "ImageSets/Segmentation")]
+        paths += [os.path.join(root, "ImageSets", "Segmentation", f"{s}.txt") for s in sorted(splits)]
+        if ds.get("list_file"):
+            paths += sorted({str(ds["list_file"]).replace("{split}", s) for s in splits})
+    else:
+        for key in ("ann_file", "image_dir"):
+            if ds.get(key):
+                paths += sorted({str(ds[key]).replace("{split}", s) for s in splits})
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append(f"{p}:{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            out.append(f"{p}:missing")
+    return ";".join(out)
 
 
 def point_setting():

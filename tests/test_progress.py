@@ -1,0 +1,64 @@
+"""bestie.progress: tqdm on a terminal, plain log lines with rate and ETA in log files (issue 18)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+
+from bestie.progress import LogProgress, format_seconds, progress
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_log_lines_every_ten_percent_with_rate_and_eta(caplog, monkeypatch):
+    import bestie.progress as bp
+
+    clock = [1000.0]
+    monkeypatch.setattr(bp.time, "monotonic", lambda: clock[0])
+    caplog.set_level(logging.INFO, logger="bestie.progress")
+    bar = progress(total=40, initial=0, desc="classifier pam", stream=io.StringIO())
+    assert isinstance(bar, LogProgress)
+    with bar:
+        for i in range(40):
+            clock[0] += 0.5  # 2 steps per second
+            bar.update(1)
+            bar.set_postfix(loss=f"{1.0 / (i + 1):.3f}", refresh=False)
+    assert len(bar.lines) == 10  # 4, 8, ..., 40
+    assert [int(re.search(r": (\d+)/40", l).group(1)) for l in bar.lines] == list(range(4, 41, 4))
+    assert bar.lines[0] == "classifier pam: 4/40 (10%), 2.00 it/s, ETA 18s, loss=0.333"  # 36 steps left at 2/s
+    assert bar.lines[-1] == "classifier pam: 40/40 (100%), 2.00 it/s, ETA 0s, loss=0.026"
+    logged = [r.getMessage() for r in caplog.records if r.name == "bestie.progress"]
+    assert logged == bar.lines and all("\r" not in l for l in logged)
+
+
+def test_resumed_iterable_unknown_total_and_disabled(caplog):
+    caplog.set_level(logging.INFO, logger="bestie.progress")
+    bar = progress(total=100, initial=50, desc="bestie", every=25, stream=io.StringIO())
+    for _ in range(50):
+        bar.update()
+    assert [l.split(" (")[0] for l in bar.lines] == ["bestie: 75/100", "bestie: 100/100"]
+    items = list(progress(["a", "b", "c"], desc="predict", stream=io.StringIO()))
+    assert items == ["a", "b", "c"]
+    gen = progress((x for x in range(3)), desc="gen", stream=io.StringIO())
+    assert list(gen) == [0, 1, 2] and gen.lines == ["gen: 3 done, " + gen.lines[0].split("done, ", 1)[1]]
+    quiet = progress(total=10, disable=True, stream=io.StringIO())
+    quiet.update(10)
+    assert quiet.lines == []
+
+
+def test_terminal_gets_a_tqdm_bar():
+    from tqdm import tqdm
+
+    out = _Tty()
+    with progress(total=5, desc="t", stream=out) as bar:
+        assert isinstance(bar, tqdm)
+        bar.update(5)
+    assert "5/5" in out.getvalue()
+
+
+def test_format_seconds():
+    assert [format_seconds(s) for s in (5.2, 93, 4000, float("nan"))] == ["5s", "1m33s", "1h06m", "?"]
