@@ -58,6 +58,8 @@ def test_dry_run_lists_every_stage(preset: Path, workdir: Path, tmp_path: Path):
     members = len(yaml.safe_load(preset.read_text())["classifier_dense"].get("ensemble_seeds") or [])
     if members:  # the dense classifier is an ensemble: one member job per seed instead of dense.pt
         expected.update(train_classifier=1, train_classifier_member=members)
+    if (yaml.safe_load(preset.read_text()).get("predict") or {}).get("images"):  # the trained model on images
+        expected["predict"] = 1
     assert planned_jobs(proc.stdout) == expected
 
 
