@@ -142,3 +142,24 @@ def test_average_cams_of_an_ensemble_by_hand():
         average_cams([a, b[:1]])
     with pytest.raises(ValueError, match="no CAMs"):
         average_cams([])
+
+
+@pytest.mark.parametrize("k", [1, 4, 5, 9])
+def test_resize_of_many_class_cams_at_non_integer_scale_equals_per_channel(k):
+    """CAM stacks with more than 4 classes (common on COCO) downsample and upsample at any scale: OpenCV 5's
+    INTER_AREA refuses more than 4 channels at a non-integer scale, so they go 4 at a time."""
+    import cv2
+
+    from bestie.stages.make_cams import downsample_cams, upsample_cams
+
+    rng = np.random.default_rng(k)
+    cams = rng.random((k, 147, 163)).astype(np.float32)  # 147 x 163 -> stride 4 -> 37 x 41: scale not integer
+    small = downsample_cams(cams, 4)
+    assert small.shape == (k, 37, 41)
+    for c in range(k):
+        np.testing.assert_array_equal(small[c], cv2.resize(cams[c], (41, 37), interpolation=cv2.INTER_AREA))
+    big = upsample_cams(small, 147, 163)
+    assert big.shape == (k, 147, 163)
+    for c in range(k):
+        np.testing.assert_allclose(big[c], cv2.resize(small[c], (163, 147), interpolation=cv2.INTER_LINEAR),
+                                   atol=1e-6)

@@ -120,10 +120,13 @@ def upsample_cams(cams: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def _resize_stack(cams: np.ndarray, h: int, w: int, interp: int) -> np.ndarray:
     out = np.empty((cams.shape[0], h, w), np.float32)
-    for s in range(0, cams.shape[0], 512):  # OpenCV handles at most 512 channels per call
-        chunk = np.ascontiguousarray(cams[s:s + 512].astype(np.float32).transpose(1, 2, 0))
+    # OpenCV handles at most 512 channels per call; OpenCV 5's INTER_AREA at a non-integer scale at most 4
+    # (the assertion "cn <= 4" in resize), so area averaging goes 4 channels at a time
+    step = 4 if interp == cv2.INTER_AREA else 512
+    for s in range(0, cams.shape[0], step):
+        chunk = np.ascontiguousarray(cams[s:s + step].astype(np.float32).transpose(1, 2, 0))
         r = cv2.resize(chunk, (w, h), interpolation=interp)
-        out[s:s + 512] = r.reshape(h, w, -1).transpose(2, 0, 1)
+        out[s:s + step] = r.reshape(h, w, -1).transpose(2, 0, 1)
     return out
 
 
