@@ -388,3 +388,13 @@ def test_predict_rule_only_when_configured_and_runs_on_a_finished_checkpoint(dem
     assert sorted(p.name for p in (out / "overlays").glob("*.png")) == ["demo_0005.png", "demo_0006.png"]
     log = (work / "results" / "demo" / "logs" / "predict.log").read_text()
     assert "\r" not in log and "predict: 2 images" in log  # plain log lines, no progress-bar states
+
+
+def test_overlay_selection_threshold_else_the_best_three():
+    from bestie.stages.predict import overlay_selection
+
+    np.testing.assert_array_equal(overlay_selection(np.array([0.5, 0.1, 0.31, 0.2]), 0.3), [True, False, True, False])
+    # nothing reaches 0.3 (a weak model): the 3 best are drawn, never a blank overlay
+    np.testing.assert_array_equal(overlay_selection(np.array([0.05, 0.16, 0.01, 0.1, 0.12]), 0.3),
+                                  [False, True, False, True, True])
+    assert overlay_selection(np.zeros(0), 0.3).shape == (0,)

@@ -41,7 +41,8 @@ Outputs in ``out_dir`` (each written atomically):
   ``categories`` (``id``, ``name``, ``supercategory``) and no annotations:
   ``COCO("images.json").loadRes("predictions.json")``;
 - ``overlays/<stem>.png``: the image (at the working size; small images enlarged) with each instance
-  scoring at least ``overlay_threshold``: mask, outline, class name and score
+  scoring at least ``overlay_threshold`` (or, when none does, the :data:`OVERLAY_TOP_K` best, so a weak
+  model's overlay is never blank): mask, outline, class name and score
   (:func:`bestie.report.figures.overlay_panel`); a repeated stem gets ``_2``, ``_3``, ...;
 - ``summary.json``: counts (inputs, predicted, skipped with their faults, instances), the checkpoint,
   the settings used and the time.
@@ -93,8 +94,9 @@ class PredictConfig:
             and their masks mapped back (1333, the standard COCO Mask R-CNN maximum).
         batch_size: images per forward pass (Mask R-CNN; BESTIE groups each image on its own).
         overlays: write ``overlays/<stem>.png``.
-        overlay_threshold: overlays draw the instances scoring at least this (``predictions.json`` keeps
-            every instance above ``score_threshold``, as COCO AP needs; drawing those too buries the image).
+        overlay_threshold: overlays draw the instances scoring at least this, else the 3 best
+            (``predictions.json`` keeps every instance above ``score_threshold``, as COCO AP needs; drawing
+            those too buries the image).
         ids_from: a COCO dataset JSON whose image ids (matched by file base name) the results use.
     """
 
@@ -400,6 +402,28 @@ def _ids_from(path: str | os.PathLike, files: Sequence[Path], class_names: Seque
     return [by_name[f.name] for f in files]
 
 
+#: an overlay with no instance at ``overlay_threshold`` draws this many of the best instead
+OVERLAY_TOP_K = 3
+
+
+def overlay_selection(scores: np.ndarray, threshold: float, top_k: int = OVERLAY_TOP_K) -> np.ndarray:
+    """Which instances an overlay draws: those scoring at least ``threshold``, else the ``top_k`` best.
+
+    Args:
+        scores: ``(N,)`` float instance scores.
+        threshold: the overlay threshold (``overlay_threshold``).
+        top_k: how many of the best to draw when no score reaches ``threshold``.
+
+    Returns:
+        ``(N,)`` bool selection.
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    show = scores >= threshold
+    if not show.any() and scores.size:
+        show[np.argsort(-scores, kind="stable")[:top_k]] = True
+    return show
+
+
 def _overlay_name(path: Path, used: set[str]) -> str:
     stem, k = path.stem, 1
     name = f"{stem}.png"
@@ -475,7 +499,7 @@ def run(
                 results.extend(instances_to_coco_results(image_id, one, cat_of))
             rec = {"id": image_id, "file_name": os.fspath(path), "height": size[0], "width": size[1]}
             if cfg.overlays:
-                show = inst["scores"] >= cfg.overlay_threshold
+                show = overlay_selection(inst["scores"], cfg.overlay_threshold)
                 masks = inst["masks"][show]
                 masks = masks if inst["threshold"] is None else masks > inst["threshold"]
                 panel = overlay_panel(work, {"masks": masks, "labels": inst["labels"][show],
