@@ -180,11 +180,39 @@ def _json_type(tp: Any, name: str) -> dict[str, Any]:
 
 
 def _field_docs(cls: type) -> dict[str, str]:
-    """``name: text`` lines of the dataclass docstring's Attributes section."""
+    """The descriptions of the dataclass docstring's Attributes section, by field name.
+
+    An entry is ``name: text`` or ``name1, name2: text`` (one text for several fields) at the section's
+    item indent; deeper-indented lines continue it (joined with single spaces). Lines outside the
+    Attributes section are ignored.
+    """
     doc = cls.__doc__ or ""
     out: dict[str, str] = {}
-    for m in re.finditer(r"^\s{4,}(\w+)(?:\s*\([^)]*\))?:\s*(.+)$", doc, flags=re.M):
-        out.setdefault(m.group(1), m.group(2).strip())
+    lines = doc.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:")
+    except StopIteration:
+        return out
+    entry = re.compile(r"^( +)(\w+(?:, \w+)*)(?:\s*\([^)]*\))?:\s*(.*)$")
+    indent, names, text = None, [], []
+
+    def flush() -> None:
+        for name in names:
+            out.setdefault(name, " ".join(text).strip())
+
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip(" "))
+        m = entry.match(line)
+        if m and (indent is None or depth == indent):
+            flush()
+            indent, names, text = depth, m.group(2).split(", "), [m.group(3)]
+        elif indent is not None and depth > indent:
+            text.append(line.strip())
+        else:
+            break  # the section ends at a line indented less than its items
+    flush()
     return out
 
 

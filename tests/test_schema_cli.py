@@ -128,3 +128,32 @@ def test_show_metrics_prints_percent_and_semantic_drift(tmp_path, capsys):
     assert out[-1].split()[-9:] == ["-", "77.2", "32.8", "9.8", "3.8", "-", "-", "-", "0.2"]
     assert main(["show-metrics", str(tmp_path / "none.json")]) == 2
     assert "none.json" in capsys.readouterr().err
+
+
+def test_field_docs_read_whole_entries_shared_names_and_stop_at_the_section_end():
+    from dataclasses import dataclass
+
+    from bestie.schema import _field_docs
+
+    @dataclass
+    class Section:
+        """Summary line.
+
+        Attributes:
+            first: the first key's text,
+                continued on a deeper line.
+            a, b: one text for two keys.
+            last (int): typed entry.
+
+        Raises:
+            ConfigError: not a field.
+        """
+
+        first: int = 0
+        a: int = 0
+        b: int = 0
+        last: int = 0
+
+    docs = _field_docs(Section)
+    assert docs == {"first": "the first key's text, continued on a deeper line.", "a": "one text for two keys.",
+                    "b": "one text for two keys.", "last": "typed entry."}
