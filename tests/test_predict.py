@@ -132,8 +132,8 @@ def test_maskrcnn_predicts_folder_and_skips_corrupt_file(demo, tmp_path):
     # overlays draw only instances >= overlay_threshold: at 1.0 the overlay is the bare (enlarged) image
     from bestie.report.figures import overlay_panel
 
-    run(PredictConfig(score_threshold=0.0, overlay_threshold=1.0), demo["maskrcnn"], [demo["folder"]], tmp_path / "t",
-        "cpu")
+    run(PredictConfig(score_threshold=0.0, overlay_threshold=1.0, overlay_top_k=0), demo["maskrcnn"], [demo["folder"]],
+        tmp_path / "t", "cpu")
     bare = overlay_panel(load_rgb(demo["folder"] / "demo_0005.jpg"), None, None, DEMO_CLASSES)
     np.testing.assert_array_equal(load_rgb(tmp_path / "t" / "overlays" / "demo_0005.png"), bare)
     assert not np.array_equal(load_rgb(out / "overlays" / "demo_0005.png"), bare)
@@ -393,8 +393,10 @@ def test_predict_rule_only_when_configured_and_runs_on_a_finished_checkpoint(dem
 def test_overlay_selection_threshold_else_the_best_three():
     from bestie.stages.predict import overlay_selection
 
-    np.testing.assert_array_equal(overlay_selection(np.array([0.5, 0.1, 0.31, 0.2]), 0.3), [True, False, True, False])
-    # nothing reaches 0.3 (a weak model): the 3 best are drawn, never a blank overlay
-    np.testing.assert_array_equal(overlay_selection(np.array([0.05, 0.16, 0.01, 0.1, 0.12]), 0.3),
+    np.testing.assert_array_equal(overlay_selection(np.array([0.5, 0.1, 0.31, 0.2]), 0.3, 3),
+                                  [True, False, True, False])
+    # nothing reaches 0.3 (a weak model): the 3 best are drawn instead of a blank overlay
+    np.testing.assert_array_equal(overlay_selection(np.array([0.05, 0.16, 0.01, 0.1, 0.12]), 0.3, 3),
                                   [False, True, False, True, True])
-    assert overlay_selection(np.zeros(0), 0.3).shape == (0,)
+    assert not overlay_selection(np.array([0.05, 0.16]), 0.3, 0).any()  # top_k 0: only the threshold
+    assert overlay_selection(np.zeros(0), 0.3, 3).shape == (0,)

@@ -41,8 +41,8 @@ Outputs in ``out_dir`` (each written atomically):
   ``categories`` (``id``, ``name``, ``supercategory``) and no annotations:
   ``COCO("images.json").loadRes("predictions.json")``;
 - ``overlays/<stem>.png``: the image (at the working size; small images enlarged) with each instance
-  scoring at least ``overlay_threshold`` (or, when none does, the :data:`OVERLAY_TOP_K` best, so a weak
-  model's overlay is never blank): mask, outline, class name and score
+  scoring at least ``overlay_threshold`` (or, when none does, the ``overlay_top_k`` best, so a weak
+  model's overlay is not blank): mask, outline, class name and score
   (:func:`bestie.report.figures.overlay_panel`); a repeated stem gets ``_2``, ``_3``, ...;
 - ``summary.json``: counts (inputs, predicted, skipped with their faults, instances), the checkpoint,
   the settings used and the time.
@@ -94,9 +94,10 @@ class PredictConfig:
             and their masks mapped back (1333, the standard COCO Mask R-CNN maximum).
         batch_size: images per forward pass (Mask R-CNN; BESTIE groups each image on its own).
         overlays: write ``overlays/<stem>.png``.
-        overlay_threshold: overlays draw the instances scoring at least this, else the 3 best
-            (``predictions.json`` keeps every instance above ``score_threshold``, as COCO AP needs; drawing
-            those too buries the image).
+        overlay_threshold: overlays draw the instances scoring at least this (``predictions.json`` keeps
+            every instance above ``score_threshold``, as COCO AP needs; drawing those too buries the image).
+        overlay_top_k: when no instance of an image reaches ``overlay_threshold``, its overlay draws this
+            many of the best instead (3; 0 = none).
         ids_from: a COCO dataset JSON whose image ids (matched by file base name) the results use.
     """
 
@@ -108,6 +109,7 @@ class PredictConfig:
     batch_size: int = 1
     overlays: bool = True
     overlay_threshold: float = 0.3
+    overlay_top_k: int = 3
     ids_from: str | None = None
 
     def __post_init__(self) -> None:
@@ -117,6 +119,8 @@ class PredictConfig:
             raise ConfigError(f"predict.score_threshold must be in [0, 1] or null, got {self.score_threshold}")
         if not 0.0 <= self.overlay_threshold <= 1.0:
             raise ConfigError(f"predict.overlay_threshold must be in [0, 1], got {self.overlay_threshold}")
+        if self.overlay_top_k < 0:
+            raise ConfigError(f"predict.overlay_top_k must be >= 0, got {self.overlay_top_k}")
         if self.max_side < 32:
             raise ConfigError(f"predict.max_side must be >= 32 pixels, got {self.max_side}")
         if self.batch_size < 1:
@@ -402,11 +406,7 @@ def _ids_from(path: str | os.PathLike, files: Sequence[Path], class_names: Seque
     return [by_name[f.name] for f in files]
 
 
-#: an overlay with no instance at ``overlay_threshold`` draws this many of the best instead
-OVERLAY_TOP_K = 3
-
-
-def overlay_selection(scores: np.ndarray, threshold: float, top_k: int = OVERLAY_TOP_K) -> np.ndarray:
+def overlay_selection(scores: np.ndarray, threshold: float, top_k: int) -> np.ndarray:
     """Which instances an overlay draws: those scoring at least ``threshold``, else the ``top_k`` best.
 
     Args:
@@ -499,7 +499,7 @@ def run(
                 results.extend(instances_to_coco_results(image_id, one, cat_of))
             rec = {"id": image_id, "file_name": os.fspath(path), "height": size[0], "width": size[1]}
             if cfg.overlays:
-                show = overlay_selection(inst["scores"], cfg.overlay_threshold)
+                show = overlay_selection(inst["scores"], cfg.overlay_threshold, cfg.overlay_top_k)
                 masks = inst["masks"][show]
                 masks = masks if inst["threshold"] is None else masks > inst["threshold"]
                 panel = overlay_panel(work, {"masks": masks, "labels": inst["labels"][show],
@@ -550,6 +550,7 @@ def run(
         "num_instances": len(results),
         "settings": {**predictor.settings, "batch_size": cfg.batch_size, "ids_from": cfg.ids_from,
                      "overlay_threshold": cfg.overlay_threshold if cfg.overlays else None,
+                     "overlay_top_k": cfg.overlay_top_k if cfg.overlays else None,
                      "device": str(getattr(predictor, "device", device))},
         "seconds": round(time.time() - t0, 3),
         "outputs": {"predictions": os.fspath(out / "predictions.json"), "images": os.fspath(out / "images.json"),
