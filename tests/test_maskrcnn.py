@@ -316,3 +316,20 @@ def test_evaluate_coco_dataset_ids_and_categories(tmp_path, monkeypatch):
     results = json.loads((tmp_path / "p.json").read_text())
     assert {r["image_id"] for r in results} == {int(i) for i in ids}
     assert {r["category_id"] for r in results} <= set(full.cat_ids)
+
+
+def test_an_export_without_any_pseudo_instance_stops_before_training(tmp_path):
+    """The first coco128 run (2026-12-02) exported no instance: Mask R-CNN must stop naming the file."""
+    from bestie.data.demo import generate_demo_dataset
+    from bestie.data import build_dataset
+    from bestie.errors import DataError
+    from bestie.stages.train_maskrcnn import PseudoLabelDataset
+
+    root = tmp_path / "demo"
+    generate_demo_dataset(root, num_train=2, num_val=1)
+    ds = build_dataset({"format": "voc", "root": str(root), "classes": ["disc", "square", "triangle"]}, "train")
+    pseudo = {"images": [{"id": k + 1, "image_key": i, "file_name": f"{i}.jpg", "height": 160, "width": 160}
+                         for k, i in enumerate(ds.ids)],
+              "annotations": [], "categories": [{"id": c + 1, "name": n} for c, n in enumerate(ds.class_names)]}
+    with pytest.raises(DataError, match=r"empty\.json: no image has a pseudo instance"):
+        PseudoLabelDataset(pseudo, ds, source=str(tmp_path / "empty.json"))
