@@ -37,12 +37,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GAP_IDS = [1, 44, 90]  # COCO-like category ids with gaps for the BESTIE checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
