@@ -170,13 +170,11 @@ class BestieLoss(nn.Module):
             pred, target = pred[:, :1], target.amax(dim=1, keepdim=True)
         if self.center_support_weight == 1.0:
             return weighted_mse(pred, target, weight) * self.center_weight
-        if weight.ndim == target.ndim - 1:
-            weight = weight.unsqueeze(1)
+        # the boost keeps the set of weighted pixels (factor >= 1), so weighted_mse's count is unchanged
+        w = weight.unsqueeze(1) if weight.ndim == target.ndim - 1 else weight
         support = (target > CENTER_SUPPORT_MIN).any(dim=1, keepdim=True)
-        err = ((pred - target) ** 2).sum(dim=1, keepdim=True)
-        w = weight.to(err.dtype)
-        boosted = w * torch.where(support, err.new_tensor(self.center_support_weight), err.new_tensor(1.0))
-        return (err * boosted).sum() / (w > 0).sum().clamp(min=1) * self.center_weight
+        boosted = torch.where(support, w * self.center_support_weight, w)
+        return weighted_mse(pred, target, boosted) * self.center_weight
 
     def forward(self, outputs: dict, pseudo: dict, refined: dict | None, semantic_target: torch.Tensor) -> dict:
         for key in ("seg", "center", "offset"):
