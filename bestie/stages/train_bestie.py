@@ -457,6 +457,7 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     t_last = time.time()
     bar = progress(total=cfg.max_iters, initial=start_iter, desc="bestie", disable=not dist.is_main)
     it = start_iter
+    last_probe: dict[str, Any] | None = None
     for it in range(start_iter, cfg.max_iters):
         batch = next(data_iter)
         losses = train_step(ddp_model, batch, loss_fn, cfg, it, dev, amp=use_amp)
@@ -485,7 +486,7 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
                 vec[: len(keys)] /= dist.world_size
             now = time.time()
             rec = {k: float(vec[i]) for i, k in enumerate(keys)}
-            probe_rec = _run_probe(ddp_model, probe, loss_fn, dev)
+            probe_rec = last_probe = _run_probe(ddp_model, probe, loss_fn, dev)
             jlog.write(event="train", iteration=done, lr=scheduler.get_last_lr()[0],
                        pseudo_instances_per_image=float(vec[-3] / max(1.0, float(vec[-1]) * sampler.local_batch)),
                        points_dropped=int(vec[-2]), sec_per_iter=(now - t_last) / n_sum, **rec, **probe_rec)
@@ -508,7 +509,9 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
                "best_checkpoint": str(best_path) if best["iteration"] is not None else None, "best": best,
                "skipped_empty_labels": train_ds.num_skipped_empty,
                "refinement": {"iterations_run": refine_ran, "iterations_with_targets": refine_hit},
-               "probe": _run_probe(ddp_model, probe, loss_fn, dev)}
+               # the last iteration is always logged, so its probe is the final weights' (a run resumed at
+               # max_iters logs nothing and probes here)
+               "probe": last_probe if last_probe is not None else _run_probe(ddp_model, probe, loss_fn, dev)}
     if dist.is_main and refine_ran and not refine_hit:
         log.warning("self-refinement ran in %d iterations but never produced a refined target: the centre head "
                     "stayed below center_threshold_refine=%s (the refined terms were 0 and halved the pseudo "
