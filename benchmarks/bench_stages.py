@@ -266,9 +266,9 @@ def run(quick: bool = False, factors: Sequence[int] = (1, 4), num_ids: int | Non
     """Measure every stage of :data:`STAGES` at each replication factor.
 
     Args:
-        quick: 4 ids downscaled to a 128 px long side, classifier crop 64 (seconds in all).
+        quick: 2 ids downscaled to a 128 px long side, classifier crop 64 (seconds in all).
         factors: replication factors of the id list (1 and 4).
-        num_ids: use only the first ``num_ids`` ids of the real train list (default: all; 4 in quick mode).
+        num_ids: use only the first ``num_ids`` ids of the real train list (default: all; 2 in quick mode).
         max_side: downscale the images to this long side first (default: none; 128 in quick mode).
         crop: training crop of the throwaway classifier (default 128; 64 in quick mode).
         data_root: the real VOC-layout data.
@@ -288,7 +288,7 @@ def run(quick: bool = False, factors: Sequence[int] = (1, 4), num_ids: int | Non
     if one_process is None:
         one_process = quick
     if quick:
-        num_ids = num_ids or 4
+        num_ids = num_ids or 2
         max_side = max_side or 128
         crop = crop or 64
     crop = crop or 128

@@ -14,7 +14,7 @@ Benchmarks (see benchmarks/README.md for what each figure means):
   evaluation stages on 1x and 4x the 97 coco128-voc images;
 - ``dag``: :mod:`benchmarks.bench_dag` -- ``snakemake -n`` over a 10,000-image split.
 
-``--quick`` shrinks every benchmark (fewer repeats, 100 evaluation images, 4 downscaled stage images, one
+``--quick`` shrinks every benchmark (fewer repeats, 100 evaluation images, 2 downscaled stage images, one
 DAG run) to finish in well under a minute; its figures check that the benchmarks work, they are not
 the performance figures.
 

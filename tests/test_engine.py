@@ -431,8 +431,8 @@ def test_sigkill_under_snakemake_keeps_the_log_and_resumes_to_the_same_weights(t
     cfgs = {}
     for run in ("straight", "killed"):
         cfg = tiny_config(run, ds)
-        cfg["classifier_pam"].update(epochs=12, lr_steps=[], batch_size=2, resize=64, crop_size=64,
-                                     checkpoint_every=3, num_workers=0)  # 4 iterations per epoch, 48 in all
+        cfg["classifier_pam"].update(epochs=6, lr_steps=[], batch_size=2, resize=64, crop_size=64,
+                                     checkpoint_every=3, num_workers=0)  # 4 iterations per epoch, 24 in all
         cfgs[run] = write_config(tmp_path / f"{run}.yaml", cfg)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
 
@@ -441,9 +441,9 @@ def test_sigkill_under_snakemake_keeps_the_log_and_resumes_to_the_same_weights(t
                                  f"results/{run}/classifier/pam.pt", "--cores", "1", "--configfile", str(cfgs[run])],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
+    # the uninterrupted reference runs beside the killed one (one core each: the test is mostly process
+    # start-ups, and one torch thread per job keeps both runs' arithmetic identical)
     straight = snake("straight")
-    out, _ = straight.communicate(timeout=600)
-    assert straight.returncode == 0, out[-3000:]
 
     k = work / "results" / "killed" / "classifier"
     side, final, partial = k / "pam_log.jsonl.partial", k / "pam_log.jsonl", k / "pam.pt.partial"
@@ -453,7 +453,7 @@ def test_sigkill_under_snakemake_keeps_the_log_and_resumes_to_the_same_weights(t
     while time.time() < deadline and proc.poll() is None:
         if side.is_file() and partial.is_file():
             its = [json.loads(l).get("iteration", 0) for l in side.read_text().splitlines() if l.endswith("}")]
-            if max(its, default=0) >= 10:
+            if max(its, default=0) >= 5:
                 pids = _train_pids(proc.pid)
                 if pids:
                     for pid in pids:
@@ -465,16 +465,18 @@ def test_sigkill_under_snakemake_keeps_the_log_and_resumes_to_the_same_weights(t
     assert killed_at is not None and proc.returncode != 0, out[-3000:]
     assert side.is_file() and partial.is_file() and not final.exists() and not (k / "pam.pt").exists()
     kept = [json.loads(l) for l in side.read_text().splitlines() if l.endswith("}")]
-    assert max(r.get("iteration", 0) for r in kept) >= 10  # the history survived the failed job
+    assert max(r.get("iteration", 0) for r in kept) >= 5  # the history survived the failed job
 
     rerun = snake("killed")
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out[-3000:]
     assert final.is_file() and not side.exists() and not partial.exists()
+    out, _ = straight.communicate(timeout=600)
+    assert straight.returncode == 0, out[-3000:]
     recs = [json.loads(l) for l in final.read_text().splitlines()]
-    assert [r["iteration"] for r in recs if "event" not in r] == list(range(1, 49))  # every iteration once
+    assert [r["iteration"] for r in recs if "event" not in r] == list(range(1, 25))  # every iteration once
     resume = [r for r in recs if r.get("event") == "resume"]
-    assert len(resume) == 1 and resume[0]["iteration"] % 3 == 0 and 9 <= resume[0]["iteration"] <= killed_at
+    assert len(resume) == 1 and resume[0]["iteration"] % 3 == 0 and 3 <= resume[0]["iteration"] <= killed_at
     assert [r["resumed"] for r in recs if r.get("event") == "start"] == [False, True]
     a = torch.load(work / "results" / "straight" / "classifier" / "pam.pt", map_location="cpu", weights_only=True)
     b = torch.load(k / "pam.pt", map_location="cpu", weights_only=True)
