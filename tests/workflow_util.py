@@ -67,7 +67,7 @@ def tiny_config(run: str, dataset: dict) -> dict:
         "demo": {"generate": False},
         "classifier_pam": {"use_pam": True, **cls},
         "classifier_dense": {"use_pam": False, **cls},
-        "cams": {"out_stride": 4, "overlays": 2, "flip": False},  # no flip TTA: half the CAM passes
+        "cams": {"out_stride": 4, "overlays": 2},
         "wsss": {"method": "crf"},
         # 40 iterations at crop 96 are the fewest that reliably leave foreground in the predictions
         # (8 or 12 at crop 128 predicted background everywhere, so Mask R-CNN had nothing to learn).
