@@ -7,6 +7,17 @@ of the total is done (and at the end), with the rate and the time left::
 
     bestie.progress: classifier pam: 120/400 (30%), 3.21 it/s, ETA 1m27s, loss=0.4123
 
+Under the workflow, a log-file report also reaches the terminal that runs Snakemake: every rule's command
+starts with ``BESTIE_RULE=<rule>`` and ``3>&2`` (``workflow/rules/common.smk``, ``launcher()``), so file
+descriptor 3 is Snakemake's own stderr while 1 and 2 go to the rule's log. A :class:`LogProgress` then
+also writes its current line there, prefixed with the rule's name, every ``TERMINAL_INTERVAL`` seconds
+and at the end::
+
+    [train_bestie] bestie: 300/1500 (20%), 1.93 it/s, ETA 10m22s, total=0.8123
+
+Under SLURM, descriptor 3 is the job's own stderr (the executor's job log). Processes that torchrun
+starts do not inherit it; they report to their log only.
+
 Both offer what the stages use of tqdm: iteration, ``update(n)``, ``set_postfix(**values)``,
 ``close()`` and use as a context manager::
 
@@ -23,11 +34,12 @@ Both offer what the stages use of tqdm: iteration, ``update(n)``, ``set_postfix(
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import IO, Any, Iterable, Iterator
 
-__all__ = ["progress", "LogProgress", "format_seconds", "DEFAULT_EVERY"]
+__all__ = ["progress", "LogProgress", "format_seconds", "DEFAULT_EVERY", "TERMINAL_INTERVAL", "terminal_fd"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +47,30 @@ log = logging.getLogger(__name__)
 DEFAULT_EVERY = 10.0
 #: seconds between two log lines when the total is unknown
 UNKNOWN_TOTAL_INTERVAL = 60.0
+#: seconds between two lines on the workflow's terminal (a few a minute)
+TERMINAL_INTERVAL = 20.0
+#: environment variable naming the running rule (set by the workflow's launcher)
+RULE_ENV = "BESTIE_RULE"
+#: the file descriptor the workflow opens on its own stderr for each job
+TERMINAL_FD = 3
+
+
+def terminal_fd() -> int | None:
+    """The descriptor for progress lines on the workflow's terminal, or ``None``.
+
+    It is :data:`TERMINAL_FD` when :data:`RULE_ENV` is set, the descriptor is open and writable and it is not
+    the file stderr already writes to (which would print every line twice).
+    """
+    if not os.environ.get(RULE_ENV):
+        return None
+    try:
+        st = os.fstat(TERMINAL_FD)
+        err = os.fstat(2)
+    except OSError:
+        return None
+    if (st.st_dev, st.st_ino) == (err.st_dev, err.st_ino):
+        return None
+    return TERMINAL_FD
 
 
 def format_seconds(seconds: float) -> str:
@@ -81,6 +117,8 @@ class LogProgress:
         self._last_time = self._t0
         self._closed = False
         self._final_logged = False
+        self._terminal = None if self.disable else terminal_fd()
+        self._last_echo = self._t0
 
     def _bucket(self, n: int) -> int:
         if not self.total:
@@ -108,6 +146,19 @@ class LogProgress:
         self.lines.append(text)
         log.info("%s", text)
 
+    def _echo(self, final: bool = False) -> None:
+        """Write the current line to the workflow's terminal (at most every TERMINAL_INTERVAL s, and at the end)."""
+        if self._terminal is None:
+            return
+        now = time.monotonic()
+        if not final and now - self._last_echo < TERMINAL_INTERVAL:
+            return
+        self._last_echo = now
+        try:
+            os.write(self._terminal, f"[{os.environ.get(RULE_ENV)}] {self.line()}\n".encode())
+        except OSError:  # the terminal went away: keep training, report to the log only
+            self._terminal = None
+
     def update(self, n: int = 1) -> None:
         """Count ``n`` more steps; log a line when another ``every`` percent is done, or at the total."""
         self.n += int(n)
@@ -119,7 +170,9 @@ class LogProgress:
             if self.n >= self.total:
                 self._final_logged = True
                 self._emit()
+                self._echo(final=True)
                 return
+            self._echo()
             bucket = self._bucket(self.n)
             if bucket > self._last_bucket:
                 self._last_bucket = bucket
@@ -129,6 +182,7 @@ class LogProgress:
             if now - self._last_time >= UNKNOWN_TOTAL_INTERVAL:
                 self._last_time = now
                 self._emit()
+            self._echo()
 
     def set_postfix(self, ordered_dict: dict[str, Any] | None = None, refresh: bool = True, **values: Any) -> None:
         """Values shown at the end of the next line (tqdm's signature; ``refresh`` is ignored)."""
@@ -144,6 +198,7 @@ class LogProgress:
         self._closed = True
         if not self.disable and not self.total and self.n > self.initial:
             self._emit()
+            self._echo(final=True)
 
     def __iter__(self) -> Iterator[Any]:
         if self.iterable is None:

@@ -62,3 +62,49 @@ def test_terminal_gets_a_tqdm_bar():
 
 def test_format_seconds():
     assert [format_seconds(s) for s in (5.2, 93, 4000, float("nan"))] == ["5s", "1m33s", "1h06m", "?"]
+
+
+_JOB = """
+import logging, sys
+import bestie.progress as p
+logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(message)s")
+p.TERMINAL_INTERVAL = float(sys.argv[1])
+with p.progress(total=4, desc="train") as bar:
+    for _ in range(4):
+        bar.update(1)
+"""
+
+
+def _job(tmp_path, env_rule: str | None, interval: float, redirect_fd3: bool = True):
+    """Run a 4-step job as the workflow's rules do: `BESTIE_RULE=<rule> 3>&2 python ... > log 2>&1`."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    log = tmp_path / "job.log"
+    cmd = f"{shlex.quote(sys.executable)} -c {shlex.quote(_JOB)} {interval} > {shlex.quote(str(log))} 2>&1"
+    if redirect_fd3:
+        cmd = "3>&2 " + cmd
+    if env_rule:
+        cmd = f"BESTIE_RULE={env_rule} " + cmd
+    env = {k: v for k, v in os.environ.items() if k != "BESTIE_RULE"}
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, env=env, timeout=60, check=True)
+    return proc.stderr, log.read_text()
+
+
+def test_workflow_terminal_gets_rule_prefixed_lines_and_the_log_keeps_its_own(tmp_path):
+    terminal, log = _job(tmp_path, "train_bestie", interval=0.0)
+    lines = terminal.splitlines()
+    # interval 0: every step reaches the terminal, prefixed with the rule; the final line once
+    assert [l.split(" (")[0] for l in lines] == [f"[train_bestie] train: {i}/4" for i in range(1, 5)]
+    assert "ETA" in lines[-1] and "(100%)" in lines[-1]
+    assert "[train_bestie]" not in log and "train: 4/4 (100%)" in log  # the log has its plain lines
+    # the default interval (20 s): a 4-step job that ends at once shows its final line only
+    terminal, _ = _job(tmp_path, "train_bestie", interval=20.0)
+    assert len(terminal.splitlines()) == 1 and terminal.startswith("[train_bestie] train: 4/4 (100%)")
+
+
+def test_no_terminal_lines_outside_the_workflow(tmp_path):
+    assert _job(tmp_path, None, interval=0.0)[0] == ""  # no rule named: a plain CLI run
+    assert _job(tmp_path, "r", interval=0.0, redirect_fd3=False)[0] == ""  # descriptor 3 not open

@@ -53,6 +53,9 @@ def test_every_stage_ran(finished_run):
     for rule in ("train_classifier", "make_cams", "make_wsss_maps", "train_bestie", "predict_instances",
                  "export_pseudo_labels", "train_maskrcnn", "evaluate", "report"):
         assert jobs.get(rule, 0) >= 1, rule
+    # the training stages' progress reached Snakemake's terminal, prefixed with the rule (bestie.progress)
+    for line in ("[train_classifier] classifier pam: ", "[make_cams] cams pam_cams: ", "[train_bestie] bestie: "):
+        assert line in finished_run["log"], line
     if not _maskrcnn_had_labels(finished_run):
         pytest.xfail("the CI-sized BESTIE model predicted no instance: Mask R-CNN had no pseudo labels")
     assert "error" not in finished_run["log"].lower().split("job stats")[-1]

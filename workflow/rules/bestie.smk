@@ -26,7 +26,7 @@ rule train_bestie:
         mem_mb=16000,
         runtime=1440,
     shell:
-        "{params.launch} train-bestie --params {params.p:q} --dataset {params.ds:q} --wsss {input.wsss:q} "
+        "BESTIE_RULE={rule} {params.launch} train-bestie --params {params.p:q} --dataset {params.ds:q} --wsss {input.wsss:q} "
         "{params.points} --out-checkpoint {output.checkpoint:q} --out-log {output.log:q} {params.device} "
         "> {log:q} 2>&1"
 
@@ -53,6 +53,6 @@ rule predict_instances:
         mem_mb=8000,
         runtime=240,
     shell:
-        "{params.launch} predict-instances --params {params.p:q} --dataset {params.ds:q} --split {wildcards.split} "
+        "BESTIE_RULE={rule} {params.launch} predict-instances --params {params.p:q} --dataset {params.ds:q} --split {wildcards.split} "
         "--checkpoint {input.checkpoint:q} --out-instances {output.instances:q} --out-metrics {output.metrics:q} "
         "{params.device} > {log:q} 2>&1"

@@ -25,6 +25,6 @@ rule make_cams:
         mem_mb=4000,
         runtime=120,
     shell:
-        "{params.launch} make-cams --params {params.p:q} --dataset {params.ds:q} "
+        "BESTIE_RULE={rule} {params.launch} make-cams --params {params.p:q} --dataset {params.ds:q} "
         "--checkpoint {input.checkpoint:q} --out-cams {output.cams:q} --out-points {output.points:q} "
         "--out-diagnostics {output.diagnostics:q} --overlay-dir {output.overlays:q} {params.device} > {log:q} 2>&1"

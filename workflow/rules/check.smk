@@ -21,4 +21,4 @@ rule check:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{params.launch} check --config {CHECK_CONFIG:q} --out {output.report:q} > {log:q} 2>&1"
+        "BESTIE_RULE={rule} {params.launch} check --config {CHECK_CONFIG:q} --out {output.report:q} > {log:q} 2>&1"

@@ -4,7 +4,7 @@
 # and make_cams averages their CAMs.
 
 _TRAIN_CLASSIFIER = (
-    "{params.launch} train-classifier --params {params.p:q} --dataset {params.ds:q} "
+    "BESTIE_RULE={rule} {params.launch} train-classifier --params {params.p:q} --dataset {params.ds:q} "
     "--out-checkpoint {output.checkpoint:q} --out-log {output.log:q} {params.device} > {log:q} 2>&1"
 )
 

@@ -155,10 +155,14 @@ PY = sys.executable
 
 
 def launcher(gpus):
-    """`python -m bestie` for one process; torchrun (`torch.distributed.run`) with N processes for N > 1 GPUs."""
+    """`python -m bestie` for one process; torchrun (`torch.distributed.run`) with N processes for N > 1 GPUs.
+
+    `3>&2` keeps Snakemake's stderr open as descriptor 3 before the rule sends 1 and 2 to its log, so the
+    stage's progress lines (bestie.progress, prefixed with BESTIE_RULE, which every rule's shell sets)
+    reach the terminal a few times a minute."""
     if gpus > 1:
-        return f"{PY} -m torch.distributed.run --standalone --nproc_per_node={gpus} -m bestie"
-    return f"{PY} -m bestie"
+        return f"3>&2 {PY} -m torch.distributed.run --standalone --nproc_per_node={gpus} -m bestie"
+    return f"3>&2 {PY} -m bestie"
 
 
 def device_flag(gpus):

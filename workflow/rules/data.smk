@@ -18,4 +18,4 @@ rule demo_data:
         mem_mb=1000,
         runtime=10,
     shell:
-        "{params.launch} demo-data --root {params.root:q} --params {params.p:q} > {log:q} 2>&1"
+        "BESTIE_RULE={rule} {params.launch} demo-data --root {params.root:q} --params {params.p:q} > {log:q} 2>&1"

@@ -22,5 +22,5 @@ rule export_pseudo_labels:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{params.launch} export-pseudo-labels --params {params.p:q} --dataset {params.ds:q} --split {params.split} "
+        "BESTIE_RULE={rule} {params.launch} export-pseudo-labels --params {params.p:q} --dataset {params.ds:q} --split {params.split} "
         "--instances {input.instances:q} --out-json {output.json:q} > {log:q} 2>&1"

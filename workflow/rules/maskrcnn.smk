@@ -23,7 +23,7 @@ rule train_maskrcnn:
         mem_mb=16000,
         runtime=1440,
     shell:
-        "{params.launch} train-maskrcnn --params {params.p:q} --dataset {params.ds:q} --pseudo-json {input.pseudo:q} "
+        "BESTIE_RULE={rule} {params.launch} train-maskrcnn --params {params.p:q} --dataset {params.ds:q} --pseudo-json {input.pseudo:q} "
         "--out-checkpoint {output.checkpoint:q} --out-log {output.log:q} {params.device} > {log:q} 2>&1"
 
 
@@ -50,6 +50,6 @@ rule evaluate:
         mem_mb=8000,
         runtime=120,
     shell:
-        "{params.launch} evaluate --params {params.p:q} --dataset {params.ds:q} --split {params.split} "
+        "BESTIE_RULE={rule} {params.launch} evaluate --params {params.p:q} --dataset {params.ds:q} --split {params.split} "
         "--checkpoint {input.checkpoint:q} --out-metrics {output.metrics:q} "
         "--out-predictions {output.predictions:q} {params.device} > {log:q} 2>&1"

@@ -40,5 +40,5 @@ rule predict:
         mem_mb=8000,
         runtime=240,
     shell:
-        "{params.launch} predict {input.checkpoint:q} {params.images} --out {params.out:q} --params {params.p:q} "
+        "BESTIE_RULE={rule} {params.launch} predict {input.checkpoint:q} {params.images} --out {params.out:q} --params {params.p:q} "
         "{params.device} > {log:q} 2>&1"

@@ -22,7 +22,7 @@ rule score_pseudo_baseline:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{params.launch} score-baseline --params {params.p:q} --dataset {params.ds:q} --split {params.split} "
+        "BESTIE_RULE={rule} {params.launch} score-baseline --params {params.p:q} --dataset {params.ds:q} --split {params.split} "
         "--wsss {input.wsss:q} {params.points} --out-metrics {output.metrics:q} > {log:q} 2>&1"
 
 
@@ -74,5 +74,5 @@ rule report:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{params.launch} report --run {params.run:q} --dataset {params.ds:q} --inputs {params.inputs:q} "
+        "BESTIE_RULE={rule} {params.launch} report --run {params.run:q} --dataset {params.ds:q} --inputs {params.inputs:q} "
         "--out-html {output.html:q} --out-metrics {output.metrics:q} > {log:q} 2>&1"

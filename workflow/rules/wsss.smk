@@ -25,7 +25,7 @@ rule make_wsss_maps:
         mem_mb=8000,
         runtime=240,
     shell:
-        "{params.launch} make-wsss --params {params.p:q} --dataset {params.ds:q} --cams {input.cams:q} "
+        "BESTIE_RULE={rule} {params.launch} make-wsss --params {params.p:q} --dataset {params.ds:q} --cams {input.cams:q} "
         "--cam-diagnostics {input.cam_diagnostics:q} --out-wsss {output.wsss:q} "
         "--out-diagnostics {output.diagnostics:q} {params.device} > {log:q} 2>&1"
 
@@ -47,5 +47,5 @@ rule import_wsss_maps:
         mem_mb=2000,
         runtime=30,
     shell:
-        "{params.launch} import-wsss --dataset {params.ds:q} --png-dir {params.png_dir:q} "
+        "BESTIE_RULE={rule} {params.launch} import-wsss --dataset {params.ds:q} --png-dir {params.png_dir:q} "
         "--out-wsss {output.wsss:q} > {log:q} 2>&1"
