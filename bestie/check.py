@@ -23,7 +23,6 @@ A :class:`Fault` names the file (and the line of a split list) or the config key
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import logging
 import os
 import shutil
@@ -306,7 +305,11 @@ def check_weights(sections: Mapping[str, Any], num_classes: int | None) -> list[
     """Configured weights exist and fit: the classifiers' and BESTIE's backbones, the affinity network's,
     Mask R-CNN's detector (``sections``: section name -> built config dataclass, ``None`` to skip)."""
     from bestie.errors import WeightsError
-    from bestie.models.backbones import create_backbone
+
+    def backbone(name: str, weights: Any) -> None:  # torch and timm are imported only when a file is built
+        from bestie.models.backbones import create_backbone
+
+        create_backbone(name, weights, warn_random=False)
 
     faults: list[Fault] = []
     seen: set[tuple[str, str]] = set()
@@ -317,7 +320,7 @@ def check_weights(sections: Mapping[str, Any], num_classes: int | None) -> list[
         seen.add((backbone, str(weights)))
         if weights == "imagenet" and backbone in _LITE0_MODELS:
             # the installed package's file, which every stage loads the same way: no model build needed
-            from bestie.models.backbones import efficientnet_lite0_package_file
+            from bestie.models.weights import efficientnet_lite0_package_file
 
             try:
                 efficientnet_lite0_package_file()
@@ -336,16 +339,19 @@ def check_weights(sections: Mapping[str, Any], num_classes: int | None) -> list[
         cfg = sections.get(name)
         if cfg is not None:
             one(f"{name}.weights", cfg.backbone, cfg.weights,
-                lambda c=cfg: create_backbone(c.backbone, c.weights, warn_random=False))
+                lambda c=cfg: backbone(c.backbone, c.weights))
     wsss = sections.get("wsss")
     if wsss is not None and wsss.method == "affinity":
         one("wsss.affinity_weights", wsss.affinity_backbone, wsss.affinity_weights,
-            lambda: create_backbone(wsss.affinity_backbone, wsss.affinity_weights, warn_random=False))
+            lambda: backbone(wsss.affinity_backbone, wsss.affinity_weights))
     mrc = sections.get("maskrcnn")
     if mrc is not None and num_classes:
-        from bestie.models.maskrcnn import build_maskrcnn
+        def build_detector() -> None:
+            from bestie.models.maskrcnn import build_maskrcnn
 
-        one("maskrcnn.weights", mrc.model, mrc.weights, lambda: build_maskrcnn(mrc.model, num_classes, mrc.weights))
+            build_maskrcnn(mrc.model, num_classes, mrc.weights)
+
+        one("maskrcnn.weights", mrc.model, mrc.weights, build_detector)
     return faults
 
 
@@ -396,15 +402,14 @@ def run_checks(config: Mapping[str, Any], out_dir: str | os.PathLike | None = No
         The :class:`CheckReport`; it never raises for a fault of the data or the config.
     """
     from bestie.config import from_dict, parse_int
-    from bestie.schema import STAGE_SECTIONS
+    from bestie.schema import STAGE_SECTIONS, section_class
 
     report = CheckReport()
     faults = report.faults
     sections: dict[str, Any] = {}
-    for name, (module, cls_name) in STAGE_SECTIONS.items():
+    for name in STAGE_SECTIONS:
         try:
-            cls = getattr(importlib.import_module(f"bestie.stages.{module}"), cls_name)
-            sections[name] = from_dict(cls, config.get(name) or {}, name)
+            sections[name] = from_dict(section_class(name), config.get(name) or {}, name)
         except ConfigError as exc:
             faults.append(Fault(f"config section {name}", str(exc), kind="config"))
     ds_cfg = config.get("dataset")

@@ -123,7 +123,7 @@ def _cmd_predict_instances(a: argparse.Namespace) -> None:
 def _cmd_score_baseline(a: argparse.Namespace) -> None:
     from bestie.config import from_dict
     from bestie.stages import baseline as st
-    from bestie.stages.train_bestie import BestieConfig
+    from bestie.sections import BestieConfig
 
     cfg = from_dict(BestieConfig, a.params, "bestie")
     st.run(cfg, a.dataset, a.split, Path(a.wsss), Path(a.points) if a.points else None, Path(a.out_metrics))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import importlib
 import re
 import sys
 import types
@@ -22,11 +21,12 @@ from typing import Any
 
 import yaml
 
-__all__ = ["STAGE_SECTIONS", "build_schema", "section_schema", "SCHEMA_PATH", "config_error"]
+__all__ = ["STAGE_SECTIONS", "section_class", "build_schema", "section_schema", "SCHEMA_PATH", "config_error"]
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
-#: config section -> (module of bestie.stages, dataclass name)
+#: config section -> (the stage's module of bestie.stages, its dataclass name): the class is defined in
+#: :mod:`bestie.sections` (imports no torch) and re-exported by the stage module (:func:`section_class`)
 STAGE_SECTIONS: dict[str, tuple[str, str]] = {
     "classifier_pam": ("train_classifier", "ClassifierConfig"),
     "classifier_dense": ("train_classifier", "ClassifierConfig"),
@@ -240,13 +240,23 @@ def section_schema(cls: type) -> dict[str, Any]:
     }
 
 
+def section_class(section: str) -> type:
+    """The config dataclass of ``section`` (a key of :data:`STAGE_SECTIONS`), from :mod:`bestie.sections`.
+
+    Raises:
+        KeyError: ``section`` is not a stage section.
+    """
+    from bestie import sections
+
+    return getattr(sections, STAGE_SECTIONS[section][1])
+
+
 def build_schema() -> dict[str, Any]:
     """The complete config schema: top-level keys + one generated section per stage."""
     schema = {k: (dict(v) if isinstance(v, dict) else v) for k, v in _TOP.items()}
     schema["properties"] = dict(_TOP["properties"])
-    for section, (module, name) in STAGE_SECTIONS.items():
-        cls = getattr(importlib.import_module(f"bestie.stages.{module}"), name)
-        schema["properties"][section] = section_schema(cls)
+    for section in STAGE_SECTIONS:
+        schema["properties"][section] = section_schema(section_class(section))
     return schema
 
 

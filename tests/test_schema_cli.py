@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -157,3 +158,25 @@ def test_field_docs_read_whole_entries_shared_names_and_stop_at_the_section_end(
     docs = _field_docs(Section)
     assert docs == {"first": "the first key's text, continued on a deeper line.", "a": "one text for two keys.",
                     "b": "one text for two keys.", "last": "typed entry."}
+
+
+def test_stage_modules_reexport_the_section_classes_and_the_check_imports_no_torch(tmp_path):
+    """Each stage module's config class is the one of bestie.sections, and `bestie check` (sections,
+    data, the EfficientNet-Lite0 weights file) runs without importing torch, timm or torchvision."""
+    from bestie import sections
+
+    for section, (module, name) in schema.STAGE_SECTIONS.items():
+        assert getattr(importlib.import_module(f"bestie.stages.{module}"), name) is getattr(sections, name)
+        assert schema.section_class(section) is getattr(sections, name)
+    code = (
+        "import json, sys; from bestie.check import run_checks; "
+        "r = run_checks({'run': 'x', 'dataset': {'format': 'voc', 'root': sys.argv[1]}}, out_dir=sys.argv[1]); "
+        "print(json.dumps({'faults': len(r.faults), 'heavy': sorted(m for m in ('torch', 'timm', 'torchvision') "
+        "if m in sys.modules)}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.splitlines()[-1])
+    assert out["faults"] >= 1  # an empty folder: the split lists are missing (the check did run)
+    assert out["heavy"] == []

@@ -40,6 +40,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "eval_dataset_cfg",
     "load_rgb",
     "load_label_png",
     "VOC_CLASSES",
@@ -119,3 +120,20 @@ def build_dataset(cfg: Mapping[str, Any], split: str | None = None) -> VOCDatase
         img_dir = str(need("image_dir")).replace("{split}", split_name)
         return COCODataset(ann, img_dir, skip_bad_images=skip)
     raise ConfigError(f"dataset.format: unknown format {fmt!r}; valid formats: {', '.join(DATASET_FORMATS)}")
+
+
+def eval_dataset_cfg(dataset_cfg: Mapping[str, Any], split: str) -> dict[str, Any]:
+    """The dataset section adapted to the held-out split.
+
+    - VOC: unchanged (:func:`bestie.data.build_dataset` itself uses a ``list_file`` for the training
+      split only, so a held-out split is listed by its own ``ImageSets/Segmentation/<split>.txt``);
+    - COCO: when ``split`` is the config's ``eval_split`` and ``eval_ann_file`` / ``eval_image_dir``
+      are set, they replace ``ann_file`` / ``image_dir``.
+    """
+    cfg = dict(dataset_cfg)
+    if cfg.get("format") == "coco" and split == cfg.get("eval_split", "val"):
+        if cfg.get("eval_ann_file"):
+            cfg["ann_file"] = cfg["eval_ann_file"]
+        if cfg.get("eval_image_dir"):
+            cfg["image_dir"] = cfg["eval_image_dir"]
+    return cfg

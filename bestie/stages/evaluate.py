@@ -20,50 +20,23 @@ scored.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.data import eval_dataset_cfg
+from bestie.evaluation.coco import build_coco_gt, coco_subset, pr_curves
 from bestie.report.units import percent
+from bestie.sections import EvalConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["EvalConfig", "load_maskrcnn", "predict_image", "eval_dataset_cfg", "build_coco_gt", "pr_curves", "run"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Settings of the final evaluation (config section ``evaluate``).
-
-    Attributes:
-        score_threshold: detections below this score are dropped (torchvision's default 0.05).
-        mask_threshold: a pixel belongs to a predicted mask when its probability is above this.
-        max_dets: detections kept per image, highest score first (COCO's 100).
-        pr_iou: IoU threshold of the precision-recall curve written for the report.
-    """
-
-    score_threshold: float = 0.05
-    mask_threshold: float = 0.5
-    max_dets: int = 100
-    pr_iou: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.score_threshold < 1.0:
-            raise ConfigError(f"evaluate.score_threshold must be in [0, 1), got {self.score_threshold}")
-        if not 0.0 < self.mask_threshold < 1.0:
-            raise ConfigError(f"evaluate.mask_threshold must be in (0, 1), got {self.mask_threshold}")
-        if self.max_dets < 1:
-            raise ConfigError(f"evaluate.max_dets must be >= 1, got {self.max_dets}")
-        if not 0.5 <= self.pr_iou <= 0.95 or abs(round(self.pr_iou * 20) - self.pr_iou * 20) > 1e-6:
-            raise ConfigError(f"evaluate.pr_iou must be one of COCO's IoU thresholds 0.50:0.05:0.95, got {self.pr_iou}")
 
 
 def load_maskrcnn(
@@ -124,125 +97,6 @@ def predict_image(
         "labels": (out["labels"][keep] - 1).cpu().numpy().astype(np.int64),
         "scores": scores[keep].cpu().numpy().astype(np.float32),
     }
-
-
-def eval_dataset_cfg(dataset_cfg: Mapping[str, Any], split: str) -> dict[str, Any]:
-    """The dataset section adapted to the held-out split.
-
-    - VOC: unchanged (:func:`bestie.data.build_dataset` itself uses a ``list_file`` for the training
-      split only, so a held-out split is listed by its own ``ImageSets/Segmentation/<split>.txt``);
-    - COCO: when ``split`` is the config's ``eval_split`` and ``eval_ann_file`` / ``eval_image_dir``
-      are set, they replace ``ann_file`` / ``image_dir``.
-    """
-    cfg = dict(dataset_cfg)
-    if cfg.get("format") == "coco" and split == cfg.get("eval_split", "val"):
-        if cfg.get("eval_ann_file"):
-            cfg["ann_file"] = cfg["eval_ann_file"]
-        if cfg.get("eval_image_dir"):
-            cfg["image_dir"] = cfg["eval_image_dir"]
-    return cfg
-
-
-def build_coco_gt(
-    gts: Sequence[Mapping[str, np.ndarray]], image_ids: Sequence[int], cat_ids: Sequence[int], class_names: Sequence[str]
-):
-    """A ``pycocotools.coco.COCO`` ground truth made from per-image GT instance dicts.
-
-    Args:
-        gts: per image ``{"masks": (M, H, W) bool, "labels": (M,) int64 0-based}``.
-        image_ids: the COCO image id of each entry of ``gts``.
-        cat_ids: COCO category id per 0-based class.
-        class_names: name per class.
-
-    Returns:
-        The indexed ``COCO`` object (annotations with RLE masks, ``iscrowd`` 0).
-    """
-    from pycocotools.coco import COCO
-
-    from bestie.io.coco_json import make_annotation
-
-    images, anns = [], []
-    for iid, gt in zip(image_ids, gts):
-        h, w = np.asarray(gt["masks"]).shape[1:]
-        images.append({"id": int(iid), "height": int(h), "width": int(w), "file_name": str(iid)})
-        for mask, label in zip(gt["masks"], gt["labels"]):
-            anns.append(make_annotation(len(anns) + 1, int(iid), int(cat_ids[int(label)]), mask))
-    coco = COCO()
-    coco.dataset = {
-        "images": images, "annotations": anns,
-        "categories": [{"id": int(c), "name": n} for c, n in zip(cat_ids, class_names)],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
-
-
-def _coco_subset(coco: Any, image_ids: Sequence[int]) -> Any:
-    """``coco`` restricted to ``image_ids`` (itself when it holds no other image), so that images left
-    out of the dataset (e.g. by ``skip_bad_images``) do not count as missed GT."""
-    from pycocotools.coco import COCO
-
-    keep = set(int(i) for i in image_ids)
-    if set(coco.getImgIds()) <= keep:
-        return coco
-    sub = COCO()
-    sub.dataset = {
-        **{k: v for k, v in coco.dataset.items() if k not in ("images", "annotations")},
-        "images": [im for im in coco.dataset["images"] if int(im["id"]) in keep],
-        "annotations": [a for a in coco.dataset["annotations"] if int(a["image_id"]) in keep],
-    }
-    with contextlib.redirect_stdout(io.StringIO()):
-        sub.createIndex()
-    return sub
-
-
-def pr_curves(coco_gt: Any, results: Sequence[Mapping[str, Any]], iou: float = 0.5) -> dict[str, Any]:
-    """Precision-recall curves at one IoU from pycocotools' ``COCOeval`` (iouType ``segm``).
-
-    Precision is COCO's interpolated precision (the maximum precision at any recall >= r) at the 101
-    recall points ``0, 0.01, ..., 1``, for all object areas and 100 detections per image.
-
-    Returns:
-        ``{"iou": float, "recall": [101 floats], "precision": [101 floats or None] (mean over the
-        classes with GT), "per_class": [{"category_id", "name", "precision": [101] or None}],
-        "source": str}``. With no results at all, every precision is 0.
-    """
-    import copy
-
-    from pycocotools.cocoeval import COCOeval
-
-    cats = coco_gt.loadCats(coco_gt.getCatIds())
-    recall = np.linspace(0.0, 1.0, 101)
-    out: dict[str, Any] = {
-        "iou": float(iou), "recall": recall.round(2).tolist(),
-        "source": "pycocotools COCOeval segm, interpolated precision at 101 recall points",
-    }
-    has_gt = {int(c["id"]): bool(coco_gt.getAnnIds(catIds=[c["id"]])) for c in cats}
-    if not results:
-        out["per_class"] = [{"category_id": int(c["id"]), "name": c["name"],
-                             "precision": [0.0] * 101 if has_gt[int(c["id"])] else None} for c in cats]
-        out["precision"] = [0.0] * 101 if any(has_gt.values()) else [None] * 101
-        return out
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = coco_gt.loadRes(copy.deepcopy(list(results)))
-        ev = COCOeval(coco_gt, dt, iouType="segm")
-        ev.params.iouThrs = np.array([float(iou)])
-        ev.evaluate()
-        ev.accumulate()
-    prec = ev.eval["precision"][0, :, :, list(ev.params.areaRngLbl).index("all"), -1]  # (R, K)
-    cat_index = {cid: k for k, cid in enumerate(ev.params.catIds)}
-    per_class, valid = [], []
-    for c in cats:
-        p = prec[:, cat_index[c["id"]]]
-        if (p < 0).all():
-            per_class.append({"category_id": int(c["id"]), "name": c["name"], "precision": None})
-            continue
-        p = np.clip(p, 0.0, 1.0)
-        valid.append(p)
-        per_class.append({"category_id": int(c["id"]), "name": c["name"], "precision": p.round(6).tolist()})
-    out["per_class"] = per_class
-    out["precision"] = np.mean(valid, axis=0).round(6).tolist() if valid else [None] * 101
-    return out
 
 
 def run(
@@ -336,7 +190,7 @@ def run(
         raise DataError(f"split {split!r}: no image has GT instances; nothing to evaluate")
     voc = evaluator.evaluate()
     if is_coco:
-        coco_gt = _coco_subset(dataset.coco, [int(i) for i in dataset.ids])
+        coco_gt = coco_subset(dataset.coco, [int(i) for i in dataset.ids])
     else:
         coco_gt = build_coco_gt(gts, gt_image_ids, cat_ids, dataset.class_names)
     scored_ids = set(coco_gt.getImgIds())

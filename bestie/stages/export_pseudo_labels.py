@@ -38,46 +38,19 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
 import numpy as np
 
 from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.sections import ExportConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["ExportConfig", "category_ids", "filter_instances", "gt_instances", "run"]
 
 log = logging.getLogger(__name__)
 
 InstanceSource = Union[str, os.PathLike, Mapping[str, Mapping[str, np.ndarray]], Callable[[str], Mapping[str, Any]]]
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    """Settings of the pseudo-label export (config section ``export``).
-
-    Attributes:
-        score_threshold: instances scoring below this are dropped (BESTIE scores are in ``[0, 1]``:
-            center score x mean class probability, METHOD.md section 4 "Inference").
-        min_area: instances with fewer mask pixels are dropped (pixels of the original image; 50 is
-            the component size limit of METHOD.md section 4).
-        filter_by_image_labels: drop instances of classes absent from the image-level labels.
-        max_per_image: keep at most this many instances per image, highest score first.
-    """
-
-    score_threshold: float = 0.1
-    min_area: int = 50
-    filter_by_image_labels: bool = True
-    max_per_image: int = 100
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.score_threshold <= 1.0:
-            raise ConfigError(f"export.score_threshold must be in [0, 1], got {self.score_threshold}")
-        if self.min_area < 0:
-            raise ConfigError(f"export.min_area must be >= 0, got {self.min_area}")
-        if self.max_per_image < 1:
-            raise ConfigError(f"export.max_per_image must be >= 1, got {self.max_per_image}")
 
 
 def category_ids(dataset: Any) -> list[int]:

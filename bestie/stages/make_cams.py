@@ -37,7 +37,6 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -48,6 +47,7 @@ import torch
 from bestie.config import to_dict
 from bestie.errors import ArtifactError, ConfigError
 from bestie.report.units import percent
+from bestie.sections import CamConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["CamConfig", "run", "THRESHOLDS", "downsample_cams", "upsample_cams", "cam_label_map",
            "peak_quality", "load_classifier"]
@@ -58,45 +58,6 @@ log = logging.getLogger(__name__)
 THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 #: Peaks at least this confident are scored (and used for pseudo labels, METHOD.md section 4).
 PEAK_SCORE_CONF = 0.7
-
-
-@dataclass(frozen=True)
-class CamConfig:
-    """Configuration of the ``cams`` section.
-
-    Attributes:
-        scales: image scale factors of the multi-scale TTA (CAMs summed, then normalised).
-        flip: flip TTA.
-        output_stride: backbone output stride at inference (None: as trained). A network trained at
-            stride 16 and run dilated at stride 8 computes (up to border padding) the same function on a
-            twice denser grid (the "atrous" equivalence), so CAMs get finer without retraining.
-        out_stride: stride of the stored CAMs (1 = image size).
-        peak_kernel: local-maximum window, px of the original image (reference 15).
-        peak_top_k: most peaks per class (reference 25).
-        peak_threshold: minimum peak confidence (reference 0.1).
-        overlays: number of images (first ids of the split) drawn as PNG overlays.
-    """
-
-    scales: tuple[float, ...] = (1.0,)
-    flip: bool = True
-    output_stride: int | None = None
-    out_stride: int = 4
-    peak_kernel: int = 15
-    peak_top_k: int = 25
-    peak_threshold: float = 0.1
-    overlays: int = 4
-
-    def __post_init__(self) -> None:
-        if not self.scales or min(self.scales) <= 0:
-            raise ConfigError(f"cams.scales must be positive factors, got {self.scales}")
-        if self.output_stride not in (None, 8, 16, 32):
-            raise ConfigError(f"cams.output_stride must be 8, 16, 32 or null, got {self.output_stride}")
-        if self.out_stride < 1:
-            raise ConfigError(f"cams.out_stride must be >= 1, got {self.out_stride}")
-        if self.peak_kernel < 1 or self.peak_kernel % 2 == 0:
-            raise ConfigError(f"cams.peak_kernel must be a positive odd integer, got {self.peak_kernel}")
-        if self.peak_top_k < 1 or self.overlays < 0:
-            raise ConfigError("cams.peak_top_k must be >= 1 and cams.overlays >= 0")
 
 
 def downsample_cams(cams: np.ndarray, out_stride: int) -> np.ndarray:

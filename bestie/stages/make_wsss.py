@@ -39,7 +39,6 @@ import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 from urllib.parse import quote
@@ -50,6 +49,7 @@ from bestie.config import to_dict
 from bestie.errors import ArtifactError, ConfigError, DataError
 from bestie.report.units import percent
 from bestie.wsss.crf import CrfParams, cams_to_wsss, mark_uncertain, seed_map, threshold_argmax
+from bestie.sections import WsssConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["WsssConfig", "run", "import_wsss_pngs", "voc_palette", "write_palette_png", "resolve_threshold",
            "load_cams", "CAM_SWEEP"]
@@ -59,132 +59,6 @@ log = logging.getLogger(__name__)
 IGNORE = 255
 #: Background thresholds of the CAM-argmax reference sweep in the diagnostics.
 CAM_SWEEP: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
-
-
-@dataclass(frozen=True)
-class WsssConfig:
-    """Configuration of the ``wsss`` section (METHOD.md section 3).
-
-    Defaults chosen by measurement on coco128-voc train (97 images; dense CAMs of the default plain
-    classifier, 15 epochs, CAM argmax best 19.8 mIoU at threshold 0.10): ``affinity`` at threshold 0.15
-    with beta 10 / logt 8 gave 24.1 mIoU (beta 8: 21.4-23.1 depending on logt; bg_mode ``power``
-    14.6-17.2; a CRF after the walk -0.1; a stride-4 grid 21.0 at 4x the cost), the ``crf`` baseline
-    20.7 at 0.10 and 20.1 at 0.15; the IRN and AffinityNet CRF kernels differ by < 1 point.
-
-    Attributes:
-        method: ``"affinity"`` (AffinityNet-style random walk, default) or ``"crf"`` (baseline, no
-            training).
-        bg_threshold: constant background score in [0, 1], or ``"auto"``: the ``best_threshold`` of the
-            CAM stage diagnostics JSON (measured against the train GT; needs ``cam_diagnostics``).
-        crf: run the dense CRF (crf method: on the CAM scores; affinity method: see ``affinity_crf``).
-        crf_iters, crf_gaussian_sxy, crf_gaussian_compat, crf_bilateral_sxy, crf_bilateral_srgb,
-        crf_bilateral_compat, crf_unary, crf_gt_prob, crf_scale: :class:`bestie.wsss.crf.CrfParams`
-            (IRN defaults: 10 iterations, Gaussian 3/3, bilateral 50/5/10).
-        fg_seed, bg_seed: confident-seed thresholds (IRN 0.30 / 0.05); null disables the uncertain rule.
-        seed_mode: seeds of the uncertain rule: ``"raw"`` (CAM thresholds) or ``"crf"`` (IRN's CRF'd maps).
-        affinity_epochs, affinity_batch_size, affinity_lr, affinity_crop, affinity_radius: training of the
-            affinity head (:class:`bestie.wsss.affinity.AffinityTrainParams`; radius in grid pixels).
-        affinity_beta, affinity_logt: random walk: ``A = aff^beta``, ``2^logt`` steps (AffinityNet 8 / 8,
-            IRN 10 / 8).
-        affinity_stride: affinity grid stride, 4 or 8 pixels.
-        affinity_bg_threshold: background score against the propagated CAMs (null: ``bg_threshold``).
-        affinity_bg_mode: ``"threshold"`` (IRN: constant background vs propagated CAMs rescaled to max 1)
-            or ``"power"`` (AffinityNet: ``(1 - max CAM)^affinity_bg_power`` propagated with the CAMs).
-        affinity_bg_power: AffinityNet's alpha (16) for ``affinity_bg_mode="power"``.
-        affinity_crf: refine the random-walk scores with the dense CRF before the uncertain rule.
-        affinity_backbone, affinity_weights: backbone of the affinity network and its weights
-            (``"imagenet"`` or a file, see :func:`bestie.models.backbones.create_backbone`).
-        workers: processes for the per-image CRF (1 = in this process).
-        seed: RNG seed of the affinity training.
-        import_png_dir: read by the workflow only (import existing maps instead of this stage).
-    """
-
-    method: str = "affinity"
-    bg_threshold: float | str = 0.15
-    crf: bool = True
-    crf_iters: int = 10
-    crf_gaussian_sxy: float = 3.0
-    crf_gaussian_compat: float = 3.0
-    crf_bilateral_sxy: float = 50.0
-    crf_bilateral_srgb: float = 5.0
-    crf_bilateral_compat: float = 10.0
-    crf_unary: str = "scores"
-    crf_gt_prob: float = 0.7
-    crf_scale: float = 1.0
-    fg_seed: float | None = 0.30
-    bg_seed: float | None = 0.05
-    seed_mode: str = "raw"
-    affinity_epochs: int = 8
-    affinity_batch_size: int = 8
-    affinity_lr: float = 1e-3
-    affinity_crop: int = 320
-    affinity_radius: int = 5
-    affinity_beta: float = 10.0
-    affinity_logt: int = 8
-    affinity_stride: int = 8
-    affinity_bg_threshold: float | None = None
-    affinity_bg_mode: str = "threshold"
-    affinity_bg_power: float = 16.0
-    affinity_crf: bool = False
-    affinity_backbone: str = "tf_efficientnet_lite0"
-    affinity_weights: str | None = "imagenet"
-    workers: int = 1
-    seed: int = 0
-    import_png_dir: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.method not in ("crf", "affinity"):
-            raise ConfigError(f"wsss.method must be 'crf' or 'affinity', got {self.method!r}")
-        if isinstance(self.bg_threshold, str):
-            if self.bg_threshold != "auto":
-                raise ConfigError(f"wsss.bg_threshold must be a number in [0, 1] or 'auto', got {self.bg_threshold!r}")
-        elif not 0.0 <= float(self.bg_threshold) <= 1.0:
-            raise ConfigError(f"wsss.bg_threshold must be in [0, 1], got {self.bg_threshold}")
-        if (self.fg_seed is None) != (self.bg_seed is None):
-            raise ConfigError("wsss.fg_seed and wsss.bg_seed must both be numbers or both null")
-        if self.fg_seed is not None and not 0.0 <= self.bg_seed <= self.fg_seed <= 1.0:
-            raise ConfigError(f"wsss seeds need 0 <= bg_seed <= fg_seed <= 1, got {self.bg_seed}, {self.fg_seed}")
-        if self.seed_mode not in ("raw", "crf"):
-            raise ConfigError(f"wsss.seed_mode must be 'raw' or 'crf', got {self.seed_mode!r}")
-        if self.affinity_bg_threshold is not None and not 0.0 <= self.affinity_bg_threshold <= 1.0:
-            raise ConfigError(f"wsss.affinity_bg_threshold must be in [0, 1], got {self.affinity_bg_threshold}")
-        if self.affinity_bg_mode not in ("threshold", "power"):
-            raise ConfigError(f"wsss.affinity_bg_mode must be 'threshold' or 'power', got {self.affinity_bg_mode!r}")
-        if not self.affinity_bg_power > 0:
-            raise ConfigError(f"wsss.affinity_bg_power must be > 0, got {self.affinity_bg_power}")
-        if self.affinity_stride not in (4, 8):
-            raise ConfigError(f"wsss.affinity_stride must be 4 or 8, got {self.affinity_stride}")
-        if self.affinity_logt < 0 or self.affinity_logt > 12:
-            raise ConfigError(f"wsss.affinity_logt must be in 0..12, got {self.affinity_logt}")
-        if not self.affinity_beta > 0:
-            raise ConfigError(f"wsss.affinity_beta must be > 0, got {self.affinity_beta}")
-        if self.workers < 1:
-            raise ConfigError(f"wsss.workers must be >= 1, got {self.workers}")
-        self.crf_params()  # validates the CRF keys
-        self.train_params()
-
-    def crf_params(self) -> CrfParams:
-        """The CRF keys as :class:`~bestie.wsss.crf.CrfParams` (raises ConfigError naming the key)."""
-        try:
-            return CrfParams(
-                iters=self.crf_iters, gaussian_sxy=self.crf_gaussian_sxy, gaussian_compat=self.crf_gaussian_compat,
-                bilateral_sxy=self.crf_bilateral_sxy, bilateral_srgb=self.crf_bilateral_srgb,
-                bilateral_compat=self.crf_bilateral_compat, unary=self.crf_unary, gt_prob=self.crf_gt_prob,
-                scale=self.crf_scale,
-            )
-        except ConfigError as exc:
-            raise ConfigError(f"wsss.{exc}") from exc
-
-    def train_params(self):
-        """The affinity training keys as :class:`~bestie.wsss.affinity.AffinityTrainParams`."""
-        from bestie.wsss.affinity import AffinityTrainParams
-
-        try:
-            return AffinityTrainParams(epochs=self.affinity_epochs, batch_size=self.affinity_batch_size,
-                                       lr=self.affinity_lr, crop=self.affinity_crop, radius=self.affinity_radius,
-                                       seed=self.seed)
-        except ConfigError as exc:
-            raise ConfigError(f"wsss.{exc}") from exc
 
 
 # --------------------------------------------------------------------------------------------- palette PNGs

@@ -58,73 +58,21 @@ import glob
 import logging
 import math
 import os
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import cv2
 import numpy as np
 import torch
 
 from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.sections import PredictConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["PredictConfig", "expand_inputs", "load_predictor", "working_size", "run"]
 
 log = logging.getLogger(__name__)
 
-#: Values of ``predict.model``: which checkpoint of a run the workflow's ``predict`` rule uses.
-MODEL_KINDS = ("maskrcnn", "bestie")
-
-
-@dataclass(frozen=True)
-class PredictConfig:
-    """Settings of ``bestie predict`` (config section ``predict``; flags of the command override them).
-
-    Attributes:
-        images: workflow only: the images the ``predict`` rule predicts (a file, folder or glob, or a list
-            of them); null = no ``predict`` rule in ``rule all``.
-        model: workflow only: which checkpoint of the run the ``predict`` rule uses (``maskrcnn`` or ``bestie``).
-        score_threshold: drop instances scoring below this; null = the checkpoint's (Mask R-CNN
-            ``inference.score_threshold``; BESTIE 0, every instance whose centre passed ``center_threshold``).
-        flip: flip test-time augmentation; null = the checkpoint's (BESTIE ``inference.flip``; Mask R-CNN
-            off). Mask R-CNN merges the detections of both views by class-wise box NMS.
-        max_side: longer side (pixels) of the working size: larger images are downscaled for the network
-            and their masks mapped back (1333, the standard COCO Mask R-CNN maximum).
-        batch_size: images per forward pass (Mask R-CNN; BESTIE groups each image on its own).
-        overlays: write ``overlays/<stem>.png``.
-        overlay_threshold: overlays draw the instances scoring at least this (``predictions.json`` keeps
-            every instance above ``score_threshold``, as COCO AP needs; drawing those too buries the image).
-        overlay_top_k: when no instance of an image reaches ``overlay_threshold``, its overlay draws this
-            many of the best instead (3; 0 = none).
-        ids_from: a COCO dataset JSON whose image ids (matched by file base name) the results use.
-    """
-
-    images: str | list[str] | None = None
-    model: Literal["maskrcnn", "bestie"] = "maskrcnn"
-    score_threshold: float | None = None
-    flip: bool | None = None
-    max_side: int = 1333
-    batch_size: int = 1
-    overlays: bool = True
-    overlay_threshold: float = 0.3
-    overlay_top_k: int = 3
-    ids_from: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.model not in MODEL_KINDS:
-            raise ConfigError(f"predict.model must be one of {', '.join(MODEL_KINDS)}, got {self.model!r}")
-        if self.score_threshold is not None and not 0.0 <= self.score_threshold <= 1.0:
-            raise ConfigError(f"predict.score_threshold must be in [0, 1] or null, got {self.score_threshold}")
-        if not 0.0 <= self.overlay_threshold <= 1.0:
-            raise ConfigError(f"predict.overlay_threshold must be in [0, 1], got {self.overlay_threshold}")
-        if self.overlay_top_k < 0:
-            raise ConfigError(f"predict.overlay_top_k must be >= 0, got {self.overlay_top_k}")
-        if self.max_side < 32:
-            raise ConfigError(f"predict.max_side must be >= 32 pixels, got {self.max_side}")
-        if self.batch_size < 1:
-            raise ConfigError(f"predict.batch_size must be >= 1, got {self.batch_size}")
 
 
 # ------------------------------------------------------------------------------------------- inputs

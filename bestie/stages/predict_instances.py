@@ -33,7 +33,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from bestie.config import to_dict
 from bestie.data import transforms as T
 from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.sections import InferenceConfig  # noqa: F401 (the stage's config section)
 
 __all__ = [
     "InferenceConfig",
@@ -58,41 +58,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InferenceConfig:
-    """Settings of BESTIE inference (config section ``inference``; METHOD.md section 4, "Inference").
-
-    Attributes:
-        center_threshold: minimum center-heatmap score of an instance center (0.1).
-        nms_kernel: max-pool window of the center NMS, pixels (41).
-        beta: center-clustering parameter of low-offset regions (3).
-        min_area: predicted class components below this many pixels are dropped (50).
-        flip: flip test-time augmentation.
-        resize: long side (pixels) of the network input before rounding, or None for the original size.
-        size_divisor: the network input sides are rounded up to a multiple of this (32; 1 = no rounding).
-    """
-
-    center_threshold: float = 0.1
-    nms_kernel: int = 41
-    beta: float = 3.0
-    min_area: int = 50
-    flip: bool = True
-    resize: int | None = None
-    size_divisor: int = 32
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.center_threshold <= 1.0:
-            raise ConfigError(f"inference.center_threshold must be in [0, 1], got {self.center_threshold}")
-        if self.nms_kernel < 1 or self.nms_kernel % 2 == 0:
-            raise ConfigError(f"inference.nms_kernel must be an odd positive integer, got {self.nms_kernel}")
-        if self.min_area < 0:
-            raise ConfigError(f"inference.min_area must be >= 0, got {self.min_area}")
-        if self.resize is not None and self.resize < 8:
-            raise ConfigError(f"inference.resize must be >= 8 pixels or null, got {self.resize}")
-        if self.size_divisor < 1:
-            raise ConfigError(f"inference.size_divisor must be >= 1, got {self.size_divisor}")
 
 
 def network_input_size(height: int, width: int, cfg: InferenceConfig) -> tuple[int, int]:

@@ -543,7 +543,7 @@ def pr_curve_from_instances(dataset: Any, instances_h5: str | os.PathLike, iou: 
     """
     from bestie.io.coco_json import instances_to_coco_results
     from bestie.io.h5store import H5Reader
-    from bestie.stages.evaluate import build_coco_gt, pr_curves
+    from bestie.evaluation.coco import build_coco_gt, pr_curves
     from bestie.stages.export_pseudo_labels import category_ids
 
     cat_ids = category_ids(dataset)
@@ -839,7 +839,7 @@ def run_workflow_report(
     """
     from bestie.data import build_dataset
     from bestie.io.atomic import write_json_atomic
-    from bestie.stages.evaluate import eval_dataset_cfg
+    from bestie.data import eval_dataset_cfg
 
     def have(key: str) -> bool:
         return bool(inputs.get(key)) and Path(inputs[key]).exists()

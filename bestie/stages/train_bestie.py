@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -43,9 +42,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from bestie.config import to_dict
-from bestie.data.transforms import DEFAULT_SCALES
 from bestie.errors import ConfigError, DataError
 from bestie import engine
+from bestie.sections import BestieConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["BestieConfig", "best_checkpoint_path", "partial_checkpoint_path", "train_step", "run"]
 
@@ -57,121 +56,6 @@ _DIAGNOSTIC_KEYS = {"refined", "refined_pixel_share"}
 # Config keys that may change between a killed run and its resumption without changing the result.
 _RESUME_FREE_KEYS = {"num_workers", "checkpoint_every", "log_every", "val_every", "val_max_images", "val_split",
                      "probe_images"}
-
-
-@dataclass(frozen=True)
-class BestieConfig:
-    """Settings of BESTIE training (config section ``bestie``). Defaults: METHOD.md section 4.
-
-    Attributes:
-        backbone: encoder (``tf_efficientnet_lite0`` on CPU; the paper's ``hrnet_w48`` needs a weights file).
-        weights: encoder weights: ``"imagenet"`` (EfficientNet-Lite0 package), a file path, or null (random).
-        head: ``"light"`` (HRNet-style heads) or ``"deeplab"`` (Panoptic-DeepLab decoders).
-        head_channels, fusion_channels, hrnet_fusion, output_stride: see :class:`~bestie.models.instance.BestieNet`.
-        center_mode: ``"class"`` (one center channel per class, the paper) or ``"agnostic"`` (one shared
-            channel, Panoptic-DeepLab; a documented departure, see :mod:`bestie.models.instance`).
-        center_support_weight: factor on the center-MSE weight of the pixels under a Gaussian (1 = the
-            paper's loss; :class:`bestie.losses.BestieLoss`).
-        setting: ``"image"`` (image-level labels + peak points) or ``"point"`` (GT center points).
-        sigma, min_area, point_threshold: pseudo-label parameters (6, 50, 0.7).
-        refine: online self-refinement on/off; ``refine_iter``: first (0-based) iteration that uses it
-            (the public code's default 0: refinement from the start).
-        center_threshold_refine, nms_kernel, beta, max_instances: refinement grouping (0.3, 41, 3, 5).
-        seg_weight, center_weight, offset_weight: loss weights (1, 200, 0.01); ``top_k_percent``: hard
-            pixel share of the DeepLab CE (0.2).
-        lr, weight_decay, warmup_iters, max_iters, poly_power: Adam + warm-up/poly schedule
-            (5e-5, 0, 2000, 50000, 0.9).
-        batch_size: global batch, split evenly over the DDP processes (16).
-        crop_size, resize, scales: augmentation (416, long side 480, 0.7..1.3 step 0.1).
-        photometric, flip: enable those augmentations.
-        bn_momentum: BatchNorm momentum (0.01). ``sync_bn``: SyncBatchNorm under DDP on GPUs.
-        seed: seed of model init, data order and augmentation (3407).
-        num_workers: DataLoader workers per process.
-        checkpoint_every: iterations between resumable partial checkpoints.
-        val_every: iterations between validations (0 = only at the end; validation needs ``val_split``).
-        val_split: split scored during training (mAP50 against GT masks), or null for no validation.
-        val_max_images: score at most this many images of ``val_split`` (null = all).
-        val_flip: flip TTA during validation (the public image-label script turns it off).
-        log_every: iterations between ``train`` log records.
-        probe_images: crops of the learning probe (:mod:`bestie.probe`) measured at every ``train`` log
-            record and at the end (0 = off).
-        amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); ignored on CPU.
-    """
-
-    backbone: str = "tf_efficientnet_lite0"
-    weights: str | None = "imagenet"
-    head: str = "light"
-    head_channels: int = 256
-    fusion_channels: int = 64
-    hrnet_fusion: str = "branch0"
-    output_stride: int | None = None
-    center_mode: str = "class"
-    center_support_weight: float = 1.0
-    setting: str = "image"
-    sigma: float = 6.0
-    min_area: int = 50
-    point_threshold: float = 0.7
-    refine: bool = True
-    refine_iter: int = 0
-    center_threshold_refine: float = 0.3
-    nms_kernel: int = 41
-    beta: float = 3.0
-    max_instances: int = 5
-    seg_weight: float = 1.0
-    center_weight: float = 200.0
-    offset_weight: float = 0.01
-    top_k_percent: float = 0.2
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup_iters: int = 2000
-    max_iters: int = 50000
-    poly_power: float = 0.9
-    batch_size: int = 16
-    crop_size: int = 416
-    resize: int | None = 480
-    scales: tuple[float, ...] = DEFAULT_SCALES
-    photometric: bool = True
-    flip: bool = True
-    bn_momentum: float = 0.01
-    sync_bn: bool = True
-    seed: int = 3407
-    num_workers: int = 4
-    checkpoint_every: int = 1000
-    val_every: int = 1000
-    val_split: str | None = "val"
-    val_max_images: int | None = None
-    val_flip: bool = False
-    log_every: int = 20
-    probe_images: int = 8
-    amp: bool = True
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.setting in ("image", "point"), f"bestie.setting must be 'image' or 'point', got {self.setting!r}"),
-            (self.head in ("light", "deeplab"), f"bestie.head must be 'light' or 'deeplab', got {self.head!r}"),
-            (self.max_iters >= 1, f"bestie.max_iters must be >= 1, got {self.max_iters}"),
-            (self.batch_size >= 1, f"bestie.batch_size must be >= 1, got {self.batch_size}"),
-            (self.crop_size >= 8, f"bestie.crop_size must be >= 8, got {self.crop_size}"),
-            (self.resize is None or self.resize >= 8, f"bestie.resize must be >= 8 or null, got {self.resize}"),
-            (len(self.scales) > 0 and min(self.scales) > 0, f"bestie.scales must be positive, got {self.scales}"),
-            (self.lr > 0, f"bestie.lr must be > 0, got {self.lr}"),
-            (self.warmup_iters >= 0, f"bestie.warmup_iters must be >= 0, got {self.warmup_iters}"),
-            (self.refine_iter >= 0, f"bestie.refine_iter must be >= 0, got {self.refine_iter}"),
-            (self.checkpoint_every >= 1, f"bestie.checkpoint_every must be >= 1, got {self.checkpoint_every}"),
-            (self.val_every >= 0, f"bestie.val_every must be >= 0, got {self.val_every}"),
-            (self.log_every >= 1, f"bestie.log_every must be >= 1, got {self.log_every}"),
-            (self.probe_images >= 0, f"bestie.probe_images must be >= 0, got {self.probe_images}"),
-            (self.center_support_weight >= 1.0,
-             f"bestie.center_support_weight must be >= 1, got {self.center_support_weight}"),
-            (self.num_workers >= 0, f"bestie.num_workers must be >= 0, got {self.num_workers}"),
-            (0.0 < self.top_k_percent <= 1.0, f"bestie.top_k_percent must be in (0, 1], got {self.top_k_percent}"),
-            (0.0 < self.bn_momentum <= 1.0, f"bestie.bn_momentum must be in (0, 1], got {self.bn_momentum}"),
-            (self.nms_kernel >= 1 and self.nms_kernel % 2 == 1,
-             f"bestie.nms_kernel must be odd, got {self.nms_kernel}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
 
 
 def best_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:

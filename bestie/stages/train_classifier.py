@@ -34,7 +34,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -62,106 +61,13 @@ from bestie.engine import (
     unwrap_model,
 )
 from bestie.report.units import percent
+from bestie.sections import ClassifierConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["ClassifierConfig", "run", "partial_checkpoint_path", "average_precision", "build_model",
            "ClassifierTrainSet"]
 
 log = logging.getLogger(__name__)
 
-_DEFAULT_LR = {"sgd": 1e-3, "adamw": 1e-4}
-_DEFAULT_WD = {"sgd": 5e-4, "adamw": 1e-4}
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """Configuration of the ``classifier_pam`` / ``classifier_dense`` sections (METHOD.md section 1).
-
-    Attributes:
-        backbone: backbone name (:data:`bestie.models.backbones.BACKBONES`).
-        weights: ``"imagenet"``, a weights file, or None (random start, logged as a warning).
-        use_pam: PAM after each extra conv (True: peaks; False: dense CAMs for WSSS).
-        alpha: PAM controller.
-        num_extra_convs, extra_channels: the new 3x3 conv layers (reference VGG16: 3 x 512).
-        output_stride: backbone output stride (16 = last EfficientNet stage dilated; None = native).
-        freeze_bn: backbone BatchNorm in eval mode with frozen affine parameters.
-        frozen_levels: backbone feature levels left untrained (0: train all; 3: stem to stride 8, which
-            saves about 20 % of the CPU time per iteration, at some CAM quality on coco128-voc).
-        backbone_head: use the backbone's ImageNet feature head (EfficientNet-Lite0 1x1 conv to 1280
-            channels) before the new layers.
-        optimizer: ``"sgd"`` (reference: momentum 0.9, Nesterov) or ``"adamw"`` (CPU default).
-        lr: base lr (None: 1e-3 for SGD as the reference, 1e-4 for AdamW); new layers get 10x / 20x.
-        weight_decay: None: 5e-4 (SGD, reference) / 1e-4 (AdamW).
-        epochs: training epochs.
-        lr_steps: 1-based epochs at whose start the lr is divided by 10 (reference ``reduce_lr``: 5, 10).
-        batch_size: images per iteration (per process under DDP).
-        resize: shorter image side before cropping, px (reference 384).
-        crop_size: square training crop, px (reference 321).
-        scales: random scale factors applied after the resize (default 0.7..1.3 as the BESTIE stage;
-            ``[1.0]`` = none, as the reference classifier).
-        photometric: colour jitter on/off.
-        num_workers: DataLoader workers.
-        seed: RNG seed (data order, augmentation, head initialisation).
-        ensemble_seeds: [] = one classifier; 2+ seeds = one classifier per seed, CAMs averaged.
-            Read by the workflow, not by this stage: it trains ``classifier/<kind>_seed<S>.pt`` with
-            ``seed = S`` for each seed, and the CAM stage averages their CAMs
-            (:func:`bestie.cam.average_cams`). Empty: a single classifier (``<kind>.pt``) with
-            ``seed``. On coco128-voc one dense classifier's CAM mIoU moves by up to 2.7 points with the
-            seed alone; averaging two members cuts that noise (figures in the README).
-        checkpoint_every: iterations between partial checkpoints (0 = none).
-        amp: autocast on CUDA (bf16 / fp16); ignored on CPU.
-    """
-
-    backbone: str = "tf_efficientnet_lite0"
-    weights: str | None = "imagenet"
-    use_pam: bool = True
-    alpha: float = 0.7
-    num_extra_convs: int = 2
-    extra_channels: int = 256
-    output_stride: int | None = 16
-    freeze_bn: bool = True
-    frozen_levels: int = 0
-    backbone_head: bool = False
-    optimizer: str = "adamw"
-    lr: float | None = None
-    weight_decay: float | None = None
-    epochs: int = 15
-    lr_steps: tuple[int, ...] = (5, 10)
-    batch_size: int = 5
-    resize: int = 384
-    crop_size: int = 321
-    scales: tuple[float, ...] = (0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
-    photometric: bool = True
-    num_workers: int = 0
-    seed: int = 3407
-    ensemble_seeds: tuple[int, ...] = ()
-    checkpoint_every: int = 100
-    amp: bool = True
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in _DEFAULT_LR:
-            raise ConfigError(f"classifier.optimizer must be one of {sorted(_DEFAULT_LR)}, got {self.optimizer!r}")
-        for key in ("epochs", "batch_size", "resize", "crop_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"classifier.{key} must be >= 1, got {getattr(self, key)}")
-        if self.num_workers < 0 or self.checkpoint_every < 0:
-            raise ConfigError("classifier.num_workers and classifier.checkpoint_every must be >= 0")
-        if self.lr is not None and self.lr <= 0:
-            raise ConfigError(f"classifier.lr must be > 0, got {self.lr}")
-        if not self.scales or min(self.scales) <= 0:
-            raise ConfigError(f"classifier.scales must be positive factors, got {self.scales}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"classifier.alpha must be in [0, 1], got {self.alpha}")
-        if len(set(self.ensemble_seeds)) != len(self.ensemble_seeds) or len(self.ensemble_seeds) == 1:
-            raise ConfigError(f"classifier.ensemble_seeds must be empty or hold two or more distinct seeds (one model: "
-                              f"set `seed`), got {list(self.ensemble_seeds)}")
-
-    @property
-    def base_lr(self) -> float:
-        return float(self.lr if self.lr is not None else _DEFAULT_LR[self.optimizer])
-
-    @property
-    def base_weight_decay(self) -> float:
-        return float(self.weight_decay if self.weight_decay is not None else _DEFAULT_WD[self.optimizer])
 
 
 def partial_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:

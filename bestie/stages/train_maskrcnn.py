@@ -31,7 +31,6 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,90 +38,13 @@ import numpy as np
 import torch
 
 from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.sections import MaskRCNNConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["MaskRCNNConfig", "PseudoLabelDataset", "load_pseudo_json", "masks_to_boxes", "collate", "run"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "maskrcnn"
-
-
-@dataclass(frozen=True)
-class MaskRCNNConfig:
-    """Settings of Mask R-CNN training (config section ``maskrcnn``).
-
-    METHOD.md gives no Mask R-CNN hyper-parameters; the defaults are torchvision's reference recipe
-    (SGD lr 0.02 for 16 images, momentum 0.9, weight decay 1e-4, 26 epochs with lr x0.1 after epochs 16
-    and 22, warm-up factor 0.001) with the learning rate scaled linearly to ``batch_size``
-    (``0.02 * 4 / 16 = 0.005``; with ``N`` processes the effective batch is ``N * batch_size``).
-
-    Attributes:
-        model: architecture (:data:`bestie.models.maskrcnn.MASKRCNN_MODELS`).
-        weights: ``"imagenet"`` (EfficientNet-Lite0 package), a weights file, or None (random init).
-        min_size, max_size: input resize, pixels (None: the architecture's default).
-        trainable_backbone_layers: backbone stages trained (0..5, output side first) with pretrained weights.
-        lr, momentum, weight_decay: SGD settings (lr per run, not per image).
-        epochs: training length in passes over the images with pseudo labels (used when ``max_iters`` is 0).
-        max_iters: training length in iterations (0: from ``epochs``).
-        batch_size: images per process and iteration.
-        warmup_iters: linear warm-up length, capped at one epoch minus one iteration (as the reference).
-        warmup_factor: lr factor at iteration 0 of the warm-up.
-        lr_steps: fractions of the run after which the lr is multiplied by ``lr_gamma``
-            (16/26 and 22/26 = the reference's epochs 16 and 22 of 26).
-        lr_gamma: step decay factor.
-        clip_grad_norm: clip the gradient norm to this value (0: no clipping, as the reference).
-        hflip: probability of a horizontal flip per image.
-        seed: seed of initialisation, data order and augmentation.
-        amp: mixed precision on CUDA (ignored on CPU).
-        checkpoint_every: iterations between resumable checkpoints (0: none).
-        log_every: iterations between JSON log records (the last iteration is always logged).
-        num_workers: data-loader worker processes per training process.
-    """
-
-    model: str = "maskrcnn_efficientnet_lite0_fpn"
-    weights: str | None = "imagenet"
-    min_size: int | None = None
-    max_size: int | None = None
-    trainable_backbone_layers: int = 3
-    lr: float = 0.005
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    epochs: int = 26
-    max_iters: int = 0
-    batch_size: int = 4
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.001
-    lr_steps: tuple[float, ...] = (16 / 26, 22 / 26)
-    lr_gamma: float = 0.1
-    clip_grad_norm: float = 0.0
-    hflip: float = 0.5
-    seed: int = 3407
-    amp: bool = True
-    checkpoint_every: int = 500
-    log_every: int = 20
-    num_workers: int = 2
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.lr > 0, "lr must be > 0"),
-            (self.momentum >= 0, "momentum must be >= 0"),
-            (self.weight_decay >= 0, "weight_decay must be >= 0"),
-            (self.epochs >= 0 and self.max_iters >= 0, "epochs and max_iters must be >= 0"),
-            (self.epochs > 0 or self.max_iters > 0, "one of epochs / max_iters must be > 0"),
-            (self.batch_size >= 1, "batch_size must be >= 1"),
-            (self.warmup_iters >= 0, "warmup_iters must be >= 0"),
-            (0 < self.warmup_factor <= 1, "warmup_factor must be in (0, 1]"),
-            (all(0 < f < 1 for f in self.lr_steps), "lr_steps must be fractions in (0, 1)"),
-            (0 < self.lr_gamma <= 1, "lr_gamma must be in (0, 1]"),
-            (self.clip_grad_norm >= 0, "clip_grad_norm must be >= 0"),
-            (0 <= self.hflip <= 1, "hflip must be a probability in [0, 1]"),
-            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (self.num_workers >= 0, "num_workers must be >= 0"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(f"maskrcnn.{msg}")
 
 
 # --------------------------------------------------------------------------------------------- data

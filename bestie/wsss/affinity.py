@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -45,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bestie.errors import ArtifactError, ConfigError, DataError, TrainingError
+from bestie.wsss.affinity_params import AffinityTrainParams, radius_offsets
 
 __all__ = [
     "AffinityNet",
@@ -73,26 +73,6 @@ _PAD_MULTIPLE = 32
 
 
 # ----------------------------------------------------------------------------------------------- geometry
-def radius_offsets(radius: int) -> np.ndarray:
-    """Half-disk of pixel offsets ``(dy, dx)`` with ``0 < dy^2 + dx^2 < radius^2`` (AffinityNet's set).
-
-    Only one of ``d`` and ``-d`` is listed (``dy > 0``, or ``dy == 0`` and ``dx > 0``), so every unordered
-    pair of pixels within the radius appears once. ``radius=5`` gives 34 offsets.
-
-    Returns:
-        ``(P, 2)`` int64 array of ``(dy, dx)`` (rows, columns of the grid).
-
-    Raises:
-        ConfigError: ``radius < 2`` (no neighbour would be within the radius).
-    """
-    if int(radius) < 2:
-        raise ConfigError(f"affinity radius must be >= 2 grid pixels, got {radius!r}")
-    r = int(radius)
-    out = [(0, dx) for dx in range(1, r)]
-    out += [(dy, dx) for dy in range(1, r) for dx in range(-r + 1, r) if dy * dy + dx * dx < r * r]
-    return np.asarray(out, dtype=np.int64)
-
-
 def _shift(t: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
     """``out[..., y, x] = t[..., y + dy, x + dx]`` with ``fill`` outside (``dy >= 0``)."""
     h, w = t.shape[-2:]
@@ -283,45 +263,6 @@ def _normalise(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -
 
 
 # ----------------------------------------------------------------------------------------------- training
-@dataclass(frozen=True)
-class AffinityTrainParams:
-    """Training settings of :func:`train_affinity_net`.
-
-    Attributes:
-        epochs: passes over the images (AffinityNet: 8).
-        batch_size: images per step.
-        lr: AdamW learning rate of the head (and ``lr / 10`` for the backbone when trained), poly decay
-            (power 0.9) to 0.
-        weight_decay: AdamW weight decay.
-        crop: square training crop in pixels (a multiple of 32; padded with label 255 where the scaled
-            image is smaller).
-        scale_range: random rescale factors ``(lo, hi)`` of the image before cropping.
-        radius: pair radius on the grid (grid pixels; AffinityNet: 5 at stride 8).
-        seed: RNG seed (crops, flips, order, init).
-    """
-
-    epochs: int = 8
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    crop: int = 320
-    scale_range: tuple[float, float] = (0.7, 1.3)
-    radius: int = 5
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError(f"affinity epochs and batch_size must be >= 1, got {self.epochs}, {self.batch_size}")
-        if self.crop < 32 or self.crop % 32:
-            raise ConfigError(f"affinity crop must be a positive multiple of 32, got {self.crop}")
-        if not self.lr > 0:
-            raise ConfigError(f"affinity lr must be > 0, got {self.lr}")
-        lo, hi = self.scale_range
-        if not 0 < lo <= hi:
-            raise ConfigError(f"affinity scale_range must satisfy 0 < lo <= hi, got {self.scale_range}")
-        radius_offsets(self.radius)
-
-
 def _random_sample(image: np.ndarray, labels: np.ndarray, crop: int, scale_range: tuple[float, float],
                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random rescale, horizontal flip and ``crop x crop`` crop (image padded with 0, labels with 255)."""
