@@ -356,35 +356,6 @@ def test_coco128_category_and_image_ids_survive_predict(tmp_path):
     assert 0.0 <= e.stats[0] <= 1.0
 
 
-# -------------------------------------------------------------------------------------------- workflow
-def test_predict_rule_only_when_configured_and_runs_on_a_finished_checkpoint(demo, tmp_path):
-    """The default config plans no `predict` job; with `predict.images` the rule predicts the configured
-    glob with the run's Mask R-CNN and writes results/<run>/predict/ (upstream rules not run here)."""
-    import yaml
-
-    from workflow_util import REPO, planned_jobs, snakemake, write_config
-
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "config.yaml").symlink_to(REPO / "config.yaml")
-    assert "predict" not in planned_jobs(snakemake(work, "-n").stdout)
-    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
-    cfg["predict"] = {"images": [str(demo["folder"] / "demo_*.jpg")], "model": "maskrcnn", "score_threshold": 0.0}
-    config = write_config(tmp_path / "c.yaml", cfg)
-    assert planned_jobs(snakemake(work, "-n", "--configfile", str(config)).stdout)["predict"] == 1
-    ck = work / "results" / "demo" / "maskrcnn" / "model.pt"
-    ck.parent.mkdir(parents=True)
-    shutil.copy(demo["maskrcnn"], ck)
-    snakemake(work, "--cores", "1", "--configfile", str(config), "--allowed-rules", "predict", "--",
-              "results/demo/predict/predictions.json")
-    out = work / "results" / "demo" / "predict"
-    s = _json(out / "summary.json")
-    assert (s["num_images"], s["num_skipped"], s["model"]) == (2, 0, "maskrcnn")  # the glob skips broken.jpg
-    assert sorted(p.name for p in (out / "overlays").glob("*.png")) == ["demo_0005.png", "demo_0006.png"]
-    log = (work / "results" / "demo" / "logs" / "predict.log").read_text()
-    assert "\r" not in log and "predict: 2 images" in log  # plain log lines, no progress-bar states
-
-
 def test_overlay_selection_threshold_else_the_best_three():
     from bestie.stages.predict import overlay_selection
 

@@ -27,6 +27,11 @@ def finished_run(tmp_path_factory):
     root = make_voc_subset(base / "voc", SOURCE, train_ids=ids, val_ids=ids[:4])
     dataset = {"format": "voc", "root": str(root), "train_split": "train", "eval_split": "val"}
     cfg = tiny_config("e2e", dataset)
+    # the predict rule on two of the images with the run's BESTIE model (always trained, unlike the
+    # Mask R-CNN, which a CI-sized run may leave without pseudo labels)
+    images = root / "JPEGImages"
+    cfg["predict"] = {"images": [str(images / f"{ids[0]}.jpg"), str(images / f"{ids[1]}.jpg")],
+                      "model": "bestie", "score_threshold": 0.0}
     config_path = write_config(base / "config.yaml", cfg)
     work = base / "work"
     work.mkdir()
@@ -51,7 +56,7 @@ def _maskrcnn_had_labels(run) -> bool:
 def test_every_stage_ran(finished_run):
     jobs = planned_jobs(finished_run["log"])
     for rule in ("train_classifier", "make_cams", "make_wsss_maps", "train_bestie", "predict_instances",
-                 "export_pseudo_labels", "train_maskrcnn", "evaluate", "report"):
+                 "export_pseudo_labels", "train_maskrcnn", "evaluate", "report", "predict"):
         assert jobs.get(rule, 0) >= 1, rule
     # the training stages' progress reached Snakemake's terminal, prefixed with the rule (bestie.progress)
     for line in ("[train_classifier] classifier pam: ", "[make_cams] cams pam_cams: ", "[train_bestie] bestie: "):
@@ -128,14 +133,37 @@ def test_instances_pseudo_labels_and_metrics(finished_run):
     assert combined
 
 
+def test_predict_rule_wrote_the_configured_images(finished_run):
+    """`predict.images` set: the workflow's predict rule ran the run's BESTIE model on the two listed
+    images and wrote results/<run>/predict/ with plain log lines (no progress-bar states)."""
+    out, ids = finished_run["out"] / "predict", finished_run["ids"]
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["num_images"], s["num_skipped"], s["model"]) == (2, 0, "bestie")
+    assert sorted(p.name for p in (out / "overlays").glob("*.png")) == sorted(f"{i}.png" for i in ids[:2])
+    meta = json.loads((out / "images.json").read_text())
+    assert sorted(Path(im["file_name"]).name for im in meta["images"]) == sorted(f"{i}.jpg" for i in ids[:2])
+    assert isinstance(json.loads((out / "predictions.json").read_text()), list)
+    log = (finished_run["out"] / "logs" / "predict.log").read_text()
+    assert "\r" not in log and "predict: 2 images" in log
+
+
 def test_changing_a_wsss_parameter_reruns_only_wsss_and_later(finished_run, tmp_path):
     cfg = json.loads(json.dumps(finished_run["cfg"]))
     cfg["wsss"]["bg_threshold"] = 0.42
     proc = snakemake(finished_run["work"], "-n", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
     assert set(planned_jobs(proc.stdout)) == {
         "make_wsss_maps", "score_pseudo_baseline", "train_bestie", "predict_instances",
-        "export_pseudo_labels", "train_maskrcnn", "evaluate", "report", "all",
+        "export_pseudo_labels", "train_maskrcnn", "evaluate", "report", "predict", "all",
     }
+
+
+def test_changing_a_bestie_training_key_does_not_rerun_the_baseline(finished_run, tmp_path):
+    """The baseline rule gets only the bestie keys it reads (issue 19, item 5)."""
+    cfg = json.loads(json.dumps(finished_run["cfg"]))
+    cfg["bestie"]["lr"] = 0.004
+    proc = snakemake(finished_run["work"], "-n", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
+    jobs = set(planned_jobs(proc.stdout))
+    assert "train_bestie" in jobs and "score_pseudo_baseline" not in jobs
 
 
 def test_forcerun_of_one_stage_reuses_upstream(finished_run):

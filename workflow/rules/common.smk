@@ -51,11 +51,13 @@ wildcard_constraints:
     split="[A-Za-z0-9_.-]+",
 
 
-def stage_params(section, **overrides):
+def stage_params(section, keys=None, **overrides):
     """The config section of one stage as compact JSON: a rule's params, so that changing a key of
     this stage reruns this stage (and, through its outputs, what follows) and nothing before it.
+    `keys`: only these keys of the section (a rule that reads a few keys of another stage's section);
     `overrides` replace keys (an ensemble member's `seed`)."""
-    return json.dumps({**config[section], **overrides}, sort_keys=True, separators=(",", ":"))
+    values = config[section] if keys is None else {k: config[section][k] for k in keys if k in config[section]}
+    return json.dumps({**values, **overrides}, sort_keys=True, separators=(",", ":"))
 
 
 def classifier_checkpoints(kind):

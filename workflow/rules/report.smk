@@ -1,5 +1,7 @@
 # Pseudo-label baseline, the combined metrics table and the HTML report of one run.
 
+from bestie.sections import BASELINE_KEYS
+
 
 rule score_pseudo_baseline:
     input:
@@ -12,7 +14,8 @@ rule score_pseudo_baseline:
         launch=launcher(0),
         ds=lambda wc: dataset_params(),
         split=config["dataset"]["train_split"],
-        p=lambda wc: stage_params("bestie"),
+        # only the bestie keys the baseline reads: a change of bestie.lr does not rerun it
+        p=lambda wc: stage_params("bestie", keys=BASELINE_KEYS),
         points=lambda wc, input: f"--points {input.points}" if input.points else "",
     log:
         f"{LOGS}/score_pseudo_baseline.log",
