@@ -20,8 +20,13 @@ demo: $(STAMP)
 	$(BIN)/snakemake --cores $(CORES) --show-failed-logs --configfile config.yaml
 	$(BIN)/bestie show-metrics results/demo/metrics.json
 
+# the suite in parallel, one process per core (pytest-xdist; each test module on one worker, in the order
+# of tests/conftest.py: longest first), one torch
+# thread per worker (Snakemake jobs inside the tests set their own, from the rule's threads)
+TEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not demo"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not demo" -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
