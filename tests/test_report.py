@@ -13,7 +13,7 @@ from bestie.data import build_dataset, generate_demo_dataset
 from bestie.data.demo import DEMO_CLASSES
 from bestie.io.coco_json import instances_to_coco_results, write_coco_results
 from bestie.io.h5store import H5Writer
-from bestie.report.figures import draw_instances, instance_colors, loss_curve_png, overlay_panel
+from bestie.report.figures import draw_instances, instance_colors, loss_curve_png, overlay_panel, score_text, tag_boxes
 from bestie.report.units import percent
 from bestie.stages import report as rp
 
@@ -67,7 +67,7 @@ def test_draw_instances_blends_mask_colour():
     out = draw_instances(img, {"masks": m, "labels": np.array([0])}, ["thing"], alpha=0.5)
     color = instance_colors(1)[0].astype(np.float64)
     expected = np.clip(np.round(100 * 0.5 + color * 0.5), 0, 255)
-    np.testing.assert_allclose(out[15, 20].astype(float), expected, atol=1)  # inside, away from edge and tag
+    np.testing.assert_allclose(out[21, 20].astype(float), expected, atol=1)  # inside, below the tag, off the edge
     np.testing.assert_array_equal(out[0, 39], [100, 100, 100])                # outside: untouched
     assert out[24, 20].tolist() == color.astype(np.uint8).tolist()  # outline (bottom edge) in the colour
     assert np.array_equal(draw_instances(img, None, []), img)
@@ -273,3 +273,23 @@ def test_workflow_report_without_optional_inputs(tmp_path):
     page = (tmp_path / "r.html").read_text()
     assert "Mask R-CNN training: no loss records" in page and "no benchmark files" in page
     assert len(re.findall(r"data:image/png;base64,", page)) == 1  # the Mask R-CNN PR curve
+
+
+def test_tags_stay_inside_the_image_and_do_not_cover_each_other():
+    # three instances whose masks start at the same corner, one at the right edge, one at the bottom
+    anchors = [(10, 5), (10, 5), (10, 5), (95, 40), (20, 58)]
+    sizes = [(40, 12)] * 5
+    boxes = tag_boxes(anchors, sizes, (60, 100))
+    for x, y, w, h in boxes:
+        assert 0 <= x and x + w <= 100 and 0 <= y and y + h <= 60
+    assert boxes[0] == (10, 0, 40, 12)  # the first wants y = 5 - 12 < 0: moved down to the top edge
+    assert [b[1] for b in boxes[:3]] == [0, 12, 24]  # the same corner: stacked one tag height apart
+    assert boxes[3][0] == 60  # the right-edge tag shifted left to fit
+    for i in range(len(boxes)):
+        for j in range(i):
+            (x1, y1, w1, h1), (x2, y2, w2, h2) = boxes[i], boxes[j]
+            assert not (x1 < x2 + w2 and x2 < x1 + w1 and y1 < y2 + h2 and y2 < y1 + h1), (i, j)
+
+
+def test_score_text_keeps_small_scores_readable():
+    assert [score_text(s) for s in (0.857, 0.1, 0.0023, 0.000087, 0.0)] == ["0.86", "0.10", "0.0023", "0.000087", "0.00"]

@@ -192,6 +192,7 @@ def draw_instances(
         out[masks[k]] = out[masks[k]] * (1 - alpha) + colors[k].astype(np.float32) * alpha
     canvas = np.clip(out, 0, 255).astype(np.uint8)
     font = max(0.35, min(image.shape[:2]) / 600.0)
+    tags: list[tuple[int, str, tuple[int, int], tuple[int, int]]] = []  # (k, text, anchor x/y, size w/h)
     for k in order:
         contours, _ = cv2.findContours(masks[k].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(canvas, contours, -1, tuple(int(c) for c in colors[k]), 1)
@@ -201,11 +202,53 @@ def draw_instances(
         c = int(labels[k])
         text = class_names[c] if 0 <= c < len(class_names) else str(c)
         if scores is not None:
-            text = f"{text} {float(np.asarray(scores)[k]):.2f}"
-        org = (int(xs.min()), max(int(ys.min()) - 2, int(24 * font)))
-        cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (0, 0, 0), 2, cv2.LINE_AA)
-        cv2.putText(canvas, text, org, cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), 1, cv2.LINE_AA)
+            text = f"{text} {score_text(float(np.asarray(scores)[k]))}"
+        (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
+        tags.append((int(k), text, (int(xs.min()), int(ys.min())), (tw + 4, th + base + 4)))
+    # the best instance first claims its place; the others move down off the tags already placed
+    tags = tags[::-1]
+    boxes = tag_boxes([a for _, _, a, _ in tags], [s for _, _, _, s in tags], image.shape[:2])
+    for (k, text, _, _), (x, y, w, h) in zip(tags, boxes):
+        # white text on a dark box of the instance's colour (readable on any background)
+        cv2.rectangle(canvas, (x, y), (x + w - 1, y + h - 1), tuple(int(c) // 2 for c in colors[k]), cv2.FILLED)
+        baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, 1)[1]
+        cv2.putText(canvas, text, (x + 2, y + h - 2 - baseline), cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), 1,
+                    cv2.LINE_AA)
     return canvas
+
+
+def score_text(score: float) -> str:
+    """A score as printed in a tag: two decimals from 0.1 up, two significant digits below (``0.0023``, ``0.000087``:
+    never in exponent form), so that the scores of a weak model are not all shown as ``0.00``."""
+    if score >= 0.1 or score <= 0.0:
+        return f"{score:.2f}"
+    return np.format_float_positional(score, precision=2, unique=False, fractional=False, trim="k")
+
+
+def tag_boxes(anchors: Sequence[tuple[int, int]], sizes: Sequence[tuple[int, int]],
+              image_hw: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """Places for text tags that stay inside the image and do not cover each other.
+
+    Tag ``i`` wants its box (``sizes[i]`` = width, height in pixels) just above ``anchors[i]`` (x, y:
+    the top-left corner of its mask), is shifted left / down to fit inside the image, and then moves
+    down, one tag height at a time, while it overlaps a tag placed before it (earlier tags win: pass the
+    most important first). A tag that finds no free place before the bottom edge stays at its last
+    place there.
+
+    Returns:
+        Per tag ``(x, y, w, h)``: top-left corner and size in pixels (x = column, y = row).
+    """
+    h_img, w_img = image_hw
+    placed: list[tuple[int, int, int, int]] = []
+    for (ax, ay), (w, h) in zip(anchors, sizes):
+        x = min(max(0, int(ax)), max(0, w_img - w))
+        y = min(max(0, int(ay) - h), max(0, h_img - h))
+        while any(x < px + pw and px < x + w and y < py + ph and py < y + h for px, py, pw, ph in placed):
+            if y + h + h > h_img:
+                break
+            y += h
+        placed.append((x, y, int(w), int(h)))
+    return placed
 
 
 def label_map_overlay(image: np.ndarray, label_map: np.ndarray, palette: np.ndarray, alpha: float = 0.55) -> np.ndarray:
