@@ -21,8 +21,8 @@ demo: $(STAMP)
 	$(BIN)/bestie show-metrics results/demo/metrics.json
 
 # the suite in parallel, one process per core (pytest-xdist; each test module on one worker, in the order
-# of tests/conftest.py: longest first), one torch
-# thread per worker (Snakemake jobs inside the tests set their own, from the rule's threads)
+# of tests/conftest.py: longest first), one torch thread per worker (Snakemake jobs inside the tests set
+# their own, from the rule's threads)
 TEST_WORKERS ?= auto
 
 test: $(STAMP)

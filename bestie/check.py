@@ -306,7 +306,7 @@ def check_weights(sections: Mapping[str, Any], num_classes: int | None) -> list[
     Mask R-CNN's detector (``sections``: section name -> built config dataclass, ``None`` to skip)."""
     from bestie.errors import WeightsError
 
-    def backbone(name: str, weights: Any) -> None:  # torch and timm are imported only when a file is built
+    def build_backbone(name: str, weights: Any) -> None:  # torch and timm are imported only when a file is built
         from bestie.models.backbones import create_backbone
 
         create_backbone(name, weights, warn_random=False)
@@ -339,11 +339,11 @@ def check_weights(sections: Mapping[str, Any], num_classes: int | None) -> list[
         cfg = sections.get(name)
         if cfg is not None:
             one(f"{name}.weights", cfg.backbone, cfg.weights,
-                lambda c=cfg: backbone(c.backbone, c.weights))
+                lambda c=cfg: build_backbone(c.backbone, c.weights))
     wsss = sections.get("wsss")
     if wsss is not None and wsss.method == "affinity":
         one("wsss.affinity_weights", wsss.affinity_backbone, wsss.affinity_weights,
-            lambda: backbone(wsss.affinity_backbone, wsss.affinity_weights))
+            lambda: build_backbone(wsss.affinity_backbone, wsss.affinity_weights))
     mrc = sections.get("maskrcnn")
     if mrc is not None and num_classes:
         def build_detector() -> None:

@@ -112,8 +112,6 @@ def build_coco_gt(
     Returns:
         The indexed ``COCO`` object (annotations with RLE masks, ``iscrowd`` 0).
     """
-    from pycocotools.coco import COCO
-
     from bestie.io.coco_json import make_annotation
 
     images, anns = [], []
@@ -135,8 +133,6 @@ def build_coco_gt(
 def coco_subset(coco: Any, image_ids: Sequence[int]) -> Any:
     """``coco`` restricted to ``image_ids`` (itself when it holds no other image), so that images left
     out of the dataset (e.g. by ``skip_bad_images``) do not count as missed GT."""
-    from pycocotools.coco import COCO
-
     keep = set(int(i) for i in image_ids)
     if set(coco.getImgIds()) <= keep:
         return coco
@@ -162,10 +158,6 @@ def pr_curves(coco_gt: Any, results: Sequence[Mapping[str, Any]], iou: float = 0
         classes with GT), "per_class": [{"category_id", "name", "precision": [101] or None}],
         "source": str}``. With no results at all, every precision is 0.
     """
-    import copy
-
-    from pycocotools.cocoeval import COCOeval
-
     cats = coco_gt.loadCats(coco_gt.getCatIds())
     recall = np.linspace(0.0, 1.0, 101)
     out: dict[str, Any] = {

@@ -192,7 +192,7 @@ def draw_instances(
         out[masks[k]] = out[masks[k]] * (1 - alpha) + colors[k].astype(np.float32) * alpha
     canvas = np.clip(out, 0, 255).astype(np.uint8)
     font = max(0.35, min(image.shape[:2]) / 600.0)
-    tags: list[tuple[int, str, tuple[int, int], tuple[int, int]]] = []  # (k, text, anchor x/y, size w/h)
+    tags: list[tuple[int, str, int, tuple[int, int], tuple[int, int]]] = []  # k, text, baseline, anchor x/y, w/h
     for k in order:
         contours, _ = cv2.findContours(masks[k].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(canvas, contours, -1, tuple(int(c) for c in colors[k]), 1)
@@ -204,14 +204,13 @@ def draw_instances(
         if scores is not None:
             text = f"{text} {score_text(float(np.asarray(scores)[k]))}"
         (tw, th), base = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, 1)
-        tags.append((int(k), text, (int(xs.min()), int(ys.min())), (tw + 4, th + base + 4)))
+        tags.append((int(k), text, base, (int(xs.min()), int(ys.min())), (tw + 4, th + base + 4)))
     # the best instance first claims its place; the others move down off the tags already placed
     tags = tags[::-1]
-    boxes = tag_boxes([a for _, _, a, _ in tags], [s for _, _, _, s in tags], image.shape[:2])
-    for (k, text, _, _), (x, y, w, h) in zip(tags, boxes):
+    boxes = tag_boxes([t[3] for t in tags], [t[4] for t in tags], image.shape[:2])
+    for (k, text, baseline, _, _), (x, y, w, h) in zip(tags, boxes):
         # white text on a dark box of the instance's colour (readable on any background)
         cv2.rectangle(canvas, (x, y), (x + w - 1, y + h - 1), tuple(int(c) // 2 for c in colors[k]), cv2.FILLED)
-        baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, font, 1)[1]
         cv2.putText(canvas, text, (x + 2, y + h - 2 - baseline), cv2.FONT_HERSHEY_SIMPLEX, font, (255, 255, 255), 1,
                     cv2.LINE_AA)
     return canvas

@@ -74,7 +74,6 @@ __all__ = ["PredictConfig", "expand_inputs", "load_predictor", "working_size", "
 log = logging.getLogger(__name__)
 
 
-
 # ------------------------------------------------------------------------------------------- inputs
 def expand_inputs(specs: Sequence[str | os.PathLike]) -> list[Path]:
     """The files named by ``specs``: files as given, folders' regular non-hidden files (sorted, not

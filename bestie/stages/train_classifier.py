@@ -69,7 +69,6 @@ __all__ = ["ClassifierConfig", "run", "partial_checkpoint_path", "average_precis
 log = logging.getLogger(__name__)
 
 
-
 def partial_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:
     """Resume file of a run writing ``out_checkpoint``: ``classifier/pam.pt`` -> ``classifier/pam.pt.partial``
     (:func:`bestie.engine.partial_checkpoint_path`)."""
