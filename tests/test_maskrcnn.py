@@ -168,6 +168,16 @@ def test_train_resume_and_evaluate_end_to_end(demo, tmp_path, monkeypatch):
     assert records[2]["lr"] == pytest.approx(cfg.lr * 0.1)
     assert records[3]["lr"] == pytest.approx(cfg.lr * 0.01)
 
+    # the same run logged every 4 iterations (log_every does not change training): its one record
+    # holds the means of the four single-iteration records, not the last iteration's values
+    log_w = tmp_path / "w" / "log.jsonl"
+    tr.run(_tiny_cfg(log_every=4), cfg_ds, pseudo, tmp_path / "w" / "model.pt", log_w, device="cpu")
+    (rec_w,) = [json.loads(line) for line in log_w.read_text().splitlines()]
+    assert rec_w["iteration"] == 4 and rec_w["lr"] == pytest.approx(records[3]["lr"])
+    for k in ("loss", "loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"):
+        assert rec_w[k] == pytest.approx(np.mean([r[k] for r in records]), rel=1e-5), k
+    assert rec_w["loss"] != pytest.approx(records[3]["loss"], rel=1e-3)
+
     # 2) a run killed at iteration 3 leaves the partial checkpoint of iteration 2; the rerun resumes
     #    from it and ends with exactly the weights of the uninterrupted run
     ck_b, log_b = tmp_path / "b" / "model.pt", tmp_path / "b" / "log.jsonl"

@@ -250,7 +250,8 @@ def run(
             ``class_names``, ``category_ids``, ``inference`` (``score_threshold``, ``mask_threshold``,
             ``max_dets``: what ``bestie predict`` applies), ``config``, ``split``, ``iterations``).
         out_log: JSON-lines log: per record ``iteration``, ``epoch``, ``lr``, ``loss`` and each loss term
-            (means over ranks), ``sec_per_iter``; a resumed run appends to it.
+            (means over the iterations since the previous record and over ranks; ``lr`` is the last
+            iteration's), ``sec_per_iter``; a resumed run appends to it.
         device: ``"cpu"`` / ``"cuda"`` (default: CUDA when available; under torchrun ``cuda:LOCAL_RANK``).
 
     Returns:
@@ -368,6 +369,8 @@ def run(
     model.train()
     it = start
     last_loss = float("nan")
+    window: dict[str, torch.Tensor] = {}  # loss sums since the last log record (its values are window means)
+    n_window = 0
     t0 = time.time()
     t_last, it_last = t0, start
     bar = progress(total=max_iters, initial=start, disable=not dist.is_main, desc="maskrcnn")
@@ -392,8 +395,13 @@ def run(
             scheduler.step()
             it += 1
             bar.update(1)
+            # sums stay tensors on the device: no host sync per iteration
+            for k, v in {"loss": loss, **loss_dict}.items():
+                window[k] = window[k] + v.detach().float() if k in window else v.detach().float()
+            n_window += 1
             if it % cfg.log_every == 0 or it == max_iters:
-                vals = _reduce_mean({"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in loss_dict.items()}}, dist)
+                vals = _reduce_mean({k: float(v) / n_window for k, v in window.items()}, dist)
+                window, n_window = {}, 0
                 last_loss = vals["loss"]
                 now = time.time()
                 jlog.write({"iteration": it, "epoch": (it - 1) // iters_per_epoch, "lr": lr, **vals,
