@@ -26,6 +26,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import time_calls  # noqa: E402
+from bestie.params import PseudoLabelParams  # noqa: E402
 from bestie.postprocess import get_instances  # noqa: E402
 from bestie.refine import refine_targets  # noqa: E402
 from bestie.targets import make_pseudo_instance_labels  # noqa: E402
@@ -100,7 +101,7 @@ def run(repeats_scale: float = 1.0) -> dict:
                                  refined_pixels=int((out["weight"] > 0).sum()))
     pts_b = [pts] * batch
     res["refine_targets_point"] = _time(
-        lambda: refine_targets(logits, center, offset, ws, labs, pts_b, setting="point"),
+        lambda: refine_targets(logits, center, offset, ws, labs, pts_b, pseudo=PseudoLabelParams(setting="point")),
         max(3, int(10 * repeats_scale)),
     )
     res["refine_targets_point"].update(scene="as refine_targets, point setting")

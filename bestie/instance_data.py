@@ -41,6 +41,7 @@ from bestie.data import transforms as T
 from bestie.data.points import centers_from_instances, validate_points
 from bestie.errors import ArtifactError, ConfigError, DataError
 from bestie.io.h5store import H5Reader
+from bestie.params import PseudoLabelParams
 from bestie.targets import make_pseudo_instance_labels
 
 __all__ = ["BestieTrainDataset", "IterationSampler", "MAX_POINTS"]
@@ -66,18 +67,18 @@ class BestieTrainDataset(Dataset):
             of the size of the image.
         points_h5: HDF5 store with ``points`` ``(N, 4)`` float32 per id (image setting; required there,
             ignored in the point setting).
-        setting: ``"image"`` or ``"point"``.
+        pseudo: :class:`~bestie.params.PseudoLabelParams` (``setting`` ``"image"`` or ``"point"``, ``sigma``,
+            ``min_area``, ``point_threshold``: 6, 50, 0.7).
         crop_size: square crop side in pixels (416).
         resize: long side before the random scale (480), or None to keep the size.
         scales: random-scale factors (0.7 .. 1.3).
         mean, std: RGB normalisation of the encoder (inputs in [0, 1]).
-        sigma, min_area, point_threshold: pseudo-label parameters (6, 50, 0.7).
         seed: augmentation seed (3407).
         photometric, flip: enable those augmentations.
         max_points: size of the padded ``points`` tensor.
 
     Raises:
-        ConfigError: bad setting / sizes, or ``points_h5`` missing in the image setting.
+        ConfigError: bad sizes, or ``points_h5`` missing in the image setting.
         ArtifactError: an id of the dataset missing from an HDF5 store (names the file and ids).
         DataError: every image has an empty label set, or (point setting) an image has no GT instances.
     """
@@ -88,22 +89,18 @@ class BestieTrainDataset(Dataset):
         wsss_h5: str | os.PathLike,
         points_h5: str | os.PathLike | None = None,
         *,
-        setting: str = "image",
+        pseudo: PseudoLabelParams = PseudoLabelParams(),
         crop_size: int = 416,
         resize: int | None = 480,
         scales: Sequence[float] = T.DEFAULT_SCALES,
         mean: Sequence[float] = T.IMAGENET_MEAN,
         std: Sequence[float] = T.IMAGENET_STD,
-        sigma: float = 6.0,
-        min_area: int = 50,
-        point_threshold: float = 0.7,
         seed: int = 3407,
         photometric: bool = True,
         flip: bool = True,
         max_points: int = MAX_POINTS,
     ) -> None:
-        if setting not in ("image", "point"):
-            raise ConfigError(f"bestie.setting must be 'image' or 'point', got {setting!r}")
+        setting = pseudo.setting
         if int(crop_size) < 1 or (resize is not None and int(resize) < 1):
             raise ConfigError(f"bestie.crop_size / bestie.resize must be positive, got {crop_size}, {resize}")
         if setting == "image" and points_h5 is None:
@@ -119,7 +116,7 @@ class BestieTrainDataset(Dataset):
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
         self.image_pad = tuple(int(round(255 * m)) for m in self.mean)
-        self.sigma, self.min_area, self.point_threshold = float(sigma), int(min_area), float(point_threshold)
+        self.pseudo = pseudo
         self.seed = int(seed)
         self.photometric, self.flip = bool(photometric), bool(flip)
         self.max_points = int(max_points)
@@ -246,8 +243,7 @@ class BestieTrainDataset(Dataset):
         sem = sample["semantic"]
         pts = np.asarray(sample["points"], dtype=np.float32).reshape(-1, 4)
         targets = make_pseudo_instance_labels(
-            sem, raw["labels"], pts, num_classes=self.num_classes, setting=self.setting,
-            sigma=self.sigma, min_area=self.min_area, point_threshold=self.point_threshold,
+            sem, raw["labels"], pts, num_classes=self.num_classes, params=self.pseudo,
         )
         order = np.argsort(-pts[:, 3], kind="stable")[: self.max_points]
         padded = np.zeros((self.max_points, 4), dtype=np.float32)

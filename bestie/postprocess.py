@@ -39,7 +39,8 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from bestie.errors import ConfigError, DataError
+from bestie.errors import DataError
+from bestie.params import GroupingParams
 
 __all__ = [
     "find_instance_centers",
@@ -47,6 +48,10 @@ __all__ = [
     "group_pixels",
     "semantic_argmax",
     "get_instances",
+    "group_component",
+    "instance_peaks",
+    "class_components",
+    "nearest_center",
     "CLUSTER_MAGNITUDE",
     "CLUSTER_AREA",
     "CLUSTER_MIN_SCORE",
@@ -85,12 +90,6 @@ def _to_numpy(x, name: str, ndim: int) -> np.ndarray:
     return arr
 
 
-def _check_kernel(nms_kernel: int) -> int:
-    if int(nms_kernel) != nms_kernel or nms_kernel < 1 or nms_kernel % 2 == 0:
-        raise ConfigError(f"nms_kernel must be a positive odd integer, got {nms_kernel!r}")
-    return int(nms_kernel)
-
-
 @lru_cache(maxsize=8)
 def _rect(k: int) -> np.ndarray:
     return np.ones((k, k), dtype=np.uint8)
@@ -109,13 +108,13 @@ def _nms(scores: np.ndarray, threshold: float, nms_kernel: int) -> np.ndarray:
     return np.argwhere(cand & (t == pooled)).astype(np.int64)
 
 
-def find_instance_centers(center, *, threshold: float = 0.1, nms_kernel: int = 41, top_k: int | None = None):
+def find_instance_centers(center, params: GroupingParams = GroupingParams(), *, top_k: int | None = None):
     """Center candidates of one center map by max-pool NMS (Panoptic-DeepLab ``find_instance_center``).
 
     Args:
         center: ``(H, W)`` float tensor or array, center scores.
-        threshold: scores ``<= threshold`` (and ``<= 0``) are never centers.
-        nms_kernel: odd window size in pixels.
+        params: scores ``<= params.center_threshold`` (and ``<= 0``) are never centers; the window is
+            ``params.nms_kernel`` pixels square (``beta`` and ``min_area`` are not used here).
         top_k: keep at most this many centers, the highest scores first (ties at the cut are kept);
             ``None`` keeps all.
 
@@ -123,11 +122,10 @@ def find_instance_centers(center, *, threshold: float = 0.1, nms_kernel: int = 4
         ``(K, 2)`` ``int64`` array of ``(y, x)`` pixels in row-major order.
 
     Raises:
-        DataError: ``center`` is not 2-D. ConfigError: even or non-positive ``nms_kernel``.
+        DataError: ``center`` is not 2-D.
     """
-    k = _check_kernel(nms_kernel)
     scores = _to_numpy(center, "center", 2)
-    ctr = _nms(scores, float(threshold), k)
+    ctr = _nms(scores, float(params.center_threshold), int(params.nms_kernel))
     if top_k is not None and ctr.shape[0] > top_k:
         vals = scores[ctr[:, 0], ctr[:, 1]]
         cut = np.sort(vals)[::-1][int(top_k) - 1]
@@ -139,7 +137,7 @@ def cluster_centers(
     offset,
     fg,
     *,
-    beta: float = 3.0,
+    beta: float = GroupingParams.beta,
     magnitude_threshold: float = CLUSTER_MAGNITUDE,
     ideal_area: int = CLUSTER_AREA,
 ) -> np.ndarray:
@@ -178,8 +176,16 @@ def cluster_centers(
     return np.stack([by + sel[:, 1].astype(np.int64), bx + sel[:, 0].astype(np.int64)], axis=1)
 
 
-def _nearest_center(ly: np.ndarray, lx: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    """Index of the center nearest to each location ``(ly, lx)`` (first center on ties)."""
+def nearest_center(ly: np.ndarray, lx: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Index of the center nearest to each location (Euclidean; the first center on ties).
+
+    Args:
+        ly, lx: ``(n,)`` float32 row / column of the locations (pixels, may be fractional).
+        centers: ``(K, 2)`` ``(y, x)`` centers, ``K >= 1``.
+
+    Returns:
+        ``(n,)`` int64 indices into ``centers``.
+    """
     k = centers.shape[0]
     n = ly.shape[0]
     if k == 1:
@@ -223,7 +229,7 @@ def group_pixels(centers, offset, fg=None) -> np.ndarray:
     ys, xs = np.nonzero(mask)
     ly = ys.astype(np.float32) + off[0, ys, xs]
     lx = xs.astype(np.float32) + off[1, ys, xs]
-    ids[ys, xs] = _nearest_center(ly, lx, ctr) + 1
+    ids[ys, xs] = nearest_center(ly, lx, ctr) + 1
     return ids
 
 
@@ -250,10 +256,7 @@ def group_component(
     scores: np.ndarray,
     comp: np.ndarray,
     offset: np.ndarray,
-    *,
-    threshold: float,
-    nms_kernel: int,
-    beta: float,
+    params: GroupingParams,
 ):
     """Centers and pixel grouping inside one component (steps 2-4 of the module docstring).
 
@@ -262,7 +265,8 @@ def group_component(
             modified in place: clustered centers are marked 1.0.
         comp: ``(h, w)`` bool component mask.
         offset: ``(2, h, w)`` float32 ``(dy, dx)`` on the same pixels.
-        threshold, nms_kernel, beta: as in :func:`get_instances`.
+        params: ``center_threshold``, ``nms_kernel``, ``beta`` as in :func:`get_instances` (``min_area`` is
+            the caller's: it selects the components).
 
     Returns:
         ``(centers, clustered, ys, xs, inst)``: ``(K, 2)`` int64 ``(y, x)`` centers (NMS first, then
@@ -270,10 +274,10 @@ def group_component(
         (row-major) and ``(n,)`` int64 index of each pixel's center; the last three are ``None`` when
         ``K == 0``.
     """
-    centers = _nms(scores, threshold, nms_kernel)
+    centers = _nms(scores, params.center_threshold, int(params.nms_kernel))
     clustered = np.zeros(centers.shape[0], dtype=bool)
-    if beta > 0:
-        cl = cluster_centers(offset, comp, beta=beta)
+    if params.beta > 0:
+        cl = cluster_centers(offset, comp, beta=params.beta)
         if cl.shape[0]:
             cl = cl[scores[cl[:, 0], cl[:, 1]] > CLUSTER_MIN_SCORE]
         if cl.shape[0] and centers.shape[0]:
@@ -288,7 +292,7 @@ def group_component(
     ys, xs = np.nonzero(comp)
     ly = ys.astype(np.float32) + offset[0, ys, xs]
     lx = xs.astype(np.float32) + offset[1, ys, xs]
-    inst = _nearest_center(ly, lx, centers)
+    inst = nearest_center(ly, lx, centers)
     return centers, clustered, ys, xs, inst
 
 
@@ -347,10 +351,7 @@ def get_instances(
     center,
     offset,
     *,
-    center_threshold: float = 0.1,
-    nms_kernel: int = 41,
-    beta: float = 3.0,
-    min_area: int = 50,
+    params: GroupingParams = GroupingParams(),
     ignore_centerless: bool = False,
     return_sources: bool = False,
 ) -> dict:
@@ -361,10 +362,10 @@ def get_instances(
             flip averaging / label cleaning, if any, done by the caller.
         center: ``(C, H, W)`` float center heatmaps.
         offset: ``(2, H, W)`` float ``(dy, dx)`` in pixels at this resolution.
-        center_threshold: NMS score threshold (0.1 at inference).
-        nms_kernel: odd NMS window (41).
-        beta: clustering tolerance (3); ``<= 0`` disables clustering.
-        min_area: components of the semantic argmax with fewer pixels are ignored (50).
+        params: :class:`~bestie.params.GroupingParams`: NMS score threshold ``center_threshold`` (0.1 at
+            inference), odd NMS window ``nms_kernel`` (41), clustering tolerance ``beta`` (3; ``<= 0``
+            disables clustering); components of the semantic argmax with fewer than ``min_area`` pixels
+            are ignored (50).
         ignore_centerless: drop components without any center instead of keeping them whole.
         return_sources: also return ``"sources"``: ``(N,)`` int8, :data:`SOURCE_CENTER` /
             :data:`SOURCE_CLUSTER` / :data:`SOURCE_FALLBACK` per instance (the learning probe of BESTIE
@@ -376,9 +377,8 @@ def get_instances(
         dummy instance, class 0 with an empty mask and score 0, instead).
 
     Raises:
-        DataError: shapes that do not match. ConfigError: bad ``nms_kernel``.
+        DataError: shapes that do not match.
     """
-    k = _check_kernel(nms_kernel)
     prob = _to_numpy(seg_prob, "seg_prob", 3)
     ctr = _to_numpy(center, "center", 3)
     off = _to_numpy(offset, "offset", 3)
@@ -392,13 +392,13 @@ def get_instances(
     present = np.flatnonzero(np.bincount(seg.ravel(), minlength=c1)[1:])
     found = []  # (class, y0, x0, local mask, score, source)
     for c in present.tolist():
-        for y0, x0, comp in class_components(seg == c + 1, min_area):
+        for y0, x0, comp in class_components(seg == c + 1, params.min_area):
             hh, ww = comp.shape
             win = (slice(y0, y0 + hh), slice(x0, x0 + ww))
             scores = np.where(comp, ctr[c][win], np.float32(0.0))
             pc = prob[c + 1][win]
             centers, clustered, ys, xs, inst = group_component(
-                scores, comp, off[(slice(None),) + win], threshold=center_threshold, nms_kernel=k, beta=beta
+                scores, comp, off[(slice(None),) + win], params
             )
             if ys is None:
                 if not ignore_centerless:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bestie.errors import ConfigError
+from bestie.params import GroupingParams
 
 __all__ = ["PROBE_EPOCH", "probe_keys", "collate_probe", "peak_scores", "probe_metrics"]
 
@@ -80,10 +81,7 @@ def probe_metrics(
     batch: Mapping[str, torch.Tensor],
     center_term: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     *,
-    center_threshold: float,
-    nms_kernel: int,
-    beta: float,
-    min_area: int,
+    grouping: GroupingParams,
 ) -> dict[str, Any]:
     """The probe's figures (module docstring) for one forward pass of the probe batch.
 
@@ -93,7 +91,8 @@ def probe_metrics(
         batch: :func:`collate_probe` output (pseudo targets ``center``, ``weight``).
         center_term: the loss's center term, ``(pred, target, weight) -> scalar`` (e.g.
             :meth:`bestie.losses.BestieLoss.center_term`, so the MSE matches the training loss).
-        center_threshold, nms_kernel, beta, min_area: inference grouping settings (0.1, 41, 3, 50).
+        grouping: the inference grouping (:class:`~bestie.params.GroupingParams`; its ``center_threshold``
+            also sets ``probe_peak_share``).
 
     Returns:
         ``{"probe_peaks": int, "probe_peak_score": float | None, "probe_peak_share": float | None,
@@ -114,14 +113,13 @@ def probe_metrics(
     offset = outputs["offset"].detach().float().cpu().numpy()
     n_inst = n_from_center = 0
     for i in range(prob.shape[0]):
-        inst = get_instances(prob[i], center[i], offset[i], center_threshold=center_threshold,
-                             nms_kernel=nms_kernel, beta=beta, min_area=min_area, return_sources=True)
+        inst = get_instances(prob[i], center[i], offset[i], params=grouping, return_sources=True)
         n_inst += int(inst["sources"].size)
         n_from_center += int((inst["sources"] != SOURCE_FALLBACK).sum())
     return {
         "probe_peaks": n_peaks,
         "probe_peak_score": float(scores.mean()) if n_peaks else None,
-        "probe_peak_share": float((scores >= center_threshold).float().mean()) if n_peaks else None,
+        "probe_peak_share": float((scores >= grouping.center_threshold).float().mean()) if n_peaks else None,
         "probe_center_mse": mse,
         "probe_center_mse_zero": mse_zero,
         "probe_center_instance_share": n_from_center / n_inst if n_inst else None,

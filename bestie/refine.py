@@ -8,8 +8,8 @@ Image setting, for each sample, each present class ``c`` and each 8-connected co
 ``wsss == c + 1`` with at least ``min_area`` pixels:
 
 1. the component's pixels are grouped by :func:`bestie.postprocess.group_component` on the class-``c``
-   center map restricted to the component (center threshold 0.3, NMS kernel 41, center clustering with
-   beta 3; clustered centers are marked 1.0 in that map);
+   center map restricted to the component (:class:`~bestie.params.RefineParams`: center threshold 0.3, NMS
+   kernel 41, center clustering with beta 3; clustered centers are marked 1.0 in that map);
 2. a component with more than ``max_instances`` non-empty groups is skipped (no target: weight 0). The
    public code compares the largest group id instead, which can differ when the last center gets no pixel;
 3. for each non-empty group: ``(py, px)`` = argmax of the (marked) center map over its pixels (first in
@@ -41,16 +41,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bestie.errors import ConfigError, DataError
-from bestie.postprocess import (
-    _check_kernel,
-    _nearest_center,
-    class_components,
-    group_component,
-    instance_peaks,
-)
+from bestie.errors import DataError
+from bestie.params import GroupingParams, PseudoLabelParams, RefineParams
+from bestie.postprocess import class_components, group_component, instance_peaks, nearest_center
 from bestie.targets import (
-    _check_common,
     check_class_list,
     check_label_map,
     draw_gaussian,
@@ -130,15 +124,13 @@ def _refine_sample_image(
     out_weight: np.ndarray,
     *,
     kernel: np.ndarray,
-    min_area: int,
-    threshold: float,
-    nms_kernel: int,
-    beta: float,
+    grouping: GroupingParams,
     max_instances: int,
 ) -> None:
     """Image-setting refinement of one sample into the given output arrays (module docstring, steps 1-5)."""
+    threshold = grouping.center_threshold
     for c in present.tolist():
-        comps = class_components(seg == c + 1, min_area)
+        comps = class_components(seg == c + 1, grouping.min_area)
         if not comps:
             continue
         ctr = center_of(c)
@@ -146,9 +138,7 @@ def _refine_sample_image(
             hh, ww = comp.shape
             win = (slice(y0, y0 + hh), slice(x0, x0 + ww))
             scores = np.where(comp, ctr[win], np.float32(0.0))
-            centers, _, ys, xs, inst = group_component(
-                scores, comp, offset[(slice(None),) + win], threshold=threshold, nms_kernel=nms_kernel, beta=beta
-            )
+            centers, _, ys, xs, inst = group_component(scores, comp, offset[(slice(None),) + win], grouping)
             if ys is None:
                 continue
             k = centers.shape[0]
@@ -200,7 +190,7 @@ def _refine_sample_point(
         pts = np.stack([py[sel], px[sel]], axis=1)
         ly = ys.astype(np.float32) + offset[0, ys, xs]
         lx = xs.astype(np.float32) + offset[1, ys, xs]
-        near = _nearest_center(ly, lx, pts)
+        near = nearest_center(ly, lx, pts)
         out_offset[0, ys, xs] = (pts[near, 0] - ys).astype(np.float32)
         out_offset[1, ys, xs] = (pts[near, 1] - xs).astype(np.float32)
         out_weight[ys, xs] = 1.0
@@ -215,14 +205,8 @@ def refine_targets(
     labels,
     points=None,
     *,
-    setting: str = "image",
-    sigma: float = 6.0,
-    min_area: int = 50,
-    center_threshold: float = 0.3,
-    nms_kernel: int = 41,
-    beta: float = 3.0,
-    max_instances: int = 5,
-    point_threshold: float = 0.7,
+    pseudo: PseudoLabelParams = PseudoLabelParams(),
+    refine: RefineParams = RefineParams(),
 ) -> dict:
     """Refined targets of a batch from detached network outputs (METHOD.md section 4, "Self-refinement").
 
@@ -233,16 +217,14 @@ def refine_targets(
         wsss: ``(B, H, W)`` integer WSSS maps (0 background, ``c + 1`` class ``c``, 255 ignore), any device.
         labels: per sample, the present classes (0-based; list, array or tensor of integers).
         points: per sample, ``(N, 4)`` ``x, y, class, conf`` (tensor or array); only read in the point
-            setting, where points with ``conf < point_threshold``, a class not in the sample's labels or a
-            pixel ``floor(v + 0.5)`` outside the image are ignored.
-        setting: ``"image"`` or ``"point"``.
-        sigma: Gaussian sigma of the refined center targets (pixels).
-        min_area: WSSS components with fewer pixels are ignored (image setting).
-        center_threshold: NMS threshold and fallback threshold (0.3).
-        nms_kernel: odd NMS window (41).
-        beta: center clustering tolerance (3); ``<= 0`` disables clustering.
-        max_instances: components with more groups are skipped (5).
-        point_threshold: minimum point confidence (point setting), as for the pseudo labels.
+            setting, where points with ``conf < pseudo.point_threshold``, a class not in the sample's labels or
+            a pixel ``floor(v + 0.5)`` outside the image are ignored.
+        pseudo: the pseudo labels' :class:`~bestie.params.PseudoLabelParams`: ``setting`` (``"image"`` or
+            ``"point"``), ``sigma`` of the refined center Gaussians (pixels), ``min_area`` (WSSS components
+            with fewer pixels are ignored, image setting), ``point_threshold`` (point setting).
+        refine: :class:`~bestie.params.RefineParams`: NMS and fallback threshold ``center_threshold`` (0.3),
+            odd NMS window ``nms_kernel`` (41), center clustering tolerance ``beta`` (3; ``<= 0`` disables
+            clustering), ``max_instances``: components with more groups are skipped (5).
 
     Returns:
         ``{"center": (B, C, H, W), "offset": (B, 2, H, W), "weight": (B, H, W)}`` ``float32`` tensors on the
@@ -250,15 +232,10 @@ def refine_targets(
         point setting (then ``"center"`` is all zero and must not be used as a target).
 
     Raises:
-        DataError: mismatched shapes, bad labels / points / WSSS values.
-        ConfigError: bad ``setting``, ``sigma``, ``min_area``, ``nms_kernel``, ``max_instances``.
+        DataError: mismatched shapes, bad labels / points / WSSS values. (Bad parameters raise ConfigError
+        when the parameter groups are made.)
     """
-    _check_common(setting, sigma, min_area)
-    k = _check_kernel(nms_kernel)
-    if int(max_instances) != max_instances or max_instances < 1:
-        raise ConfigError(f"max_instances must be a positive integer, got {max_instances!r}")
-    if center_threshold < 0:
-        raise ConfigError(f"center_threshold must be >= 0, got {center_threshold!r}")
+    setting = pseudo.setting
     if seg_logits.ndim != 4:
         raise DataError(f"refine_targets: seg_logits must be (B, C+1, H, W), got {tuple(seg_logits.shape)}")
     b_, c1, h, w = seg_logits.shape
@@ -291,7 +268,7 @@ def refine_targets(
             if hasattr(pts, "detach"):
                 pts = pts.detach().cpu().numpy()
             px, py, pcls, pconf, inside = point_pixels(pts, h, w, ncls, f"points[{b}]")
-            keep = inside & (pconf >= point_threshold) & np.isin(pcls, present[b])
+            keep = inside & (pconf >= pseudo.point_threshold) & np.isin(pcls, present[b])
             _refine_sample_point(off_np[b], seg[b], present[b], px[keep], py[keep], pcls[keep],
                                  out_offset[b], out_weight[b])
         center_t = _zeros_like_target((b_, ncls, h, w), device)
@@ -302,7 +279,7 @@ def refine_targets(
             "has_center": False,
         }
 
-    kernel = gaussian_kernel(sigma)
+    kernel = gaussian_kernel(pseudo.sigma)
     prob = own_class_probability(seg_logits.detach(), seg, present)
     pairs = [(b, c) for b in range(b_) for c in present[b].tolist()]
     if on_cpu:
@@ -321,6 +298,7 @@ def refine_targets(
         get_ctr = {p: ctr_pairs[j] for j, p in enumerate(pairs)}
         get_out = {p: out_pairs[j] for j, p in enumerate(pairs)}
 
+    grouping = refine.grouping(int(pseudo.min_area))
     for b in range(b_):
         _refine_sample_image(
             prob[b],
@@ -332,11 +310,8 @@ def refine_targets(
             out_offset[b],
             out_weight[b],
             kernel=kernel,
-            min_area=int(min_area),
-            threshold=float(center_threshold),
-            nms_kernel=k,
-            beta=float(beta),
-            max_instances=int(max_instances),
+            grouping=grouping,
+            max_instances=int(refine.max_instances),
         )
 
     if on_cpu:

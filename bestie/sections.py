@@ -14,6 +14,7 @@ from typing import Literal
 
 from bestie.data.transforms import DEFAULT_SCALES
 from bestie.errors import ConfigError
+from bestie.params import SETTINGS, GroupingParams, PseudoLabelParams, RefineParams
 from bestie.wsss.crf import CrfParams
 
 __all__ = ["ClassifierConfig", "CamConfig", "WsssConfig", "BestieConfig", "InferenceConfig", "ExportConfig",
@@ -306,10 +307,12 @@ class BestieConfig:
         center_support_weight: factor on the center-MSE weight of the pixels under a Gaussian (1 = the
             paper's loss; :class:`bestie.losses.BestieLoss`).
         setting: ``"image"`` (image-level labels + peak points) or ``"point"`` (GT center points).
-        sigma, min_area, point_threshold: pseudo-label parameters (6, 50, 0.7).
+        sigma, min_area, point_threshold: pseudo-label parameters (6, 50, 0.7;
+            :class:`~bestie.params.PseudoLabelParams`).
         refine: online self-refinement on/off; ``refine_iter``: first (0-based) iteration that uses it
             (the public code's default 0: refinement from the start).
-        center_threshold_refine, nms_kernel, beta, max_instances: refinement grouping (0.3, 41, 3, 5).
+        center_threshold_refine, nms_kernel, beta, max_instances: refinement grouping (0.3, 41, 3, 5;
+            :class:`~bestie.params.RefineParams`).
         seg_weight, center_weight, offset_weight: loss weights (1, 200, 0.01); ``top_k_percent``: hard
             pixel share of the DeepLab CE (0.2).
         lr, weight_decay, warmup_iters, max_iters, poly_power: Adam + warm-up/poly schedule
@@ -340,16 +343,16 @@ class BestieConfig:
     output_stride: int | None = None
     center_mode: str = "class"
     center_support_weight: float = 1.0
-    setting: str = "image"
-    sigma: float = 6.0
-    min_area: int = 50
-    point_threshold: float = 0.7
+    setting: str = PseudoLabelParams.setting
+    sigma: float = PseudoLabelParams.sigma
+    min_area: int = PseudoLabelParams.min_area
+    point_threshold: float = PseudoLabelParams.point_threshold
     refine: bool = True
     refine_iter: int = 0
-    center_threshold_refine: float = 0.3
-    nms_kernel: int = 41
-    beta: float = 3.0
-    max_instances: int = 5
+    center_threshold_refine: float = RefineParams.center_threshold
+    nms_kernel: int = RefineParams.nms_kernel
+    beta: float = RefineParams.beta
+    max_instances: int = RefineParams.max_instances
     seg_weight: float = 1.0
     center_weight: float = 200.0
     offset_weight: float = 0.01
@@ -380,7 +383,7 @@ class BestieConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.setting in ("image", "point"), f"bestie.setting must be 'image' or 'point', got {self.setting!r}"),
+            (self.setting in SETTINGS, f"bestie.setting must be 'image' or 'point', got {self.setting!r}"),
             (self.head in ("light", "deeplab"), f"bestie.head must be 'light' or 'deeplab', got {self.head!r}"),
             (self.max_iters >= 1, f"bestie.max_iters must be >= 1, got {self.max_iters}"),
             (self.batch_size >= 1, f"bestie.batch_size must be >= 1, got {self.batch_size}"),
@@ -406,11 +409,24 @@ class BestieConfig:
             if not ok:
                 raise ConfigError(msg)
 
+    def pseudo_label_params(self) -> PseudoLabelParams:
+        """``setting``, ``sigma``, ``min_area``, ``point_threshold`` as a :class:`~bestie.params.PseudoLabelParams`."""
+        return PseudoLabelParams(setting=self.setting, sigma=self.sigma, min_area=self.min_area,
+                                 point_threshold=self.point_threshold)
+
+    def refine_params(self) -> RefineParams:
+        """``center_threshold_refine``, ``nms_kernel``, ``beta``, ``max_instances`` as a
+        :class:`~bestie.params.RefineParams`."""
+        return RefineParams(center_threshold=self.center_threshold_refine, nms_kernel=self.nms_kernel,
+                            beta=self.beta, max_instances=self.max_instances)
+
 
 # ------------------------------------------------------------ predict_instances
 @dataclass(frozen=True)
 class InferenceConfig:
     """Settings of BESTIE inference (config section ``inference``; METHOD.md section 4, "Inference").
+
+    The first four keys make the :class:`~bestie.params.GroupingParams` of :meth:`grouping_params`.
 
     Attributes:
         center_threshold: minimum center-heatmap score of an instance center (0.1).
@@ -422,10 +438,10 @@ class InferenceConfig:
         size_divisor: the network input sides are rounded up to a multiple of this (32; 1 = no rounding).
     """
 
-    center_threshold: float = 0.1
-    nms_kernel: int = 41
-    beta: float = 3.0
-    min_area: int = 50
+    center_threshold: float = GroupingParams.center_threshold
+    nms_kernel: int = GroupingParams.nms_kernel
+    beta: float = GroupingParams.beta
+    min_area: int = GroupingParams.min_area
     flip: bool = True
     resize: int | None = None
     size_divisor: int = 32
@@ -441,6 +457,11 @@ class InferenceConfig:
             raise ConfigError(f"inference.resize must be >= 8 pixels or null, got {self.resize}")
         if self.size_divisor < 1:
             raise ConfigError(f"inference.size_divisor must be >= 1, got {self.size_divisor}")
+
+    def grouping_params(self) -> GroupingParams:
+        """``center_threshold``, ``nms_kernel``, ``beta``, ``min_area`` as a :class:`~bestie.params.GroupingParams`."""
+        return GroupingParams(center_threshold=self.center_threshold, nms_kernel=self.nms_kernel, beta=self.beta,
+                              min_area=self.min_area)
 
 
 # ------------------------------------------------------------ export_pseudo_labels

@@ -40,6 +40,7 @@ import cv2
 import numpy as np
 
 from bestie.errors import ConfigError, DataError
+from bestie.params import PseudoLabelParams, check_sigma
 
 __all__ = [
     "gaussian_kernel",
@@ -59,7 +60,7 @@ def _kernel_cached(sigma: float) -> np.ndarray:
     return g
 
 
-def gaussian_kernel(sigma: float = 6.0) -> np.ndarray:
+def gaussian_kernel(sigma: float = PseudoLabelParams.sigma) -> np.ndarray:
     """The 2-D Gaussian pasted on center maps (METHOD.md section 4: sigma 6, kernel size ``6 sigma + 3``).
 
     Args:
@@ -72,12 +73,7 @@ def gaussian_kernel(sigma: float = 6.0) -> np.ndarray:
     Raises:
         ConfigError: ``sigma`` not a positive finite number.
     """
-    try:
-        s = float(sigma)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"gaussian_kernel: sigma must be a number, got {sigma!r}") from exc
-    if not np.isfinite(s) or s <= 0:
-        raise ConfigError(f"gaussian_kernel: sigma must be > 0, got {sigma!r}")
+    s = check_sigma(sigma)
     return _kernel_cached(s)
 
 
@@ -195,24 +191,13 @@ def check_label_map(wsss, source: str = "wsss") -> np.ndarray:
     return arr.astype(np.uint8)
 
 
-def _check_common(setting: str, sigma: float, min_area: int) -> None:
-    if setting not in ("image", "point"):
-        raise ConfigError(f"setting must be 'image' or 'point', got {setting!r}")
-    gaussian_kernel(sigma)
-    if int(min_area) != min_area or min_area < 0:
-        raise ConfigError(f"min_area must be a non-negative integer, got {min_area!r}")
-
-
 def make_pseudo_instance_labels(
     wsss: np.ndarray,
     labels: Sequence[int],
     points,
     *,
     num_classes: int,
-    setting: str = "image",
-    sigma: float = 6.0,
-    min_area: int = 50,
-    point_threshold: float = 0.7,
+    params: PseudoLabelParams = PseudoLabelParams(),
 ) -> dict:
     """Pseudo instance labels of one (augmented) sample (METHOD.md section 4, "semantic knowledge transfer").
 
@@ -220,15 +205,15 @@ def make_pseudo_instance_labels(
         wsss: ``(H, W)`` integer map (``uint8`` preferred): 0 background, ``c + 1`` class ``c``, 255 ignore.
         labels: present classes, 0-based (sequence, array or tensor of integers).
         points: ``(N, 4)`` ``x, y, class, conf`` (see :func:`point_pixels`). Points with
-            ``conf < point_threshold``, whose class is not in ``labels`` or whose pixel lies outside the
-            image are ignored.
+            ``conf < params.point_threshold``, whose class is not in ``labels`` or whose pixel lies outside
+            the image are ignored.
         num_classes: ``C``, number of dataset classes (channels of the center map). Not in the stage-4
             contract signature, which has no other way to know ``C``.
-        setting: ``"image"`` (Gaussian at the component centroid, offsets to it) or ``"point"`` (Gaussians at
-            all kept points of present classes, offsets to the component's one point).
-        sigma: Gaussian sigma in pixels (kernel size ``6 sigma + 3``).
-        min_area: components with fewer pixels are dropped.
-        point_threshold: minimum point confidence (0.7 in the reference).
+        params: :class:`~bestie.params.PseudoLabelParams`: ``setting`` ``"image"`` (Gaussian at the
+            component centroid, offsets to it) or ``"point"`` (Gaussians at all kept points of present
+            classes, offsets to the component's one point); ``sigma`` of the Gaussians in pixels (kernel
+            size ``6 sigma + 3``); components with fewer than ``min_area`` pixels are dropped; minimum point
+            confidence ``point_threshold`` (0.7 in the reference).
 
     Returns:
         dict with
@@ -239,23 +224,23 @@ def make_pseudo_instance_labels(
 
     Raises:
         DataError: malformed ``wsss``, ``labels`` or ``points``.
-        ConfigError: bad ``setting``, ``sigma``, ``min_area`` or ``num_classes``.
+        ConfigError: bad ``num_classes`` (the parameters are checked when ``params`` is made).
     """
     if int(num_classes) != num_classes or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     num_classes = int(num_classes)
-    _check_common(setting, sigma, min_area)
+    setting, min_area = params.setting, params.min_area
     seg = check_label_map(wsss)
     height, width = seg.shape
     present = check_class_list(labels, num_classes)
     px, py, pcls, pconf, inside = point_pixels(points, height, width, num_classes)
-    keep = inside & (pconf >= point_threshold) & np.isin(pcls, present)
+    keep = inside & (pconf >= params.point_threshold) & np.isin(pcls, present)
     px, py, pcls = px[keep], py[keep], pcls[keep]
 
     center = np.zeros((num_classes, height, width), dtype=np.float32)
     offset = np.zeros((2, height, width), dtype=np.float32)
     weight = np.zeros((height, width), dtype=np.float32)
-    kernel = gaussian_kernel(sigma)
+    kernel = gaussian_kernel(params.sigma)
 
     if setting == "point":
         for x, y, c in zip(px.tolist(), py.tolist(), pcls.tolist()):

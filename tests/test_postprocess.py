@@ -21,6 +21,7 @@ from bestie.postprocess import (
     instance_peaks,
     semantic_argmax,
 )
+from bestie.params import GroupingParams
 from bestie.targets import make_pseudo_instance_labels
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-voc"
@@ -34,23 +35,27 @@ def torch_nms_reference(ctr, threshold, kernel):
     return torch.nonzero(t[0, 0] > 0).numpy()
 
 
+def _nms(center_threshold: float, nms_kernel: int) -> GroupingParams:
+    return GroupingParams(center_threshold=center_threshold, nms_kernel=nms_kernel)
+
+
 def test_find_instance_centers_matches_maxpool_reference():
     rng = np.random.default_rng(0)
     for kernel in (3, 7, 41):
         ctr = rng.random((37, 53)).astype(np.float32)
         ctr[ctr < 0.6] = 0
-        got = find_instance_centers(ctr, threshold=0.3, nms_kernel=kernel)
+        got = find_instance_centers(ctr, _nms(0.3, kernel))
         np.testing.assert_array_equal(got, torch_nms_reference(ctr, 0.3, kernel))
     ctr = np.zeros((20, 20), np.float32)
     ctr[5, 5], ctr[5, 6], ctr[15, 15] = 0.5, 0.5, 0.2  # plateau: both tied pixels kept
-    np.testing.assert_array_equal(find_instance_centers(torch.from_numpy(ctr), threshold=0.1, nms_kernel=5),
+    np.testing.assert_array_equal(find_instance_centers(torch.from_numpy(ctr), _nms(0.1, 5)),
                                   [[5, 5], [5, 6], [15, 15]])
-    np.testing.assert_array_equal(find_instance_centers(ctr, threshold=0.3, nms_kernel=5), [[5, 5], [5, 6]])
-    np.testing.assert_array_equal(find_instance_centers(ctr, threshold=0.1, nms_kernel=41), [[5, 5], [5, 6]])
+    np.testing.assert_array_equal(find_instance_centers(ctr, _nms(0.3, 5)), [[5, 5], [5, 6]])
+    np.testing.assert_array_equal(find_instance_centers(ctr, _nms(0.1, 41)), [[5, 5], [5, 6]])
     ctr[15, 15] = 0.9
-    np.testing.assert_array_equal(find_instance_centers(ctr, threshold=0.1, nms_kernel=5, top_k=1), [[15, 15]])
+    np.testing.assert_array_equal(find_instance_centers(ctr, _nms(0.1, 5), top_k=1), [[15, 15]])
     with pytest.raises(ConfigError):
-        find_instance_centers(ctr, nms_kernel=4)
+        find_instance_centers(ctr, GroupingParams(nms_kernel=4))
 
 
 def test_group_pixels_nearest_shifted_center():
@@ -188,7 +193,8 @@ def test_get_instances_clustered_centerless_and_small_components():
     np.testing.assert_array_equal(src, [SOURCE_CLUSTER, SOURCE_FALLBACK])
     out2 = get_instances(prob, center, off, ignore_centerless=True)
     assert len(out2["labels"]) == 1
-    out3 = get_instances(prob, center, off, beta=0, ignore_centerless=True)  # no clustering: nothing
+    # no clustering: nothing
+    out3 = get_instances(prob, center, off, params=GroupingParams(beta=0), ignore_centerless=True)
     assert out3["masks"].shape == (0, h, w) and out3["scores"].shape == (0,)
 
 

@@ -8,10 +8,11 @@ import torch
 
 from bestie.errors import ConfigError
 from bestie.losses import BestieLoss
+from bestie.params import GroupingParams
 from bestie.probe import PROBE_EPOCH, peak_scores, probe_keys, probe_metrics
 from bestie.targets import make_pseudo_instance_labels
 
-INF = dict(center_threshold=0.1, nms_kernel=41, beta=3.0, min_area=50)
+INF = dict(grouping=GroupingParams(center_threshold=0.1, nms_kernel=41, beta=3.0, min_area=50))
 
 
 def scene():

@@ -8,6 +8,7 @@ import torch
 
 import bestie.refine as refine_mod
 from bestie.errors import ConfigError, DataError
+from bestie.params import PseudoLabelParams, RefineParams
 from bestie.refine import own_class_probability, refine_targets
 from bestie.targets import make_pseudo_instance_labels
 
@@ -54,6 +55,12 @@ def two_instance_scene():
     return wsss, prob, center, off, comp, left, right
 
 
+def groups(**kw):
+    """Loose keywords as the two parameter groups of refine_targets (pseudo-label fields, the rest)."""
+    pseudo = {k: kw.pop(k) for k in ("setting", "sigma", "min_area", "point_threshold") if k in kw}
+    return {"pseudo": PseudoLabelParams(**pseudo), "refine": RefineParams(**kw)}
+
+
 def run(wsss, prob, center, off, labels, **kw):
     return refine_targets(
         logits_from_prob(prob)[None],
@@ -61,7 +68,7 @@ def run(wsss, prob, center, off, labels, **kw):
         torch.from_numpy(off)[None],
         torch.from_numpy(wsss)[None],
         [labels],
-        **kw,
+        **groups(**kw),
     )
 
 
@@ -195,14 +202,14 @@ def test_batch_equals_single_samples_and_device_path(monkeypatch):
     logits = torch.from_numpy(rng.normal(0, 2, (2, 4, 160, 200)).astype(np.float32))
     wsss = torch.from_numpy(np.stack([wsss1, wsss2]))
     labels = [[0, 2], [0, 1, 2]]
-    batch = refine_targets(logits, center, offset, wsss, labels, beta=3.0)
+    batch = refine_targets(logits, center, offset, wsss, labels, **groups(beta=3.0))
     assert batch["weight"].sum() > 0
     for b in range(2):
         one = refine_targets(logits[b : b + 1], center[b : b + 1], offset[b : b + 1], wsss[b : b + 1], [labels[b]])
         for key in ("center", "offset", "weight"):
             torch.testing.assert_close(batch[key][b : b + 1], one[key], rtol=0, atol=0)
     monkeypatch.setattr(refine_mod, "_dense_host_buffers", lambda device: False)
-    pair = refine_targets(logits, center, offset, wsss.long(), labels, beta=3.0)
+    pair = refine_targets(logits, center, offset, wsss.long(), labels, **groups(beta=3.0))
     for key in ("center", "offset", "weight"):
         torch.testing.assert_close(pair[key], batch[key], rtol=0, atol=0)
 
@@ -219,7 +226,7 @@ def test_point_setting_nearest_point_after_offset():
     off[0][blk], off[1][blk] = -yy[blk], -xx[blk]  # these pixels point at (0, 0)
     prob = np.full((4, h, w), 0.25, np.float32)
     out = refine_targets(logits_from_prob(prob)[None], None, torch.from_numpy(off)[None],
-                         torch.from_numpy(wsss)[None], [[0, 1]], [torch.from_numpy(pts)], setting="point")
+                         torch.from_numpy(wsss)[None], [[0, 1]], [torch.from_numpy(pts)], **groups(setting="point"))
     assert out["has_center"] is False and not out["center"].any()
     region = wsss == 1
     ly, lx = yy + off[0], xx + off[1]
@@ -244,7 +251,7 @@ def test_point_setting_two_hundred_points():
     off = np.zeros((1, 2, 90, 180), np.float32)
     logits = torch.zeros((1, 5, 90, 180))
     out = refine_targets(logits, None, torch.from_numpy(off), torch.from_numpy(wsss)[None], [[3]], [pts],
-                         setting="point")
+                         **groups(setting="point"))
     yy, xx = np.mgrid[0:90, 0:180]
     block = wsss == 4
     np.testing.assert_array_equal(out["weight"][0].numpy(), block.astype(np.float32))
@@ -299,14 +306,14 @@ def test_numpy_scalar_labels_object_points_and_uint8_maps():
     logits = torch.zeros((1, 2, h, w))
     pts_obj = np.array([[0, 0, np.int64(0), 1.0], [30, 10, 0, np.float64(1.0)]], dtype=object)
     ref = refine_targets(logits, None, off, torch.from_numpy(wsss)[None], [[0]],
-                         [np.array([[0, 0, 0, 1.0], [30, 10, 0, 1.0]], np.float32)], setting="point")
+                         [np.array([[0, 0, 0, 1.0], [30, 10, 0, 1.0]], np.float32)], **groups(setting="point"))
     for labels, pts in (
         ([np.array([0], np.uint8)], [pts_obj]),
         ([torch.tensor([0])], [torch.tensor(pts_obj.astype(np.float32))]),
         ([(np.int32(0),)], [pts_obj.tolist()]),
     ):
         out = refine_targets(logits, None, off, torch.from_numpy(wsss.astype(np.int64))[None], labels, pts,
-                             setting="point")
+                             **groups(setting="point"))
         for key in ("offset", "weight"):
             torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0)
     assert ref["weight"].sum() == 800

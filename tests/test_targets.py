@@ -12,9 +12,11 @@ import pytest
 import torch
 
 from bestie.errors import ConfigError, DataError
+from bestie.params import PseudoLabelParams
 from bestie.targets import draw_gaussian, gaussian_kernel, make_pseudo_instance_labels
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128-voc"
+POINT = PseudoLabelParams(setting="point")
 
 
 def gauss_at(h, w, cy, cx, sigma=6.0):
@@ -117,7 +119,8 @@ def test_small_components_dropped():
     assert out["num_instances"] == 1
     assert out["weight"][1:8, 1:8].sum() == 0
     assert out["weight"][12:17, 1:11].min() == 1 and out["weight"].sum() == 50
-    assert make_pseudo_instance_labels(wsss, [0], pts, num_classes=1, min_area=49)["num_instances"] == 2
+    out49 = make_pseudo_instance_labels(wsss, [0], pts, num_classes=1, params=PseudoLabelParams(min_area=49))
+    assert out49["num_instances"] == 2
 
 
 def test_point_filters_threshold_class_and_image():
@@ -139,7 +142,7 @@ def test_point_filters_threshold_class_and_image():
     assert out["num_instances"] == 2
     assert out["weight"][2:12, 20:30].sum() == 0
     assert out["weight"].sum() == 200
-    out2 = make_pseudo_instance_labels(wsss, [0], pts, num_classes=2, point_threshold=0.5)
+    out2 = make_pseudo_instance_labels(wsss, [0], pts, num_classes=2, params=PseudoLabelParams(point_threshold=0.5))
     assert out2["num_instances"] == 1  # now the first component holds two points
 
 
@@ -151,7 +154,7 @@ def test_point_setting_gaussians_at_points_offsets_to_point():
     pts = np.array(
         [[4, 3, 0, 1.0], [3, 22, 0, 1.0], [9, 28, 0, 1.0], [44, 36, 1, 1.0], [55, 45, 2, 1.0]], np.float32
     )
-    out = make_pseudo_instance_labels(wsss, [0, 1], pts, num_classes=3, setting="point")
+    out = make_pseudo_instance_labels(wsss, [0, 1], pts, num_classes=3, params=PseudoLabelParams(setting="point"))
     expect0 = np.maximum.reduce([gauss_at(50, 60, 3, 4), gauss_at(50, 60, 22, 3), gauss_at(50, 60, 28, 9)])
     np.testing.assert_allclose(out["center"][0], expect0, rtol=1e-6)
     np.testing.assert_allclose(out["center"][1], gauss_at(50, 60, 36, 44), rtol=1e-6)
@@ -172,14 +175,15 @@ def test_point_on_row_and_column_zero_counts():
     wsss = np.zeros((30, 30), np.uint8)
     wsss[0:10, 0:10] = 1
     for setting in ("image", "point"):
-        out = make_pseudo_instance_labels(wsss, [0], [[0, 0, 0, 1.0]], num_classes=1, setting=setting)
+        out = make_pseudo_instance_labels(wsss, [0], [[0, 0, 0, 1.0]], num_classes=1,
+                                          params=PseudoLabelParams(setting=setting))
         assert out["num_instances"] == 1, setting
         assert out["weight"][0:10, 0:10].min() == 1
-    out = make_pseudo_instance_labels(wsss, [0], [[0, 0, 0, 1.0]], num_classes=1, setting="point")
+    out = make_pseudo_instance_labels(wsss, [0], [[0, 0, 0, 1.0]], num_classes=1, params=POINT)
     assert out["center"][0, 0, 0] == 1.0
     assert out["offset"][0, 9, 9] == -9 and out["offset"][1, 9, 9] == -9
     # a point on column 0 only
-    out = make_pseudo_instance_labels(wsss, [0], [[0, 7, 0, 1.0]], num_classes=1, setting="point")
+    out = make_pseudo_instance_labels(wsss, [0], [[0, 7, 0, 1.0]], num_classes=1, params=POINT)
     assert out["num_instances"] == 1 and out["center"][0, 7, 0] == 1.0
 
 
@@ -193,7 +197,7 @@ def test_two_hundred_points_of_one_class():
             pts.append([9 * j + (i % 8), 9 * i + (j % 8), 5, 1.0])  # includes x = 0 and y = 0
     pts = np.array(pts, np.float32)
     for setting in ("image", "point"):
-        out = make_pseudo_instance_labels(wsss, [5], pts, num_classes=20, setting=setting)
+        out = make_pseudo_instance_labels(wsss, [5], pts, num_classes=20, params=PseudoLabelParams(setting=setting))
         assert out["num_instances"] == 200
         np.testing.assert_array_equal(out["weight"], (wsss == 6).astype(np.float32))
     peaks = out["center"][5][pts[:, 1].astype(int), pts[:, 0].astype(int)]
@@ -241,7 +245,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(DataError, match="integer dtype"):
         make_pseudo_instance_labels(np.zeros((10, 10), np.float32), [0], [], num_classes=2)
     with pytest.raises(ConfigError, match="setting"):
-        make_pseudo_instance_labels(wsss, [0], [], num_classes=2, setting="box")
+        make_pseudo_instance_labels(wsss, [0], [], num_classes=2, params=PseudoLabelParams(setting="box"))
     with pytest.raises(ConfigError, match="num_classes"):
         make_pseudo_instance_labels(wsss, [0], [], num_classes=0)
 

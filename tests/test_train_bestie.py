@@ -20,6 +20,7 @@ from bestie.data import DEMO_CLASSES, build_dataset, centers_from_instances, gen
 from bestie.errors import ArtifactError, ConfigError
 from bestie.instance_data import BestieTrainDataset, IterationSampler
 from bestie.io.h5store import H5Writer
+from bestie.params import PseudoLabelParams
 
 torch.set_num_threads(1)
 MEAN = (0.5, 0.5, 0.5)
@@ -52,9 +53,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
 
 def _train_ds(inputs, **kw) -> BestieTrainDataset:
     ds_cfg, wsss, points = inputs
-    args = dict(setting="image", crop_size=48, resize=None, scales=(1.0,), mean=MEAN, std=MEAN, min_area=10)
+    setting = kw.pop("setting", "image")
+    args = dict(pseudo=PseudoLabelParams(setting=setting, min_area=10), crop_size=48, resize=None, scales=(1.0,),
+                mean=MEAN, std=MEAN)
     args.update(kw)
-    pts = None if args["setting"] == "point" else points
+    pts = None if setting == "point" else points
     return BestieTrainDataset(build_dataset(ds_cfg, "train"), wsss, pts, **args)
 
 
@@ -163,7 +166,7 @@ def test_missing_store_entries_are_named(inputs, tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="wsss_partial.h5.*missing for 3 of 4"):
         BestieTrainDataset(ds, partial, points)
     with pytest.raises(ConfigError, match="points"):
-        BestieTrainDataset(ds, wsss, None, setting="image")
+        BestieTrainDataset(ds, wsss, None, pseudo=PseudoLabelParams(setting="image"))
 
 
 def test_iteration_sampler_is_shard_and_resume_consistent() -> None:
@@ -490,7 +493,8 @@ def test_real_images_resize_scale_crop_and_point_targets(tmp_path: Path) -> None
     with H5Writer(wsss) as w:
         for i in ids:
             w.write(i, wsss=ds.semantic_gt(i))
-    d = BestieTrainDataset(ds, wsss, None, setting="point", crop_size=416, resize=480, scales=(0.7,), flip=False)
+    d = BestieTrainDataset(ds, wsss, None, pseudo=PseudoLabelParams(setting="point"), crop_size=416, resize=480,
+                           scales=(0.7,), flip=False)
     for k, img_id in enumerate(ids):
         h, w = full.image(img_id).shape[:2]
         s = d[(0, k)]

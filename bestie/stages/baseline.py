@@ -8,12 +8,14 @@ holds exactly one point of its class with ``conf >= point_threshold``, scored by
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from bestie.params import PseudoLabelParams
 from bestie.report.units import percent
 
 __all__ = ["baseline_instances", "run"]
@@ -27,9 +29,7 @@ def baseline_instances(
     wsss: np.ndarray,
     labels: tuple[int, ...] | list[int],
     points: np.ndarray,
-    *,
-    min_area: int = 50,
-    point_threshold: float = 0.7,
+    params: PseudoLabelParams = PseudoLabelParams(),
 ) -> dict[str, np.ndarray]:
     """Instances = WSSS components holding exactly one confident point of their class.
 
@@ -37,15 +37,16 @@ def baseline_instances(
         wsss: (H, W) uint8 WSSS map: 0 background, ``c + 1`` for class ``c``, 255 uncertain.
         labels: present classes (0-based); components of other classes are ignored.
         points: (N, 4) float32 rows ``x, y, class, conf`` in pixels of this map.
-        min_area: components smaller than this many pixels are dropped.
-        point_threshold: points with a lower conf are ignored.
+        params: the pseudo labels' :class:`~bestie.params.PseudoLabelParams`: components smaller than
+            ``min_area`` pixels are dropped, points with a conf below ``point_threshold`` are ignored
+            (``setting`` and ``sigma`` are not used).
 
     Returns:
         ``{"masks": (K, H, W) bool, "labels": (K,) int64, "scores": (K,) float32}``.
     """
     h, w = wsss.shape
     pts = np.asarray(points, dtype=np.float32).reshape(-1, 4)
-    pts = pts[pts[:, 3] >= point_threshold]
+    pts = pts[pts[:, 3] >= params.point_threshold]
     xs = np.clip(np.round(pts[:, 0]).astype(np.int64), 0, w - 1)
     ys = np.clip(np.round(pts[:, 1]).astype(np.int64), 0, h - 1)
     masks, out_labels, scores = [], [], []
@@ -60,7 +61,7 @@ def baseline_instances(
         areas = np.bincount(comp.ravel(), minlength=n + 1)
         best = np.zeros(n + 1, dtype=np.float32)
         np.maximum.at(best, ids[inside], pts[sel][inside, 3])
-        for k in np.flatnonzero((counts == 1) & (areas >= min_area)):
+        for k in np.flatnonzero((counts == 1) & (areas >= params.min_area)):
             masks.append(comp == k)
             out_labels.append(c)
             scores.append(best[k])
@@ -81,7 +82,8 @@ def run(cfg, dataset_cfg: dict, split: str, wsss_h5: Path, points_h5: Path | Non
     """Score the pseudo-label baseline of ``split`` against its GT instances (VOC mAP25/50/70/75).
 
     Args:
-        cfg: the BESTIE stage config (``setting``, ``min_area``, ``point_threshold`` are used).
+        cfg: the BESTIE stage config (its :meth:`~bestie.sections.BestieConfig.pseudo_label_params`: ``min_area``,
+            ``point_threshold``; the point setting ignores the threshold, GT centers being certain).
         dataset_cfg: the dataset section of the config.
         split: the split to score (its GT masks never enter training).
         wsss_h5: WSSS maps (HDF5, per id ``wsss`` (H, W) uint8).
@@ -104,6 +106,9 @@ def run(cfg, dataset_cfg: dict, split: str, wsss_h5: Path, points_h5: Path | Non
     evaluator = VOCInstanceEvaluator(dataset.num_classes)
     wsss_store = H5Reader(wsss_h5)
     point_store = H5Reader(points_h5) if points_h5 is not None else None
+    params = cfg.pseudo_label_params()
+    if point_store is None:
+        params = dataclasses.replace(params, point_threshold=0.0)
     scored = 0
     try:
         for image_id in dataset.ids:
@@ -117,13 +122,7 @@ def run(cfg, dataset_cfg: dict, split: str, wsss_h5: Path, points_h5: Path | Non
                 points = centers_from_instances(gt["masks"], gt["labels"])
             else:
                 points = point_store.read_array(image_id, "points")
-            pred = baseline_instances(
-                wsss,
-                dataset.labels(image_id),
-                points,
-                min_area=cfg.min_area,
-                point_threshold=0.0 if point_store is None else cfg.point_threshold,
-            )
+            pred = baseline_instances(wsss, dataset.labels(image_id), points, params)
             evaluator.update(pred, gt)
             scored += 1
     finally:

@@ -143,8 +143,8 @@ def predict_image(
 def _instances_from_maps(maps: Mapping[str, torch.Tensor], cfg: InferenceConfig) -> dict[str, np.ndarray]:
     from bestie.postprocess import get_instances
 
-    inst = get_instances(maps["seg_prob"], maps["center"], maps["offset"], center_threshold=cfg.center_threshold,
-                         nms_kernel=cfg.nms_kernel, beta=cfg.beta, min_area=cfg.min_area, return_sources=True)
+    inst = get_instances(maps["seg_prob"], maps["center"], maps["offset"], params=cfg.grouping_params(),
+                         return_sources=True)
     masks = np.asarray(inst["masks"], dtype=bool)
     labels = np.asarray(inst["labels"], dtype=np.int64).reshape(-1)
     scores = np.asarray(inst["scores"], dtype=np.float32).reshape(-1)

@@ -95,7 +95,8 @@ def train_step(
         model: the network (possibly DDP-wrapped), in train mode.
         batch: a collated batch of :class:`~bestie.instance_data.BestieTrainDataset` samples.
         loss_fn: :class:`bestie.losses.BestieLoss`.
-        cfg: refinement settings (``refine``, ``refine_iter``, grouping parameters, ``setting``).
+        cfg: refinement settings (``refine``, ``refine_iter``; :meth:`~BestieConfig.pseudo_label_params` and
+            :meth:`~BestieConfig.refine_params` for :func:`bestie.refine.refine_targets`).
         iteration: 0-based iteration (refinement runs when ``refine`` and ``iteration >= refine_iter``).
         device: the model's device.
         amp: run the forward under :func:`bestie.engine.autocast_context`.
@@ -120,9 +121,7 @@ def train_step(
         with torch.no_grad():
             refined = refine_targets(
                 out["seg"].detach(), out["center"].detach(), out["offset"].detach(), semantic, labels, points,
-                setting=cfg.setting, sigma=cfg.sigma, min_area=cfg.min_area,
-                center_threshold=cfg.center_threshold_refine, nms_kernel=cfg.nms_kernel, beta=cfg.beta,
-                max_instances=cfg.max_instances, point_threshold=cfg.point_threshold,
+                pseudo=cfg.pseudo_label_params(), refine=cfg.refine_params(),
             )
     losses = dict(loss_fn(out, pseudo, refined, semantic))
     losses["refined"] = torch.tensor(1.0 if refined is not None else 0.0, device=device)
@@ -145,11 +144,12 @@ def _make_loss(cfg: BestieConfig) -> torch.nn.Module:
 @torch.no_grad()
 def _run_probe(model: torch.nn.Module, probe: Mapping[str, torch.Tensor] | None, loss_fn: Any,
                device: torch.device) -> dict[str, Any]:
-    """The learning probe's figures (:mod:`bestie.probe`) in eval mode, inference thresholds; {} when off."""
+    """The learning probe's figures (:mod:`bestie.probe`) in eval mode, default inference grouping
+    (:class:`~bestie.params.GroupingParams`); {} when off."""
     if probe is None:
         return {}
+    from bestie.params import GroupingParams
     from bestie.probe import probe_metrics
-    from bestie.stages.predict_instances import InferenceConfig
 
     net = engine.unwrap_model(model)
     was_training = net.training
@@ -158,9 +158,7 @@ def _run_probe(model: torch.nn.Module, probe: Mapping[str, torch.Tensor] | None,
         out = net(probe["image"].to(device))
     finally:
         net.train(was_training)
-    inf = InferenceConfig()
-    return probe_metrics(out, probe, loss_fn.center_term, center_threshold=inf.center_threshold,
-                         nms_kernel=inf.nms_kernel, beta=inf.beta, min_area=inf.min_area)
+    return probe_metrics(out, probe, loss_fn.center_term, grouping=GroupingParams())
 
 
 def _build_val(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], jlog: engine.JsonLog) -> Any:
@@ -264,9 +262,8 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
 
     train_ds = BestieTrainDataset(
-        dataset, wsss_h5, points_h5, setting=cfg.setting, crop_size=cfg.crop_size, resize=cfg.resize,
-        scales=cfg.scales, mean=mean, std=std, sigma=cfg.sigma, min_area=cfg.min_area,
-        point_threshold=cfg.point_threshold, seed=cfg.seed, photometric=cfg.photometric, flip=cfg.flip,
+        dataset, wsss_h5, points_h5, pseudo=cfg.pseudo_label_params(), crop_size=cfg.crop_size, resize=cfg.resize,
+        scales=cfg.scales, mean=mean, std=std, seed=cfg.seed, photometric=cfg.photometric, flip=cfg.flip,
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = engine.WarmupPolyLR(optimizer, cfg.warmup_iters, cfg.max_iters, cfg.poly_power)
