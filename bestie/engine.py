@@ -4,8 +4,9 @@
 - :func:`seed_everything`, :func:`save_checkpoint` / :func:`load_checkpoint`: atomic, ``weights_only``
   loadable checkpoints carrying model, optimizer, scheduler, GradScaler, iteration, RNG states (python,
   numpy, torch, CUDA) and a free ``extra`` dict, so a killed run resumes exactly.
-- :class:`ResumableSampler` + :func:`infinite_loader`: a data order that depends only on (seed, epoch),
-  can start in the middle of an epoch, and hands each sample its own augmentation seed, so resumed and
+- :class:`ResumableSampler` (the one sampler of the three trainers) + :func:`infinite_loader`: a data order
+  that depends only on (seed, epoch), can start in the middle of an epoch (or, as one stream of epochs, at
+  any iteration), and hands each sample its own augmentation seed (:func:`sample_rng`), so resumed and
   uninterrupted runs see identical batches regardless of worker count.
 - :func:`check_finite`: the NaN / inf guard; :class:`JsonLog`: one JSON object per line, in a side file
   (:func:`partial_log_path`) that survives a killed job and that a resumed run continues.
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bestie.errors import ArtifactError, TrainingError
+from bestie.errors import ArtifactError, ConfigError, TrainingError
 
 __all__ = [
     "DistInfo",
@@ -51,6 +52,7 @@ __all__ = [
     "WarmupPolyLR",
     "WarmupMultiStepLR",
     "ResumableSampler",
+    "PERMUTATIONS",
     "infinite_loader",
     "sample_rng",
     "autocast_context",
@@ -551,7 +553,14 @@ class WarmupMultiStepLR(_IterScheduler):
 
 
 # ---------------------------------------------------------------------------------------------- data
-def sample_rng(key: Any, seed: int = 0) -> np.random.Generator:
+#: How :class:`ResumableSampler` permutes the indices of an epoch (both depend only on ``(seed, epoch)``):
+#: ``"torch"``: ``torch.randperm`` with ``torch.Generator().manual_seed(seed + epoch)`` (the classifier and
+#: Mask R-CNN trainers); ``"numpy"``: ``numpy.random.default_rng((seed, epoch)).permutation`` (BESTIE). Each
+#: trainer keeps the order it had, so its weights, and a partial checkpoint that a run resumes, stay valid.
+PERMUTATIONS = ("torch", "numpy")
+
+
+def sample_rng(key: Any, seed: int) -> np.random.Generator:
     """Augmentation generator of one sample: ``np.random.default_rng((seed, epoch, index))``.
 
     ``key`` is what :class:`ResumableSampler` yields, ``(index, epoch)``; a plain int index gives
@@ -565,33 +574,74 @@ def sample_rng(key: Any, seed: int = 0) -> np.random.Generator:
 
 
 class ResumableSampler(torch.utils.data.Sampler):
-    """Shuffled (or ordered) sampler whose order depends only on ``(seed, epoch)``, sharded over ranks.
+    """The trainers' sample order: depends only on ``(seed, epoch)``, sharded over DDP ranks, resumable.
 
-    Yields ``(index, epoch)`` tuples (a map-style dataset receives them in ``__getitem__`` and may draw its
-    augmentation from :func:`sample_rng`). Each epoch is a permutation of ``range(n)`` drawn from
-    ``torch.Generator().manual_seed(seed + epoch)``, padded (repeating its start) to a multiple of
-    ``world_size`` and split round-robin as ``DistributedSampler`` does. :meth:`set_start` skips the
-    first samples of the current epoch (resume in the middle of an epoch without loading them).
+    Yields ``(index, epoch)`` keys (a map-style dataset receives them in ``__getitem__`` and draws its
+    augmentation from :func:`sample_rng`). Each epoch visits ``0..n-1`` once, permuted as
+    :data:`PERMUTATIONS` says (``shuffle`` off: in order). Two layouts of the epochs:
+
+    - **per epoch** (``global_batch=None``; classifier, Mask R-CNN; driven by :func:`infinite_loader`): the
+      epoch is padded (repeating its start) to a multiple of ``world_size`` and split round-robin as
+      ``DistributedSampler`` does; :meth:`set_epoch` selects it, :meth:`set_start` skips the first samples
+      of this rank's share (resume in the middle of an epoch without loading them). Finite (``len``).
+    - **stream** (``global_batch=B``; BESTIE): the epochs concatenated without padding; iteration ``t``
+      takes stream positions ``t * B .. (t + 1) * B - 1`` and rank ``r`` the ``r``-th contiguous slice of
+      ``B / world_size`` of them. So the global batch of an iteration is the same for any number of
+      processes, and a sampler made with ``start_iteration=t`` continues an uninterrupted run's batches.
+      Infinite; load it with ``batch_size=`` :attr:`local_batch`.
 
     Args:
         n: dataset length (>= 1).
         seed: order seed (same on every rank).
         shuffle: False keeps ``0..n-1``.
         rank, world_size: this process's shard.
+        global_batch: None for the per-epoch layout, else ``B`` (divisible by ``world_size``).
+        start_iteration: stream layout: the first iteration yielded.
+        permutation: one of :data:`PERMUTATIONS`.
+
+    Raises:
+        ValueError: an empty dataset.
+        ConfigError: ``global_batch`` not a positive multiple of ``world_size``, a rank outside
+            ``0..world_size-1``, or an unknown ``permutation``.
     """
 
-    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1, *,
+                 global_batch: int | None = None, start_iteration: int = 0, permutation: str = "torch") -> None:
         if n < 1:
             raise ValueError("ResumableSampler: the dataset is empty")
+        if permutation not in PERMUTATIONS:
+            raise ConfigError(f"ResumableSampler: permutation must be one of {PERMUTATIONS}, got {permutation!r}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"ResumableSampler: rank {rank} outside 0..{world_size - 1}")
+        if global_batch is not None and (global_batch < 1 or global_batch % world_size):
+            raise ConfigError(f"batch size {global_batch} is not divisible by the {world_size} processes")
         self.n = int(n)
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.rank = int(rank)
         self.world_size = int(world_size)
+        self.permutation = permutation
+        self.global_batch = None if global_batch is None else int(global_batch)
+        self.local_batch = None if global_batch is None else self.global_batch // self.world_size
+        self.start_iteration = int(start_iteration)
         self.epoch = 0
         self.start = 0
         self.per_rank = -(-self.n // self.world_size)
+        self._cached: tuple[int, list[int]] | None = None
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The indices of ``epoch`` in visiting order, before sharding (the last epoch asked is cached)."""
+        if self._cached is None or self._cached[0] != epoch:
+            if not self.shuffle:
+                order = list(range(self.n))
+            elif self.permutation == "torch":
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            else:
+                order = np.random.default_rng((self.seed, epoch)).permutation(self.n).tolist()
+            self._cached = (epoch, order)
+        return self._cached[1]
+
+    # ------------------------------------------------------------------ per-epoch layout
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose order is produced next (resets :meth:`set_start`)."""
         self.epoch = int(epoch)
@@ -601,22 +651,38 @@ class ResumableSampler(torch.utils.data.Sampler):
         """Skip the first ``start`` samples of this rank's share of the current epoch."""
         self.start = max(0, int(start))
 
-    def _order(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
+    def _shard(self) -> list[int]:
+        order = self.epoch_order(self.epoch)
         total = self.per_rank * self.world_size
         order = (order * (-(-total // self.n)))[:total]
         return order[self.rank::self.world_size]
 
+    # ------------------------------------------------------------------ stream layout
+    def keys_for_iteration(self, iteration: int) -> list[tuple[int, int]]:
+        """Stream layout: this rank's ``(index, epoch)`` keys of ``iteration``."""
+        if self.local_batch is None:
+            raise ConfigError("ResumableSampler.keys_for_iteration needs the stream layout (global_batch)")
+        first = iteration * self.global_batch + self.rank * self.local_batch
+        keys = []
+        for pos in range(first, first + self.local_batch):
+            epoch, k = divmod(pos, self.n)
+            keys.append((self.epoch_order(epoch)[k], epoch))
+        return keys
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        for idx in self._order()[self.start:]:
-            yield idx, epoch
+        if self.global_batch is None:
+            epoch = self.epoch
+            for idx in self._shard()[self.start:]:
+                yield idx, epoch
+            return
+        t = self.start_iteration
+        while True:
+            yield from self.keys_for_iteration(t)
+            t += 1
 
     def __len__(self) -> int:
+        if self.global_batch is not None:
+            raise TypeError("ResumableSampler: the stream layout is infinite")
         return max(0, self.per_rank - self.start)
 
 

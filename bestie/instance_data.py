@@ -18,9 +18,10 @@ Augmentation, in order (reference settings of METHOD.md section 4; the public co
 5. horizontal flip with probability 0.5.
 
 Determinism: the augmentation of a sample depends only on ``(seed, epoch, index)`` through
-``numpy.random.default_rng([seed, epoch, index])``: the same sample is produced in any worker process,
-under any number of DDP processes and after a resume. :class:`IterationSampler` yields those
-``(epoch, index)`` keys for iteration-based training.
+:func:`bestie.engine.sample_rng` (``numpy.random.default_rng((seed, epoch, index))``): the same sample is
+produced in any worker process, under any number of DDP processes and after a resume. The stream layout
+of :class:`bestie.engine.ResumableSampler` yields those ``(index, epoch)`` keys for iteration-based
+training.
 
 Images whose label set is empty cannot give an instance and are excluded (a documented skip, counted
 in :attr:`BestieTrainDataset.num_skipped_empty` and logged).
@@ -31,20 +32,21 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from bestie.data import transforms as T
 from bestie.data.points import centers_from_instances, validate_points
+from bestie.engine import sample_rng
 from bestie.errors import ArtifactError, ConfigError, DataError
 from bestie.io.h5store import H5Reader
 from bestie.params import PseudoLabelParams
 from bestie.targets import make_pseudo_instance_labels
 
-__all__ = ["BestieTrainDataset", "IterationSampler", "MAX_POINTS"]
+__all__ = ["BestieTrainDataset", "MAX_POINTS"]
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +224,8 @@ class BestieTrainDataset(Dataset):
         return sample
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        """One training sample; ``key`` is an index or an ``(epoch, index)`` pair (epoch 0 for an index).
+        """One training sample; ``key`` is an index or an ``(index, epoch)`` pair (epoch 0 for an index),
+        as :class:`bestie.engine.ResumableSampler` yields.
 
         Returns:
             dict of tensors:
@@ -234,10 +237,10 @@ class BestieTrainDataset(Dataset):
             (accepted pseudo instances); ``"points_dropped"`` int64 (off-image points in the input);
             ``"index"`` int64. ``S`` = ``crop_size``, ``P`` = ``max_points``.
         """
-        epoch, index = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (0, int(key))
+        index = int(key[0]) if isinstance(key, (tuple, list)) else int(key)
         if not 0 <= index < len(self.ids):
             raise IndexError(f"sample index {index} outside 0..{len(self.ids) - 1}")
-        rng = np.random.default_rng([self.seed, epoch, index])
+        rng = sample_rng(key, self.seed)
         raw = self.load_raw(index)
         sample = self.augment(raw, rng)
         sem = sample["semantic"]
@@ -264,64 +267,3 @@ class BestieTrainDataset(Dataset):
             "points_dropped": torch.tensor(int(raw["points_dropped"]), dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
         }
-
-
-class IterationSampler(Sampler):
-    """Infinite, resumable, DDP-consistent sample order for iteration-based training.
-
-    The global sample stream is the concatenation of epochs; epoch ``e`` visits every index once in the
-    order ``numpy.random.default_rng([seed, e]).permutation(n)`` (or ``0..n-1`` when ``shuffle`` is off).
-    Iteration ``t`` consumes stream positions ``t * B .. (t + 1) * B - 1`` (``B`` = global batch); process
-    ``rank`` of ``world_size`` takes the ``rank``-th slice of ``B / world_size`` of them. So the global batch
-    of an iteration is the same for any number of processes, and a run resumed at iteration ``t`` sees the
-    same batches as an uninterrupted one. Yields ``(epoch, index)`` keys for :class:`BestieTrainDataset`.
-
-    Args:
-        num_samples: dataset length ``n``.
-        global_batch: ``B``, divisible by ``world_size``.
-        rank, world_size: DDP position (0, 1 for a single process).
-        seed: order seed.
-        start_iteration: first iteration to yield samples for (resume).
-        shuffle: permute each epoch.
-
-    Raises:
-        ConfigError: ``B`` not divisible by ``world_size``, or non-positive sizes.
-    """
-
-    def __init__(self, num_samples: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start_iteration: int = 0, shuffle: bool = True) -> None:
-        if num_samples < 1 or global_batch < 1 or world_size < 1:
-            raise ConfigError(f"IterationSampler: need positive sizes, got n={num_samples}, B={global_batch}, "
-                              f"world={world_size}")
-        if global_batch % world_size:
-            raise ConfigError(f"bestie.batch_size {global_batch} is not divisible by the {world_size} processes")
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"IterationSampler: rank {rank} outside 0..{world_size - 1}")
-        self.n, self.B, self.rank, self.world = int(num_samples), int(global_batch), int(rank), int(world_size)
-        self.local_batch = self.B // self.world
-        self.seed, self.start_iteration, self.shuffle = int(seed), int(start_iteration), bool(shuffle)
-        self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            self._perm = (np.random.default_rng([self.seed, epoch]).permutation(self.n) if self.shuffle
-                          else np.arange(self.n))
-            self._perm_epoch = epoch
-        assert self._perm is not None
-        return self._perm
-
-    def keys_for_iteration(self, iteration: int) -> list[tuple[int, int]]:
-        """The ``(epoch, index)`` keys of this process for ``iteration``."""
-        start = iteration * self.B + self.rank * self.local_batch
-        keys = []
-        for pos in range(start, start + self.local_batch):
-            epoch, k = divmod(pos, self.n)
-            keys.append((epoch, int(self._order(epoch)[k])))
-        return keys
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        t = self.start_iteration
-        while True:
-            yield from self.keys_for_iteration(t)
-            t += 1

@@ -33,7 +33,7 @@ from bestie.params import GroupingParams
 
 __all__ = ["PROBE_EPOCH", "probe_keys", "collate_probe", "peak_scores", "probe_metrics"]
 
-#: the epoch of the probe crops' augmentation keys ``(epoch, index)``; any fixed value gives fixed crops,
+#: the epoch of the probe crops' augmentation keys ``(index, epoch)``; any fixed value gives fixed crops,
 #: a large one keeps them apart from the first training epochs' crops
 PROBE_EPOCH = 1_000_000
 
@@ -42,7 +42,8 @@ def probe_keys(num_samples: int, n: int) -> list[tuple[int, int]]:
     """``n`` dataset keys spread evenly over ``0..num_samples-1`` (all when ``n >= num_samples``).
 
     Returns:
-        ``[(PROBE_EPOCH, index), ...]`` keys for :class:`bestie.instance_data.BestieTrainDataset`.
+        ``[(index, PROBE_EPOCH), ...]`` keys for :class:`bestie.instance_data.BestieTrainDataset` (the key
+        order of :class:`bestie.engine.ResumableSampler`).
 
     Raises:
         ConfigError: ``n < 1`` or an empty dataset.
@@ -51,7 +52,7 @@ def probe_keys(num_samples: int, n: int) -> list[tuple[int, int]]:
         raise ConfigError(f"learning probe: need n >= 1 crops of a non-empty dataset, got n={n}, "
                           f"{num_samples} samples")
     idx = np.unique(np.linspace(0, num_samples - 1, num=min(n, num_samples)).round().astype(np.int64))
-    return [(PROBE_EPOCH, int(i)) for i in idx]
+    return [(int(i), PROBE_EPOCH) for i in idx]
 
 
 def collate_probe(dataset: Any, keys: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from bestie.engine import (
     sample_rng,
     save_checkpoint,
 )
-from bestie.errors import ArtifactError, TrainingError
+from bestie.errors import ArtifactError, ConfigError, TrainingError
 
 
 class NoisyData(torch.utils.data.Dataset):
@@ -183,6 +183,30 @@ def test_sampler_epochs_shards_and_skip():
         sh.set_epoch(0)
         got += [i for i, _ in sh]
     assert len(got) == 12 and set(got) == set(range(10))  # padded to a multiple of 3, disjoint cover
+
+
+def test_sampler_permutations_are_the_trainers_data_orders():
+    """The one sampler keeps each trainer's data order: per-epoch layout + torch permutation (classifier,
+    Mask R-CNN), stream layout + numpy permutation (BESTIE, before: instance_data.IterationSampler with
+    (epoch, index) keys). Changing either changes the trainer's weights and the resume of partial
+    checkpoints."""
+    s = ResumableSampler(7, seed=11)
+    for epoch in (0, 3):
+        s.set_epoch(epoch)
+        want = torch.randperm(7, generator=torch.Generator().manual_seed(11 + epoch)).tolist()
+        assert list(s) == [(i, epoch) for i in want]
+    n, B = 5, 2
+    stream = ResumableSampler(n, 11, global_batch=B, permutation="numpy")
+    want = [(int(i), e) for e in range(3) for i in np.random.default_rng([11, e]).permutation(n)]
+    assert [k for t in range(7) for k in stream.keys_for_iteration(t)] == want[: 7 * B]
+    it = iter(ResumableSampler(n, 11, global_batch=B, start_iteration=2, permutation="numpy"))
+    assert [next(it) for _ in range(6)] == want[2 * B: 5 * B]
+    with pytest.raises(TypeError):
+        len(stream)
+    with pytest.raises(ConfigError):
+        s.keys_for_iteration(0)
+    with pytest.raises(ConfigError):
+        ResumableSampler(n, 11, permutation="random")
 
 
 def test_infinite_loader_without_set_start_skips_batches():

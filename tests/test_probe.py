@@ -69,7 +69,7 @@ def test_half_height_prediction_and_peak_reading():
 
 
 def test_probe_keys_spread_and_errors():
-    assert probe_keys(97, 8) == [(PROBE_EPOCH, i) for i in (0, 14, 27, 41, 55, 69, 82, 96)]
-    assert probe_keys(3, 8) == [(PROBE_EPOCH, i) for i in (0, 1, 2)]
+    assert probe_keys(97, 8) == [(i, PROBE_EPOCH) for i in (0, 14, 27, 41, 55, 69, 82, 96)]
+    assert probe_keys(3, 8) == [(i, PROBE_EPOCH) for i in (0, 1, 2)]
     with pytest.raises(ConfigError):
         probe_keys(5, 0)

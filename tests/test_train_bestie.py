@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from bestie.config import from_dict
 from bestie.data import DEMO_CLASSES, build_dataset, centers_from_instances, generate_demo_dataset
 from bestie.errors import ArtifactError, ConfigError
-from bestie.instance_data import BestieTrainDataset, IterationSampler
+from bestie.engine import ResumableSampler
+from bestie.instance_data import BestieTrainDataset
 from bestie.io.h5store import H5Writer
 from bestie.params import PseudoLabelParams
 
@@ -75,7 +76,7 @@ def _tiny_cfg(**kw):
 def test_sample_tensors(inputs) -> None:
     d = _train_ds(inputs)
     ds = d.dataset
-    s = d[(0, 1)]
+    s = d[(1, 0)]
     C, S = 3, 48
     assert s["image"].shape == (3, S, S) and s["image"].dtype == torch.float32
     assert s["semantic"].shape == (S, S) and s["semantic"].dtype == torch.int64
@@ -92,9 +93,9 @@ def test_sample_tensors(inputs) -> None:
     n = int(s["num_points"])
     assert s["points"].shape == (128, 4) and float(s["points"][n:].abs().sum()) == 0.0
     # deterministic per (seed, epoch, index); another epoch gives another augmentation
-    again = d[(0, 1)]
+    again = d[(1, 0)]
     assert all(torch.equal(s[k], again[k]) for k in s)
-    assert any(not torch.equal(d[(e, 1)]["image"], s["image"]) for e in (1, 2, 3))
+    assert any(not torch.equal(d[(1, e)]["image"], s["image"]) for e in (1, 2, 3))
 
 
 def test_off_image_points_dropped_and_counted(inputs) -> None:
@@ -102,8 +103,8 @@ def test_off_image_points_dropped_and_counted(inputs) -> None:
     raw = d.load_raw(BAD_POINT_ID_INDEX)
     assert raw["points_dropped"] == 1
     assert np.all((raw["points"][:, 0] >= 0) & (raw["points"][:, 1] >= 0))
-    assert int(d[(0, BAD_POINT_ID_INDEX)]["points_dropped"]) == 1
-    assert int(d[(0, BAD_POINT_ID_INDEX + 1)]["points_dropped"]) == 0
+    assert int(d[(BAD_POINT_ID_INDEX, 0)]["points_dropped"]) == 1
+    assert int(d[(BAD_POINT_ID_INDEX + 1, 0)]["points_dropped"]) == 0
 
 
 def test_crop_padding_is_ignore_not_background(inputs) -> None:
@@ -112,7 +113,7 @@ def test_crop_padding_is_ignore_not_background(inputs) -> None:
     d = _train_ds(inputs, crop_size=96, photometric=False, flip=False)
     raw = d.load_raw(2)["semantic"]
     for epoch in range(3):
-        s = d[(epoch, 2)]
+        s = d[(2, epoch)]
         sem = s["semantic"].numpy()
         hits = [(y, x) for y in range(33) for x in range(33) if np.array_equal(sem[y:y + 64, x:x + 64], raw)]
         assert len(hits) >= 1
@@ -128,7 +129,7 @@ def test_crop_padding_is_ignore_not_background(inputs) -> None:
 
 def test_point_setting_takes_gt_centers(inputs) -> None:
     d = _train_ds(inputs, setting="point", crop_size=64, photometric=False, flip=False)
-    s = d[(0, 1)]
+    s = d[(1, 0)]
     gt = d.dataset.instances_gt(d.ids[1])
     ref = centers_from_instances(gt["masks"], gt["labels"])
     n = int(s["num_points"])
@@ -169,22 +170,27 @@ def test_missing_store_entries_are_named(inputs, tmp_path: Path) -> None:
         BestieTrainDataset(ds, wsss, None, pseudo=PseudoLabelParams(setting="image"))
 
 
+def _stream(n: int, B: int, **kw) -> ResumableSampler:
+    """BESTIE's sampler: the stream layout of the engine's sampler, numpy permutations."""
+    return ResumableSampler(n, kw.pop("seed"), global_batch=B, permutation="numpy", **kw)
+
+
 def test_iteration_sampler_is_shard_and_resume_consistent() -> None:
     n, B = 5, 4
-    one = IterationSampler(n, B, seed=3)
-    two = [IterationSampler(n, B, rank=r, world_size=2, seed=3) for r in range(2)]
+    one = _stream(n, B, seed=3)
+    two = [_stream(n, B, rank=r, world_size=2, seed=3) for r in range(2)]
     for t in range(6):
         assert one.keys_for_iteration(t) == two[0].keys_for_iteration(t) + two[1].keys_for_iteration(t)
     # each epoch visits every index exactly once
     stream = [k for t in range(5) for k in one.keys_for_iteration(t)]  # 20 keys = 4 epochs of 5
     for e in range(4):
-        assert sorted(i for (ep, i) in stream if ep == e) == list(range(n))
+        assert sorted(i for (i, ep) in stream if ep == e) == list(range(n))
     # a resumed sampler continues the same stream
-    it_full, it_res = iter(IterationSampler(n, B, seed=3)), iter(IterationSampler(n, B, seed=3, start_iteration=3))
+    it_full, it_res = iter(_stream(n, B, seed=3)), iter(_stream(n, B, seed=3, start_iteration=3))
     full = [next(it_full) for _ in range(7 * B)]
     assert [next(it_res) for _ in range(4 * B)] == full[3 * B:]
     with pytest.raises(ConfigError, match="divisible"):
-        IterationSampler(n, 3, world_size=2)
+        _stream(n, 3, world_size=2, seed=3)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -410,7 +416,7 @@ def _ddp_worker(rank: int, world: int, port: int, inputs, out_dir: str) -> None:
     try:
         cfg = _tiny_cfg()
         ds = _train_ds(inputs)
-        sampler = IterationSampler(len(ds), 4, rank=rank, world_size=world, seed=cfg.seed)
+        sampler = _stream(len(ds), 4, rank=rank, world_size=world, seed=cfg.seed)
         batch = _batch(ds, sampler.keys_for_iteration(0))
         net = _tiny_net()
         ddp = torch.nn.parallel.DistributedDataParallel(net)
@@ -454,7 +460,7 @@ def test_ddp_gradients_match_single_process(inputs, tmp_path: Path) -> None:
 
     cfg = _tiny_cfg()
     ds = _train_ds(inputs)
-    keys = IterationSampler(len(ds), 4, seed=cfg.seed).keys_for_iteration(0)
+    keys = _stream(len(ds), 4, seed=cfg.seed).keys_for_iteration(0)
     full = _batch(ds, keys)
     net = _tiny_net()
     _mean_loss(net(full["image"]), full).backward()
@@ -497,7 +503,7 @@ def test_real_images_resize_scale_crop_and_point_targets(tmp_path: Path) -> None
                            scales=(0.7,), flip=False)
     for k, img_id in enumerate(ids):
         h, w = full.image(img_id).shape[:2]
-        s = d[(0, k)]
+        s = d[(k, 0)]
         sem = s["semantic"].numpy()
         rh, rw = round(round(h * 480 / max(h, w)) * 0.7), round(round(w * 480 / max(h, w)) * 0.7)
         valid = sem != 255

@@ -238,7 +238,7 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
            dist: engine.DistInfo, jlog: engine.JsonLog) -> dict[str, Any]:
     from bestie.data import build_dataset
     from bestie.progress import progress
-    from bestie.instance_data import BestieTrainDataset, IterationSampler
+    from bestie.instance_data import BestieTrainDataset
     from bestie.models.instance import BestieNet, convert_sync_batchnorm
 
     dev = dist.device
@@ -296,8 +296,8 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
         log.info("resuming from %s at iteration %d", partial, start_iter)
     jlog.begin(start_iter)  # <out_log>.partial until finish(): survives a killed job, a resumed run continues it
 
-    sampler = IterationSampler(len(train_ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed,
-                               start_iteration=start_iter)
+    sampler = engine.ResumableSampler(len(train_ds), cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                                      global_batch=cfg.batch_size, start_iteration=start_iter, permutation="numpy")
     loader = DataLoader(
         train_ds, batch_size=sampler.local_batch, sampler=sampler, num_workers=cfg.num_workers,
         pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
