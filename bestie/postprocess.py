@@ -325,6 +325,10 @@ def instance_peaks(values: np.ndarray, inst: np.ndarray, k: int) -> np.ndarray:
 def class_components(region: np.ndarray, min_area: int):
     """8-connected components of a bool mask with at least ``min_area`` pixels.
 
+    Args:
+        region: ``(H, W)`` bool mask (e.g. one class of a semantic map).
+        min_area: smallest component kept, pixels.
+
     Returns:
         list of ``(y0, x0, comp)``: top-left corner and the ``(h, w)`` bool mask of the component inside
         its bounding box (label order of ``cv2.connectedComponents``).
