@@ -8,6 +8,9 @@ instead of leaving the longest module as the tail of the run.
 
 from __future__ import annotations
 
+import os
+import resource
+
 import pytest
 import torch
 
@@ -31,3 +34,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+#: ``BESTIE_TEST_CPU_LOG=path``: append one line per test, "<module> <test> <CPU-s>", the user + sys CPU
+#: of the pytest process and of its children that ended during the test (fixtures included: a module's
+#: shared fixture is counted in its first test). Sum per module with
+#: ``awk '{s[$1]+=$3} END {for (m in s) print s[m], m}' path | sort -rn``.
+_CPU_LOG = os.environ.get("BESTIE_TEST_CPU_LOG")
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+if _CPU_LOG:
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        start = _cpu_seconds()
+        yield
+        with open(_CPU_LOG, "a") as fh:
+            fh.write(f"{item.path.name} {item.name.replace(' ', '_')} {_cpu_seconds() - start:.2f}\n")
