@@ -15,10 +15,12 @@ import pytest
 import torch
 
 
-#: modules by decreasing run time (2 cores, measured 2026-12-02): the workflow end to end, the
-#: SIGKILL / resume runs, the benchmark smoke run, the check's Snakemake runs
-LONGEST_FIRST = ("test_workflow_e2e.py", "test_engine.py", "test_benchmarks.py", "test_check.py",
-                 "test_determinism.py", "test_maskrcnn.py", "test_train_bestie.py", "test_predict.py")
+#: modules by decreasing CPU time (2 cores, BESTIE_TEST_CPU_LOG below, measured 2026-12-06): the workflow
+#: end to end (93 CPU-s), the SIGKILL / resume runs (23), the predict stage (21), the benchmark smoke run
+#: (20), Mask R-CNN (16), BESTIE training (14), the determinism runs (10); the rest under 8 each
+LONGEST_FIRST = ("test_workflow_e2e.py", "test_engine.py", "test_predict.py", "test_benchmarks.py",
+                 "test_maskrcnn.py", "test_train_bestie.py", "test_determinism.py", "test_classifier_stage.py",
+                 "test_check.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
