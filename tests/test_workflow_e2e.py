@@ -35,7 +35,11 @@ def finished_run(tmp_path_factory):
     config_path = write_config(base / "config.yaml", cfg)
     work = base / "work"
     work.mkdir()
-    proc = snakemake(work, "--cores", "2", "--keep-going", "--configfile", str(config_path), timeout=1200, check=False)
+    # two jobs side by side, one thread each: a 2-thread job beside the suite's other worker (make test runs
+    # one per core) oversubscribes the cores, and torch's OpenMP threads then spin-wait for each other
+    # (train_bestie: 138 CPU-s with 2 threads in the suite, 16 with 1; the whole run 253 -> 102 CPU-s)
+    proc = snakemake(work, "--cores", "2", "--max-threads", "1", "--keep-going", "--configfile", str(config_path),
+                     timeout=1200, check=False)
     return {"work": work, "out": work / "results" / "e2e", "cfg": cfg, "config_path": config_path,
             "dataset": dataset, "ids": ids, "log": proc.stdout + proc.stderr}
 

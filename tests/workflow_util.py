@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import subprocess
@@ -15,14 +17,53 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
+#: options that make a Snakemake run a dry run (run in this process by :func:`snakemake`)
+DRY_RUN = frozenset({"-n", "--dry-run", "--dryrun"})
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run Snakemake with the repo's Snakefile and ``--directory workdir``; output captured as text."""
+    """Run Snakemake with the repo's Snakefile and ``--directory workdir``; output captured as text.
+
+    A dry run goes through Snakemake's command line in this process (:func:`_dry_run_in_process`: the
+    same ``snakemake.cli.main`` as ``python -m snakemake``, without an interpreter start and Snakemake's
+    imports, about 1.5 CPU-s, each time); a run that executes jobs is a subprocess."""
     cmd = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if DRY_RUN & set(args):
+        proc = _dry_run_in_process(cmd)
+    else:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def _dry_run_in_process(cmd: list[str]) -> subprocess.CompletedProcess:
+    """``snakemake.cli.main(cmd[3:])`` with stdout / stderr captured; the exit status as a process's.
+
+    What a Snakefile or Snakemake changes in the process is put back afterwards: the working directory
+    (``--directory``), ``sys.path`` and the environment (common.smk adds to both). ``sys.exit(message)``
+    (common.smk's config error) gives status 1 with the message on stderr, as the interpreter would."""
+    from snakemake.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd, path, env = os.getcwd(), list(sys.path), dict(os.environ)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(cmd[len(SNAKEMAKE):])
+                code = 0
+            except SystemExit as exc:
+                code = exc.code
+        if isinstance(code, str):
+            err.write(code + "\n")
+            code = 1
+    finally:
+        os.chdir(cwd)
+        sys.path[:] = path
+        os.environ.clear()
+        os.environ.update(env)
+    return subprocess.CompletedProcess(cmd, int(code or 0), out.getvalue(), err.getvalue())
 
 
 def planned_jobs(output: str) -> dict[str, int]:
