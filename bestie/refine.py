@@ -38,6 +38,8 @@ Fixed faults of the public point code: points on row 0 or column 0 count (it dro
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -236,11 +238,60 @@ def refine_targets(
         when the parameter groups are made.)
     """
     setting = pseudo.setting
+    _check_inputs(seg_logits, center, offset, wsss, labels, points, setting)
+    b_, c1, h, w = seg_logits.shape
+    ncls = c1 - 1
+    device = seg_logits.device
+    wsss_cpu = wsss.detach().cpu()
+    seg = [check_label_map(wsss_cpu[b], f"wsss[{b}]") for b in range(b_)]
+    present = [check_class_list(labels[b], ncls, f"labels[{b}]") for b in range(b_)]
+    off_np = offset.detach().float().cpu().numpy()
+
+    on_cpu = _dense_host_buffers(device)
+    out_offset = _zeros_np((b_, 2, h, w))
+    out_weight = _zeros_np((b_, h, w))
+
+    if setting == "point":
+        _refine_points(points, off_np, seg, present, ncls, pseudo.point_threshold, out_offset, out_weight)
+        center_t = _zeros_like_target((b_, ncls, h, w), device)
+        has_center = False
+    else:
+        kernel = gaussian_kernel(pseudo.sigma)
+        prob = own_class_probability(seg_logits.detach(), seg, present)
+        pairs = [(b, c) for b in range(b_) for c in present[b].tolist()]
+        centers = _CenterBuffers(center, pairs, on_cpu, device)
+        grouping = refine.grouping(int(pseudo.min_area))
+        for b in range(b_):
+            _refine_sample_image(
+                prob[b],
+                lambda c, b=b: centers.predicted[(b, c)],
+                off_np[b],
+                seg[b],
+                present[b],
+                lambda c, b=b: centers.target[(b, c)],
+                out_offset[b],
+                out_weight[b],
+                kernel=kernel,
+                grouping=grouping,
+                max_instances=int(refine.max_instances),
+            )
+        center_t = centers.result()
+        has_center = True
+    return {
+        "center": center_t,
+        "offset": torch.from_numpy(out_offset).to(device),
+        "weight": torch.from_numpy(out_weight).to(device),
+        "has_center": has_center,
+    }
+
+
+def _check_inputs(seg_logits: torch.Tensor, center: torch.Tensor | None, offset: torch.Tensor, wsss: torch.Tensor,
+                  labels: Any, points: Any, setting: str) -> None:
+    """The shape checks of :func:`refine_targets` (DataError naming the argument and the expected shape)."""
     if seg_logits.ndim != 4:
         raise DataError(f"refine_targets: seg_logits must be (B, C+1, H, W), got {tuple(seg_logits.shape)}")
     b_, c1, h, w = seg_logits.shape
     ncls = c1 - 1
-    device = seg_logits.device
     if tuple(offset.shape) != (b_, 2, h, w):
         raise DataError(f"refine_targets: offset must be {(b_, 2, h, w)}, got {tuple(offset.shape)}")
     if setting == "image" and (center is None or tuple(center.shape) != (b_, ncls, h, w)):
@@ -253,76 +304,54 @@ def refine_targets(
     if setting == "point" and (points is None or len(points) != b_):
         raise DataError(f"refine_targets: the point setting needs one point set per sample (batch {b_})")
 
-    wsss_cpu = wsss.detach().cpu()
-    seg = [check_label_map(wsss_cpu[b], f"wsss[{b}]") for b in range(b_)]
-    present = [check_class_list(labels[b], ncls, f"labels[{b}]") for b in range(b_)]
-    off_np = offset.detach().float().cpu().numpy()
 
-    on_cpu = _dense_host_buffers(device)
-    out_offset = _zeros_np((b_, 2, h, w))
-    out_weight = _zeros_np((b_, h, w))
+def _refine_points(points: Any, off_np: np.ndarray, seg: list[np.ndarray], present: list[np.ndarray], ncls: int,
+                   point_threshold: float, out_offset: np.ndarray, out_weight: np.ndarray) -> None:
+    """Point setting: fill ``out_offset`` ``(B, 2, H, W)`` and ``out_weight`` ``(B, H, W)`` from each sample's
+    points (those with ``conf >= point_threshold``, a class of ``present`` and a pixel inside the image)."""
+    b_, _, h, w = off_np.shape
+    for b in range(b_):
+        pts = points[b]
+        if hasattr(pts, "detach"):
+            pts = pts.detach().cpu().numpy()
+        px, py, pcls, pconf, inside = point_pixels(pts, h, w, ncls, f"points[{b}]")
+        keep = inside & (pconf >= point_threshold) & np.isin(pcls, present[b])
+        _refine_sample_point(off_np[b], seg[b], present[b], px[keep], py[keep], pcls[keep],
+                             out_offset[b], out_weight[b])
 
-    if setting == "point":
-        for b in range(b_):
-            pts = points[b]
-            if hasattr(pts, "detach"):
-                pts = pts.detach().cpu().numpy()
-            px, py, pcls, pconf, inside = point_pixels(pts, h, w, ncls, f"points[{b}]")
-            keep = inside & (pconf >= pseudo.point_threshold) & np.isin(pcls, present[b])
-            _refine_sample_point(off_np[b], seg[b], present[b], px[keep], py[keep], pcls[keep],
-                                 out_offset[b], out_weight[b])
-        center_t = _zeros_like_target((b_, ncls, h, w), device)
-        return {
-            "center": center_t,
-            "offset": torch.from_numpy(out_offset).to(device),
-            "weight": torch.from_numpy(out_weight).to(device),
-            "has_center": False,
-        }
 
-    kernel = gaussian_kernel(pseudo.sigma)
-    prob = own_class_probability(seg_logits.detach(), seg, present)
-    pairs = [(b, c) for b in range(b_) for c in present[b].tolist()]
-    if on_cpu:
-        ctr_np = center.detach().float().numpy()
-        out_center_np = _zeros_np((b_, ncls, h, w))
-        get_ctr = {p: ctr_np[p[0], p[1]] for p in pairs}
-        get_out = {p: out_center_np[p[0], p[1]] for p in pairs}
-    else:
+class _CenterBuffers:
+    """Host views of the predicted centre maps and of the refined centre targets, per (sample, class) pair.
+
+    On a device whose dense host buffers are cheap (:func:`_dense_host_buffers`) the whole ``(B, C, H, W)``
+    maps are copied; else only the maps of the present ``pairs`` travel (one gather, one scatter).
+    :meth:`result` is the ``(B, C, H, W)`` float32 target tensor on ``device`` (the logits').
+    """
+
+    def __init__(self, center: torch.Tensor, pairs: list[tuple[int, int]], on_cpu: bool, device: torch.device) -> None:
+        b_, ncls, h, w = center.shape
+        self.shape, self.device, self.on_cpu, self.pairs = (b_, ncls, h, w), device, on_cpu, pairs
+        if on_cpu:
+            ctr_np = center.detach().float().numpy()
+            self.out = _zeros_np((b_, ncls, h, w))
+            self.predicted = {p: ctr_np[p[0], p[1]] for p in pairs}
+            self.target = {p: self.out[p[0], p[1]] for p in pairs}
+            return
         if pairs:
-            bi = torch.tensor([p[0] for p in pairs], device=device)
-            ci = torch.tensor([p[1] for p in pairs], device=device)
-            ctr_pairs = center.detach()[bi, ci].float().cpu().numpy()
+            self.bi = torch.tensor([p[0] for p in pairs], device=self.device)
+            self.ci = torch.tensor([p[1] for p in pairs], device=self.device)
+            ctr_pairs = center.detach()[self.bi, self.ci].float().cpu().numpy()
         else:
             ctr_pairs = np.zeros((0, h, w), dtype=np.float32)
-        out_pairs = np.zeros((len(pairs), h, w), dtype=np.float32)
-        get_ctr = {p: ctr_pairs[j] for j, p in enumerate(pairs)}
-        get_out = {p: out_pairs[j] for j, p in enumerate(pairs)}
+        self.out = np.zeros((len(pairs), h, w), dtype=np.float32)
+        self.predicted = {p: ctr_pairs[j] for j, p in enumerate(pairs)}
+        self.target = {p: self.out[j] for j, p in enumerate(pairs)}
 
-    grouping = refine.grouping(int(pseudo.min_area))
-    for b in range(b_):
-        _refine_sample_image(
-            prob[b],
-            lambda c, b=b: get_ctr[(b, c)],
-            off_np[b],
-            seg[b],
-            present[b],
-            lambda c, b=b: get_out[(b, c)],
-            out_offset[b],
-            out_weight[b],
-            kernel=kernel,
-            grouping=grouping,
-            max_instances=int(refine.max_instances),
-        )
-
-    if on_cpu:
-        center_t = torch.from_numpy(out_center_np)
-    else:
-        center_t = torch.zeros((b_, ncls, h, w), dtype=torch.float32, device=device)
-        if pairs:
-            center_t[bi, ci] = torch.from_numpy(out_pairs).to(device)
-    return {
-        "center": center_t,
-        "offset": torch.from_numpy(out_offset).to(device),
-        "weight": torch.from_numpy(out_weight).to(device),
-        "has_center": True,
-    }
+    def result(self) -> torch.Tensor:
+        """The refined centre targets ``(B, C, H, W)`` float32 (zero outside the present pairs)."""
+        if self.on_cpu:
+            return torch.from_numpy(self.out)
+        center_t = torch.zeros(self.shape, dtype=torch.float32, device=self.device)
+        if self.pairs:
+            center_t[self.bi, self.ci] = torch.from_numpy(self.out).to(self.device)
+        return center_t

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from bestie import engine
 from bestie.errors import ConfigError, TrainingError
 from bestie.models.classifier import CAMClassifier
 from bestie.stages import make_cams as mc
@@ -96,19 +97,19 @@ def test_train_stage_resumes_to_the_same_model(demo, tmp_path, monkeypatch):
 
     # kill the run during iteration 5 (after the partial checkpoint of iteration 4), then rerun
     out = tmp_path / "b" / "pam.pt"
-    real = tc.check_finite
+    real = engine.check_finite
 
     def dies_at_4(losses, it):
         if it == 4:
             raise TrainingError("simulated crash")
         real(losses, it)
 
-    monkeypatch.setattr(tc, "check_finite", dies_at_4)
+    monkeypatch.setattr(engine, "check_finite", dies_at_4)
     with pytest.raises(TrainingError):
         tc.run(cfg, demo, out, tmp_path / "b" / "log.jsonl", device="cpu")
     partial = tc.partial_checkpoint_path(out)
     assert partial == tmp_path / "b" / "pam.pt.partial" and partial.is_file() and not out.exists()
-    monkeypatch.setattr(tc, "check_finite", real)
+    monkeypatch.setattr(engine, "check_finite", real)
     with pytest.raises(ConfigError, match="partial"):  # another config must not resume this run
         tc.run(replace(cfg, lr=0.02), demo, out, tmp_path / "b" / "log.jsonl", device="cpu")
     tc.run(cfg, demo, out, tmp_path / "b" / "log.jsonl", device="cpu")

@@ -143,7 +143,7 @@ def run(
     from bestie.evaluation import VOCInstanceEvaluator
     from bestie.evaluation.coco import coco_segm_eval
     from bestie.io.atomic import write_json_atomic
-    from bestie.io.coco_json import instances_to_coco_results, write_coco_results
+    from bestie.io.coco_json import write_coco_results
     from bestie.stages.export_pseudo_labels import category_ids
 
     if dataset is None:
@@ -161,11 +161,59 @@ def run(
     cat_ids = category_ids(dataset)
     is_coco = getattr(dataset, "coco", None) is not None
     evaluator = VOCInstanceEvaluator(dataset.num_classes)
+    results, gts, gt_image_ids, scored = _predict_split(model, dataset, dev, cfg, split, cat_ids, evaluator)
+    if scored == 0:
+        raise DataError(f"split {split!r}: no image has GT instances; nothing to evaluate")
+    voc = evaluator.evaluate()
+    if is_coco:
+        coco_gt = coco_subset(dataset.coco, [int(i) for i in dataset.ids])
+    else:
+        coco_gt = build_coco_gt(gts, gt_image_ids, cat_ids, dataset.class_names)
+    scored_ids = set(coco_gt.getImgIds())
+    scored_results = [r for r in results if r["image_id"] in scored_ids]
+    coco = coco_segm_eval(coco_gt, scored_results)
+    pr = pr_curves(coco_gt, scored_results, cfg.pr_iou)
+
+    per_class = _per_class_rows(dataset.class_names, cat_ids, voc, coco)
+    metrics: dict[str, Any] = {
+        "split": split,
+        "checkpoint": str(checkpoint),
+        "num_images": len(dataset.ids),
+        "num_images_scored": scored,
+        "num_detections": len(results),
+        **{k: voc[k] for k in ("mAP25", "mAP50", "mAP70", "mAP75")},
+        **{k: coco[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
+        "per_class": per_class,
+        "voc": voc,
+        "coco": coco,
+        "pr_curve": pr,
+        "config": to_dict(cfg),
+    }
+    write_coco_results(out_predictions, results)
+    write_json_atomic(out_metrics, metrics)
+    log.info("Mask R-CNN on %s (%d images scored): mAP25 %s mAP50 %s mAP70 %s mAP75 %s | COCO AP %s AP50 %s",
+             split, scored, *(percent(metrics[k]) for k in ("mAP25", "mAP50", "mAP70", "mAP75", "AP", "AP50")))
+    return metrics
+
+
+def _predict_split(model: torch.nn.Module, dataset: Any, dev: torch.device, cfg: EvalConfig, split: str,
+                   cat_ids: list[int], evaluator: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int], int]:
+    """Predict every image of ``dataset`` and feed the VOC ``evaluator`` with those that have GT instances
+    (crowd instances of a COCO dataset left out).
+
+    Returns:
+        ``(results, gts, gt_image_ids, scored)``: the COCO result records of every image (with
+        ``image_key``; image ids: the COCO ids of a COCO dataset, else 1-based positions), the GT instances
+        and their image ids for a COCO GT built from a non-COCO dataset (empty for a COCO dataset), and the
+        number of scored images.
+    """
+    from bestie.io.coco_json import instances_to_coco_results
+    from bestie.progress import progress
+
+    is_coco = getattr(dataset, "coco", None) is not None
     results: list[dict[str, Any]] = []
     gts, gt_image_ids = [], []
     scored = 0
-    from bestie.progress import progress
-
     for k, image_id in enumerate(progress(dataset.ids, desc=f"evaluate {split}"), start=1):
         pred = predict_image(model, dataset.image(image_id), dev, score_threshold=cfg.score_threshold,
                              mask_threshold=cfg.mask_threshold, max_dets=cfg.max_dets)
@@ -186,42 +234,19 @@ def run(
         if not is_coco:
             gts.append({"masks": gt["masks"], "labels": gt["labels"]})
             gt_image_ids.append(k)
-    if scored == 0:
-        raise DataError(f"split {split!r}: no image has GT instances; nothing to evaluate")
-    voc = evaluator.evaluate()
-    if is_coco:
-        coco_gt = coco_subset(dataset.coco, [int(i) for i in dataset.ids])
-    else:
-        coco_gt = build_coco_gt(gts, gt_image_ids, cat_ids, dataset.class_names)
-    scored_ids = set(coco_gt.getImgIds())
-    scored_results = [r for r in results if r["image_id"] in scored_ids]
-    coco = coco_segm_eval(coco_gt, scored_results)
-    pr = pr_curves(coco_gt, scored_results, cfg.pr_iou)
+    return results, gts, gt_image_ids, scored
 
+
+def _per_class_rows(class_names: list[str], cat_ids: list[int], voc: Mapping[str, Any],
+                    coco: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``per_class`` rows of the metrics: ``class``, ``category_id``, ``num_gt``, VOC AP at IoU 0.25 /
+    0.5 / 0.7 / 0.75 and the COCO AP of the class (None when COCOeval has none)."""
     per_class = []
     coco_ap = {int(c["category_id"]): c["AP"] for c in coco["per_class"]}
-    for c, name in enumerate(dataset.class_names):
+    for c, name in enumerate(class_names):
         row = {"class": name, "category_id": cat_ids[c], "num_gt": voc["num_gt"][c]}
         for t, key in ((0.25, "AP25"), (0.5, "AP50"), (0.7, "AP70"), (0.75, "AP75")):
             row[key] = voc["per_class"][f"{t:g}"][c]
         row["coco_AP"] = coco_ap.get(cat_ids[c])
         per_class.append(row)
-    metrics: dict[str, Any] = {
-        "split": split,
-        "checkpoint": str(checkpoint),
-        "num_images": len(dataset.ids),
-        "num_images_scored": scored,
-        "num_detections": len(results),
-        **{k: voc[k] for k in ("mAP25", "mAP50", "mAP70", "mAP75")},
-        **{k: coco[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")},
-        "per_class": per_class,
-        "voc": voc,
-        "coco": coco,
-        "pr_curve": pr,
-        "config": to_dict(cfg),
-    }
-    write_coco_results(out_predictions, results)
-    write_json_atomic(out_metrics, metrics)
-    log.info("Mask R-CNN on %s (%d images scored): mAP25 %s mAP50 %s mAP70 %s mAP75 %s | COCO AP %s AP50 %s",
-             split, scored, *(percent(metrics[k]) for k in ("mAP25", "mAP50", "mAP70", "mAP75", "AP", "AP50")))
-    return metrics
+    return per_class

@@ -229,8 +229,7 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Seque
 
     from bestie.cam import average_cams, compute_cams
     from bestie.data import build_dataset
-    from bestie.evaluation.semantic import SemanticEvaluator
-    from bestie.io.atomic import atomic_path, write_json_atomic
+    from bestie.io.atomic import write_json_atomic
     from bestie.io.h5store import H5Writer
     from bestie.peaks import extract_peaks
 
@@ -240,30 +239,13 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Seque
     if not paths:
         raise ArtifactError("make_cams: no classifier checkpoint given")
     ds = build_dataset(dataset_cfg)
-    members = []  # (model, mean, std) per checkpoint
-    extras = []
-    for path in paths:
-        model, extra = load_classifier(path, dev, cfg.output_stride)
-        if int(extra["num_classes"]) != int(ds.num_classes):
-            raise ArtifactError(f"checkpoint {path} has {extra['num_classes']} classes, the dataset "
-                                f"{ds.num_classes}")
-        if extras and (bool(extra["config"].get("use_pam")) != bool(extras[0]["config"].get("use_pam"))
-                       or extra.get("class_names") != extras[0].get("class_names")):
-            raise ArtifactError(f"ensemble members {paths[0]} and {path} differ in classes or in PAM use")
-        members.append((model, extra.get("mean", model.mean), extra.get("std", model.std)))
-        extras.append(extra)
-    extra = extras[0]
+    members, extras = _load_members(paths, ds, dev, cfg.output_stride)
     checkpoint_desc: str | list[str] = str(paths[0]) if len(paths) == 1 else [str(p) for p in paths]
-    use_pam = bool(extra["config"].get("use_pam"))
+    use_pam = bool(extras[0]["config"].get("use_pam"))
     if out_points is not None and not use_pam:
         log.info("%s is a plain CAM classifier: its peaks are written but METHOD.md takes peaks from PAM",
                  checkpoint_desc)
-    n_labels = ds.num_classes + 1
-    evals = [SemanticEvaluator(n_labels) for _ in THRESHOLDS]
-    base_bg, base_largest = SemanticEvaluator(n_labels), SemanticEvaluator(n_labels)
-    pq = {"instances": 0, "instances_one_peak": 0, "peaks": 0, "peaks_on_background": 0}
-    n_points = 0
-    n_scored = 0
+    scores = _CamScores(ds.num_classes + 1)
     if out_overlay_dir is not None:
         Path(out_overlay_dir).mkdir(parents=True, exist_ok=True)
     attrs = {"stage": "cams", "config": to_dict(cfg), "out_stride": cfg.out_stride, "use_pam": use_pam,
@@ -286,36 +268,18 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Seque
                 points = extract_peaks(full, classes, kernel=cfg.peak_kernel, smooth=3, top_k=cfg.peak_top_k,
                                        threshold=cfg.peak_threshold)
                 wp.write(img_id, points=points)
-                n_points += len(points)
+                scores.n_points += len(points)
             gt = ds.semantic_gt(img_id)
             if gt is not None:
                 if gt.shape != (height, width):
                     raise ArtifactError(
                         f"dataset: SegmentationClass of {img_id!r} is {gt.shape}, image {(height, width)}")
-                scored = upsample_cams(stored, height, width)
-                if len(classes):  # argmax / max once, then one label map per threshold
-                    fg = (classes + 1)[scored.argmax(axis=0)]
-                    peak = scored.max(axis=0)
-                else:
-                    fg = np.zeros((height, width), np.int64)
-                    peak = np.zeros((height, width), np.float32)
-                for t, ev in zip(THRESHOLDS, evals):
-                    ev.update(np.where(peak > t, fg, 0), gt)
-                base_bg.update(np.zeros_like(gt), gt)
-                area = np.bincount(gt[gt != 255].ravel(), minlength=n_labels)[1:n_labels]
-                fill = int(area.argmax()) + 1 if area.max(initial=0) > 0 else 0
-                base_largest.update(np.full_like(gt, fill), gt)
-                n_scored += 1
+                scores.update_semantic(upsample_cams(stored, height, width), classes, gt)
             if points is not None:
-                inst = ds.instances_gt(img_id) if hasattr(ds, "instances_gt") else None
-                for k, v in peak_quality(points, inst, gt).items():
-                    pq[k] += v
+                scores.update_peaks(points, ds.instances_gt(img_id) if hasattr(ds, "instances_gt") else None, gt)
             if out_overlay_dir is not None and i < cfg.overlays:
-                overlay = _draw_overlay(image, full, points, ds.class_names)
-                target = Path(out_overlay_dir) / f"{i:03d}_{_safe_name(img_id)}.png"
-                with atomic_path(target) as tmp:
-                    if not cv2.imwrite(tmp, overlay):
-                        raise ArtifactError(f"cannot write overlay {target}")
+                _write_overlay(Path(out_overlay_dir) / f"{i:03d}_{_safe_name(img_id)}.png",
+                               _draw_overlay(image, full, points, ds.class_names))
             del full, stored
 
     diag: dict[str, Any] = {
@@ -325,42 +289,116 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Seque
                                for split in ("train", "val")},
         "config": to_dict(cfg),
         "num_images": len(ds.ids),
-        "num_scored": n_scored,
-        "thresholds": list(THRESHOLDS),
-        "miou_per_threshold": None,
-        "best_threshold": None,
-        "best_mIoU": None,
-        "best_IoU": None,
-        "baselines": None,
-        "seconds": None,
+        **scores.semantic_diagnostics(),
     }
-    if n_scored:
-        results = [ev.evaluate() for ev in evals]
-        mious = [r["mIoU"] for r in results]
-        best = int(np.nanargmax(np.array([m if m is not None else np.nan for m in mious], dtype=np.float64)))
-        diag.update(
-            miou_per_threshold=mious,
-            best_threshold=THRESHOLDS[best],
-            best_mIoU=mious[best],
-            best_IoU=results[best]["IoU"],
-            best_precision_fg=results[best]["precision_fg"],
-            best_recall_fg=results[best]["recall_fg"],
-            baselines={"all_background": base_bg.evaluate()["mIoU"],
-                       "largest_class": base_largest.evaluate()["mIoU"]},
-        )
     if out_points is not None:
-        diag["peaks"] = {
-            "num_points": n_points,
-            "points_per_image": n_points / max(1, len(ds.ids)),
+        diag["peaks"] = scores.peak_diagnostics(len(ds.ids))
+    diag["seconds"] = time.time() - t0
+    write_json_atomic(out_diagnostics, diag)
+    log.info("cams %s: best mIoU %s at threshold %s (%d images, %.0f s)", out_cams,
+             percent(diag["best_mIoU"], fraction=False), diag["best_threshold"], len(ds.ids), diag["seconds"])
+
+
+def _load_members(paths: Sequence[Path], ds: Any, dev: torch.device,
+                  output_stride: int | None) -> tuple[list[tuple[Any, Any, Any]], list[dict[str, Any]]]:
+    """Load the ensemble's classifiers: ``[(model, mean, std)]`` and their checkpoint extras.
+
+    Raises:
+        ArtifactError: a member's class count differs from the dataset's, or members differ in classes or
+            in PAM use (names the files).
+    """
+    members, extras = [], []
+    for path in paths:
+        model, extra = load_classifier(path, dev, output_stride)
+        if int(extra["num_classes"]) != int(ds.num_classes):
+            raise ArtifactError(f"checkpoint {path} has {extra['num_classes']} classes, the dataset "
+                                f"{ds.num_classes}")
+        if extras and (bool(extra["config"].get("use_pam")) != bool(extras[0]["config"].get("use_pam"))
+                       or extra.get("class_names") != extras[0].get("class_names")):
+            raise ArtifactError(f"ensemble members {paths[0]} and {path} differ in classes or in PAM use")
+        members.append((model, extra.get("mean", model.mean), extra.get("std", model.std)))
+        extras.append(extra)
+    return members, extras
+
+
+def _write_overlay(target: Path, overlay: np.ndarray) -> None:
+    """Write a BGR overlay PNG atomically (ArtifactError when OpenCV cannot)."""
+    from bestie.io.atomic import atomic_path
+
+    with atomic_path(target) as tmp:
+        if not cv2.imwrite(tmp, overlay):
+            raise ArtifactError(f"cannot write overlay {target}")
+
+
+class _CamScores:
+    """The diagnostics of the stage: CAM mIoU per background threshold (:data:`THRESHOLDS`) against the
+    semantic GT, the all-background and largest-class baselines, and the peak quality counts."""
+
+    def __init__(self, n_labels: int) -> None:
+        from bestie.evaluation.semantic import SemanticEvaluator
+
+        self.n_labels = n_labels
+        self.evals = [SemanticEvaluator(n_labels) for _ in THRESHOLDS]
+        self.base_bg, self.base_largest = SemanticEvaluator(n_labels), SemanticEvaluator(n_labels)
+        self.pq = {"instances": 0, "instances_one_peak": 0, "peaks": 0, "peaks_on_background": 0}
+        self.n_points = 0
+        self.n_scored = 0
+
+    def update_semantic(self, scored: np.ndarray, classes: np.ndarray, gt: np.ndarray) -> None:
+        """Score one image's stored CAMs ``(K, H, W)`` (upsampled to the image) of ``classes`` against ``gt``."""
+        height, width = gt.shape
+        if len(classes):  # argmax / max once, then one label map per threshold
+            fg = (classes + 1)[scored.argmax(axis=0)]
+            peak = scored.max(axis=0)
+        else:
+            fg = np.zeros((height, width), np.int64)
+            peak = np.zeros((height, width), np.float32)
+        for t, ev in zip(THRESHOLDS, self.evals):
+            ev.update(np.where(peak > t, fg, 0), gt)
+        self.base_bg.update(np.zeros_like(gt), gt)
+        area = np.bincount(gt[gt != 255].ravel(), minlength=self.n_labels)[1:self.n_labels]
+        fill = int(area.argmax()) + 1 if area.max(initial=0) > 0 else 0
+        self.base_largest.update(np.full_like(gt, fill), gt)
+        self.n_scored += 1
+
+    def update_peaks(self, points: np.ndarray, inst: Any, gt: np.ndarray | None) -> None:
+        """Add one image's :func:`peak_quality` counts."""
+        for k, v in peak_quality(points, inst, gt).items():
+            self.pq[k] += v
+
+    def semantic_diagnostics(self) -> dict[str, Any]:
+        """``num_scored``, ``thresholds``, the mIoU per threshold and the best one's figures, the baselines
+        (None without scored images) and a ``seconds`` placeholder."""
+        diag: dict[str, Any] = {"num_scored": self.n_scored, "thresholds": list(THRESHOLDS),
+                                "miou_per_threshold": None, "best_threshold": None, "best_mIoU": None,
+                                "best_IoU": None, "baselines": None, "seconds": None}
+        if self.n_scored:
+            results = [ev.evaluate() for ev in self.evals]
+            mious = [r["mIoU"] for r in results]
+            best = int(np.nanargmax(np.array([m if m is not None else np.nan for m in mious], dtype=np.float64)))
+            diag.update(
+                miou_per_threshold=mious,
+                best_threshold=THRESHOLDS[best],
+                best_mIoU=mious[best],
+                best_IoU=results[best]["IoU"],
+                best_precision_fg=results[best]["precision_fg"],
+                best_recall_fg=results[best]["recall_fg"],
+                baselines={"all_background": self.base_bg.evaluate()["mIoU"],
+                           "largest_class": self.base_largest.evaluate()["mIoU"]},
+            )
+        return diag
+
+    def peak_diagnostics(self, num_images: int) -> dict[str, Any]:
+        """The ``peaks`` entry of the diagnostics."""
+        pq = self.pq
+        return {
+            "num_points": self.n_points,
+            "points_per_image": self.n_points / max(1, num_images),
             "min_conf_scored": PEAK_SCORE_CONF,
             **pq,
             "instances_one_peak_share": pq["instances_one_peak"] / pq["instances"] if pq["instances"] else None,
             "peaks_on_background_share": pq["peaks_on_background"] / pq["peaks"] if pq["peaks"] else None,
         }
-    diag["seconds"] = time.time() - t0
-    write_json_atomic(out_diagnostics, diag)
-    log.info("cams %s: best mIoU %s at threshold %s (%d images, %.0f s)", out_cams,
-             percent(diag["best_mIoU"], fraction=False), diag["best_threshold"], len(ds.ids), diag["seconds"])
 
 
 def _mean_or_none(values: Sequence[float | None]) -> float | None:

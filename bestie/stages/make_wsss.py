@@ -381,12 +381,10 @@ def _emit(writer, png_dir: Path | None, scores: _Scores, ds, img_id: str, out: n
 def _run_affinity(cfg: WsssConfig, ds, reader, cams_h5: Path, writer, png_dir, scores: _Scores, threshold: float,
                   params: CrfParams, device: str | None, checkpoint: Path | None, timing: dict, inputs) -> None:
     """Affinity method: seeds -> train (or load) the affinity head -> random walk per image."""
-    import h5py
     import torch
 
     from bestie.models.backbones import create_backbone
-    from bestie.wsss.affinity import (AffinityNet, affinity_scores, load_affinity_checkpoint,
-                                      save_affinity_checkpoint, train_affinity_net)
+    from bestie.wsss.affinity import AffinityNet, affinity_scores, load_affinity_checkpoint, save_affinity_checkpoint
     from bestie.wsss.crf import dense_crf
 
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -407,36 +405,7 @@ def _run_affinity(cfg: WsssConfig, ds, reader, cams_h5: Path, writer, png_dir, s
                                 f"({ {k: got.get(k) for k in keys} }); delete it to retrain")
         timing["affinity_loaded"] = str(checkpoint)
     else:
-        # 1. confident seed maps (IRN cam_to_ir_label) into a temporary HDF5 next to the output
-        t = time.perf_counter()
-        out_dir = Path(writer.path).parent
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, seeds_path = tempfile.mkstemp(prefix=".wsss_seeds.", suffix=".h5", dir=out_dir)
-        os.close(fd)
-        try:
-            ids: list[str] = []
-            with h5py.File(seeds_path, "w") as f:
-                def seed_jobs() -> Iterator[tuple]:
-                    for img_id, image, cams, classes in inputs():
-                        ids.append(img_id)
-                        yield (image, cams, classes, fg, bg, params)
-
-                for k, seeds in enumerate(_pool_map(_seed_job, seed_jobs(), cfg.workers)):
-                    f.create_dataset(str(k), data=seeds, compression="gzip", compression_opts=1)
-            timing["seed_seconds_per_image"] = (time.perf_counter() - t) / max(1, len(ids))
-            t = time.perf_counter()
-            with h5py.File(seeds_path, "r") as f:
-                def sample(k: int) -> tuple[np.ndarray, np.ndarray]:
-                    return ds.image(ids[k]), f[str(k)][()]
-
-                history = train_affinity_net(net, sample, tp, num_samples=len(ids), device=dev)
-            timing["affinity_train_seconds"] = time.perf_counter() - t
-            timing["affinity_final_loss"] = float(np.mean([h["loss"] for h in history[-5:]]))
-        finally:
-            try:
-                os.remove(seeds_path)
-            except OSError:
-                pass
+        _train_affinity(net, cfg, ds, Path(writer.path).parent, inputs, fg, bg, params, tp, dev, timing)
         if checkpoint is not None:
             save_affinity_checkpoint(checkpoint, net, meta)
     # 2. random walk per image
@@ -465,6 +434,46 @@ def _run_affinity(cfg: WsssConfig, ds, reader, cams_h5: Path, writer, png_dir, s
         times.append(time.perf_counter() - t)
         _emit(writer, png_dir, scores, ds, img_id, out, dense, cams, classes)
     timing["affinity_seconds_per_image"] = float(np.mean(times)) if times else None
+
+
+def _train_affinity(net: Any, cfg: WsssConfig, ds: Any, out_dir: Path, inputs: Any, fg: float, bg: float,
+                    params: CrfParams, tp: Any, dev: Any, timing: dict) -> None:
+    """Train the affinity head ``net`` on confident seed maps (IRN ``cam_to_ir_label``: ``fg`` / ``bg`` CAM
+    thresholds, CRF ``params``) of every image of ``inputs()``, kept in a temporary HDF5 in ``out_dir`` (removed
+    afterwards); the seed and training times and the final loss go to ``timing``."""
+    import h5py
+
+    from bestie.wsss.affinity import train_affinity_net
+
+    # 1. confident seed maps (IRN cam_to_ir_label) into a temporary HDF5 next to the output
+    t = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd, seeds_path = tempfile.mkstemp(prefix=".wsss_seeds.", suffix=".h5", dir=out_dir)
+    os.close(fd)
+    try:
+        ids: list[str] = []
+        with h5py.File(seeds_path, "w") as f:
+            def seed_jobs() -> Iterator[tuple]:
+                for img_id, image, cams, classes in inputs():
+                    ids.append(img_id)
+                    yield (image, cams, classes, fg, bg, params)
+
+            for k, seeds in enumerate(_pool_map(_seed_job, seed_jobs(), cfg.workers)):
+                f.create_dataset(str(k), data=seeds, compression="gzip", compression_opts=1)
+        timing["seed_seconds_per_image"] = (time.perf_counter() - t) / max(1, len(ids))
+        t = time.perf_counter()
+        with h5py.File(seeds_path, "r") as f:
+            def sample(k: int) -> tuple[np.ndarray, np.ndarray]:
+                return ds.image(ids[k]), f[str(k)][()]
+
+            history = train_affinity_net(net, sample, tp, num_samples=len(ids), device=dev)
+        timing["affinity_train_seconds"] = time.perf_counter() - t
+        timing["affinity_final_loss"] = float(np.mean([h["loss"] for h in history[-5:]]))
+    finally:
+        try:
+            os.remove(seeds_path)
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------- import

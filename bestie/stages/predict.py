@@ -417,9 +417,8 @@ def run(
         ConfigError: a bad device.
     """
     from bestie.data.images import load_rgb
-    from bestie.io.atomic import atomic_write, write_json_atomic
-    from bestie.io.coco_json import instances_to_coco_results, write_coco_dataset, write_coco_results
-    from bestie.report.figures import overlay_panel, png_bytes
+    from bestie.io.atomic import write_json_atomic
+    from bestie.io.coco_json import write_coco_dataset, write_coco_results
 
     t0 = time.time()
     out = Path(out_dir)
@@ -430,7 +429,6 @@ def run(
     ids = _ids_from(cfg.ids_from, files, predictor.class_names, predictor.category_ids) if cfg.ids_from else None
     overlay_dir = out / "overlays"
     overlay_dir.mkdir(parents=True, exist_ok=True)
-    cat_of = predictor.category_ids.__getitem__
     results: list[dict[str, Any]] = []
     images: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
@@ -438,24 +436,7 @@ def run(
     log_every = max(1, math.ceil(len(files) / 10))
 
     def flush(batch: list[tuple[int, Path, np.ndarray, tuple[int, int]]]) -> None:
-        preds = predictor.predict([b[2] for b in batch])
-        for (image_id, path, work, size), inst in zip(batch, preds):
-            for k in range(len(inst["labels"])):
-                full = _full_size_mask(inst["masks"][k], inst["threshold"], size)
-                one = {"masks": full[None], "labels": inst["labels"][k:k + 1], "scores": inst["scores"][k:k + 1]}
-                results.extend(instances_to_coco_results(image_id, one, cat_of))
-            rec = {"id": image_id, "file_name": os.fspath(path), "height": size[0], "width": size[1]}
-            if cfg.overlays:
-                show = overlay_selection(inst["scores"], cfg.overlay_threshold, cfg.overlay_top_k)
-                masks = inst["masks"][show]
-                masks = masks if inst["threshold"] is None else masks > inst["threshold"]
-                panel = overlay_panel(work, {"masks": masks, "labels": inst["labels"][show],
-                                             "scores": inst["scores"][show]}, None, predictor.class_names)
-                name = _overlay_name(path, used)
-                with atomic_write(overlay_dir / name) as fh:
-                    fh.write(png_bytes(panel))
-                rec["overlay"] = f"overlays/{name}"
-            images.append(rec)
+        _predict_batch(predictor, cfg, batch, overlay_dir, used, results, images)
 
     batch: list[tuple[int, Path, np.ndarray, tuple[int, int]]] = []
     for n, path in enumerate(_progress(files, "predict"), start=1):
@@ -506,3 +487,34 @@ def run(
     write_json_atomic(out / "summary.json", summary)
     log.info("predict: %d images, %d instances, %d file(s) skipped -> %s", len(images), len(results), len(skipped), out)
     return summary
+
+
+def _predict_batch(predictor: Any, cfg: PredictConfig, batch: list[tuple[int, Path, np.ndarray, tuple[int, int]]],
+                   overlay_dir: Path, used: set[str], results: list[dict[str, Any]],
+                   images: list[dict[str, Any]]) -> None:
+    """Predict one batch of ``(image_id, path, working image HxWx3 uint8, original (H, W))`` and append its
+    COCO results (masks at the original size) to ``results`` and its image records to ``images``; with
+    ``cfg.overlays`` write each image's overlay PNG into ``overlay_dir`` (names unique within ``used``)."""
+    from bestie.io.atomic import atomic_write
+    from bestie.io.coco_json import instances_to_coco_results
+    from bestie.report.figures import overlay_panel, png_bytes
+
+    cat_of = predictor.category_ids.__getitem__
+    preds = predictor.predict([b[2] for b in batch])
+    for (image_id, path, work, size), inst in zip(batch, preds):
+        for k in range(len(inst["labels"])):
+            full = _full_size_mask(inst["masks"][k], inst["threshold"], size)
+            one = {"masks": full[None], "labels": inst["labels"][k:k + 1], "scores": inst["scores"][k:k + 1]}
+            results.extend(instances_to_coco_results(image_id, one, cat_of))
+        rec = {"id": image_id, "file_name": os.fspath(path), "height": size[0], "width": size[1]}
+        if cfg.overlays:
+            show = overlay_selection(inst["scores"], cfg.overlay_threshold, cfg.overlay_top_k)
+            masks = inst["masks"][show]
+            masks = masks if inst["threshold"] is None else masks > inst["threshold"]
+            panel = overlay_panel(work, {"masks": masks, "labels": inst["labels"][show],
+                                         "scores": inst["scores"][show]}, None, predictor.class_names)
+            name = _overlay_name(path, used)
+            with atomic_write(overlay_dir / name) as fh:
+                fh.write(png_bytes(panel))
+            rec["overlay"] = f"overlays/{name}"
+        images.append(rec)

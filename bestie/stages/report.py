@@ -699,17 +699,10 @@ def run(
             cannot be written.
     """
     from bestie.io.atomic import atomic_write
-    from bestie.report.figures import loss_curve_png, pr_curve_png
 
     notes = dict(notes or {})
     rows = collect_metrics(metrics)
-    raw: dict[str, Any] = {}
-    for key in rows:  # table order
-        src = metrics[key]
-        if isinstance(src, Mapping):
-            raw[key] = src
-        elif src is not None and Path(src).is_file():
-            raw[key] = _read_json(src)
+    raw = _raw_metrics(metrics, rows)
 
     def heading(text: str) -> None:
         parts.append(f"<h2>{html.escape(text)}</h2>")
@@ -748,28 +741,10 @@ def run(
             parts.append(_per_class_html(per_class))
 
     heading("Training losses")
-    for name, spec in logs.items():
-        path, keys = spec if isinstance(spec, tuple) else (spec, None)
-        png = loss_curve_png(read_jsonl(path), name, keys)
-        if png is None:
-            parts.append(f"<p class='missing'>{html.escape(name)}: no loss records in {html.escape(os.fspath(path))}</p>")
-        else:
-            parts.append(f"<figure>{_img_tag(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>")
+    parts.extend(_loss_curves_html(logs))
 
     heading("Precision-recall")
-    n_pr = 0
-    for key, data in raw.items():
-        curve = data.get("pr_curve") if isinstance(data, Mapping) else None
-        if not isinstance(curve, Mapping):
-            curve = (pr_curves or {}).get(key)
-        png = pr_curve_png(curve, STAGES.get(key, key)) if isinstance(curve, Mapping) else None
-        if png is not None:
-            n_pr += 1
-            parts.append(f"<figure>{_img_tag(png, 'precision-recall')}<figcaption>"
-                         f"{html.escape(STAGES.get(key, key))}: {html.escape(str(curve.get('source', '')))}"
-                         "</figcaption></figure>")
-    if not n_pr:
-        parts.append("<p class='missing'>no precision-recall data</p>")
+    parts.extend(_pr_curves_html(raw, pr_curves))
 
     sections = overlays if isinstance(overlays, Mapping) else {"Predictions": overlays}
     for section, items in sections.items():
@@ -788,6 +763,54 @@ def run(
         fh.write(page)
     log.info("report -> %s", out_html)
     return {**info, "units": "percent", "stages": rows}
+
+
+def _raw_metrics(metrics: Mapping[str, Any], rows: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics dicts of the stages of ``rows`` (table order): given dicts as they are, existing files read."""
+    raw: dict[str, Any] = {}
+    for key in rows:  # table order
+        src = metrics[key]
+        if isinstance(src, Mapping):
+            raw[key] = src
+        elif src is not None and Path(src).is_file():
+            raw[key] = _read_json(src)
+    return raw
+
+
+def _loss_curves_html(logs: Mapping[str, LogSpec]) -> list[str]:
+    """One loss-curve figure per training log (a note for a log without loss records)."""
+    from bestie.report.figures import loss_curve_png
+
+    out: list[str] = []
+    for name, spec in logs.items():
+        path, keys = spec if isinstance(spec, tuple) else (spec, None)
+        png = loss_curve_png(read_jsonl(path), name, keys)
+        if png is None:
+            out.append(f"<p class='missing'>{html.escape(name)}: no loss records in {html.escape(os.fspath(path))}</p>")
+        else:
+            out.append(f"<figure>{_img_tag(png, name)}<figcaption>{html.escape(name)}</figcaption></figure>")
+    return out
+
+
+def _pr_curves_html(raw: Mapping[str, Any], pr_curves: Mapping[str, Mapping[str, Any] | None] | None) -> list[str]:
+    """One precision-recall figure per stage whose metrics (or ``pr_curves``) hold a curve; a note when none."""
+    from bestie.report.figures import pr_curve_png
+
+    out: list[str] = []
+    n_pr = 0
+    for key, data in raw.items():
+        curve = data.get("pr_curve") if isinstance(data, Mapping) else None
+        if not isinstance(curve, Mapping):
+            curve = (pr_curves or {}).get(key)
+        png = pr_curve_png(curve, STAGES.get(key, key)) if isinstance(curve, Mapping) else None
+        if png is not None:
+            n_pr += 1
+            out.append(f"<figure>{_img_tag(png, 'precision-recall')}<figcaption>"
+                       f"{html.escape(STAGES.get(key, key))}: {html.escape(str(curve.get('source', '')))}"
+                       "</figcaption></figure>")
+    if not n_pr:
+        out.append("<p class='missing'>no precision-recall data</p>")
+    return out
 
 
 _LOG_ORDER = ("classifier_", "bestie", "maskrcnn")  # pipeline order of the training logs

@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from torch.utils.data import DataLoader
 
 from bestie.config import to_dict
 from bestie.errors import ConfigError, DataError
@@ -236,73 +235,39 @@ def run(
 
 def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, points_h5: Any, out_checkpoint: Path,
            dist: engine.DistInfo, jlog: engine.JsonLog) -> dict[str, Any]:
+    """Build, resume, train, finish (:mod:`bestie.trainer`); the summary of :func:`run`."""
+    from bestie import trainer
     from bestie.data import build_dataset
-    from bestie.progress import progress
     from bestie.instance_data import BestieTrainDataset
-    from bestie.models.instance import BestieNet, convert_sync_batchnorm
+    from bestie.progress import progress
 
     dev = dist.device
     partial = partial_checkpoint_path(out_checkpoint)
-    best_path = best_checkpoint_path(out_checkpoint)
-    split = dataset_cfg.get("train_split") or None
-    dataset = build_dataset(dataset_cfg, split)
-
-    engine.seed_everything(cfg.seed, rank=0)  # same init on every rank (DDP also broadcasts rank 0's)
-    model = BestieNet(cfg.backbone, dataset.num_classes, cfg.weights, cfg.head, **_model_kwargs(cfg))
-    model_config, mean, std = dict(model.config), list(model.mean), list(model.std)
-    engine.seed_everything(cfg.seed, rank=dist.rank)  # per-rank streams (dropout) from here on
-    model.to(dev)
-    if dist.is_distributed and dev.type == "cuda" and cfg.sync_bn:
-        model = convert_sync_batchnorm(model)
-    elif dist.is_distributed and cfg.sync_bn:
-        log.warning("SyncBatchNorm needs GPUs: DDP on %s keeps per-process BatchNorm statistics", dev.type)
-    ddp_model: torch.nn.Module = model
-    if dist.is_distributed:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dev.index] if dev.type == "cuda" else None)
-
+    dataset = build_dataset(dataset_cfg, dataset_cfg.get("train_split") or None)
+    model, ddp_model = _build_model(cfg, dataset.num_classes, dist)
     train_ds = BestieTrainDataset(
         dataset, wsss_h5, points_h5, pseudo=cfg.pseudo_label_params(), crop_size=cfg.crop_size, resize=cfg.resize,
-        scales=cfg.scales, mean=mean, std=std, seed=cfg.seed, photometric=cfg.photometric, flip=cfg.flip,
+        scales=cfg.scales, mean=list(model.mean), std=list(model.std), seed=cfg.seed, photometric=cfg.photometric,
+        flip=cfg.flip,
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = engine.WarmupPolyLR(optimizer, cfg.warmup_iters, cfg.max_iters, cfg.poly_power)
     use_amp = bool(cfg.amp) and dev.type == "cuda"
-    scaler = engine.create_grad_scaler(dev, use_amp)
+    optimization = trainer.Optimization(optimizer, engine.WarmupPolyLR(optimizer, cfg.warmup_iters, cfg.max_iters,
+                                                                       cfg.poly_power),
+                                        engine.create_grad_scaler(dev, use_amp))
     loss_fn = _make_loss(cfg).to(dev)
-
-    from bestie.stages.export_pseudo_labels import category_ids
-
-    # class names, dataset category ids and the inference settings of validation travel with every
-    # checkpoint, so `bestie predict` needs no config
-    extra_base = {"model_config": model_config, "mean": mean, "std": std,
-                  "class_names": list(dataset.class_names), "category_ids": category_ids(dataset),
-                  "inference": to_dict(_inference_config(cfg)), "train_config": to_dict(cfg),
-                  # the same config, seed and thread count give the same weights (OMP_NUM_THREADS = the rule's threads)
-                  "num_threads": torch.get_num_threads(), "resume_key": _resume_key(cfg)}
-    start_iter = 0
-    best: dict[str, Any] = {"mAP50": None, "iteration": None}
-    if partial.is_file():
-        state = engine.read_checkpoint(partial)
-        old_key = (state.get("extra") or {}).get("resume_key")
-        if old_key != _resume_key(cfg):
-            diff = sorted(k for k in set(old_key or {}) | set(_resume_key(cfg))
-                          if (old_key or {}).get(k) != _resume_key(cfg).get(k))
-            raise ConfigError(f"{partial}: partial checkpoint of a run with other settings (differs in: "
-                              f"{', '.join(diff) or 'unknown'}); delete it to start afresh")
-        info = engine.load_checkpoint(partial, model, optimizer, scheduler, scaler)
-        start_iter = info["iteration"]
-        best = dict(info["extra"].get("best") or best)
+    extra_base = _checkpoint_extra(cfg, model, dataset)
+    start_iter, old_extra = trainer.resume(partial, model, optimizer, optimization.scheduler, optimization.scaler,
+                                           _resume_key(cfg))
+    best: dict[str, Any] = dict(old_extra.get("best") or {"mAP50": None, "iteration": None})
+    if start_iter:
         log.info("resuming from %s at iteration %d", partial, start_iter)
     jlog.begin(start_iter)  # <out_log>.partial until finish(): survives a killed job, a resumed run continues it
 
     sampler = engine.ResumableSampler(len(train_ds), cfg.seed, rank=dist.rank, world_size=dist.world_size,
                                       global_batch=cfg.batch_size, start_iteration=start_iter, permutation="numpy")
-    loader = DataLoader(
-        train_ds, batch_size=sampler.local_batch, sampler=sampler, num_workers=cfg.num_workers,
-        pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
-    )
+    loader = trainer.make_loader(train_ds, sampler, sampler.local_batch, num_workers=cfg.num_workers, device=dev,
+                                 seed=cfg.seed)
     val_ds = _build_val(cfg, dataset_cfg, jlog) if dist.is_main else None
     probe = None
     if dist.is_main and cfg.probe_images:
@@ -311,93 +276,152 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
         probe = collate_probe(train_ds, probe_keys(len(train_ds), cfg.probe_images))
     jlog.write(event="start", iteration=start_iter, resumed=start_iter > 0, world_size=dist.world_size,
                device=str(dev), num_images=len(train_ds), skipped_empty_labels=train_ds.num_skipped_empty,
-               config=to_dict(cfg), model_config=model_config)
+               config=to_dict(cfg), model_config=extra_base["model_config"])
 
     def save_partial(iteration: int) -> None:
-        engine.save_checkpoint(partial, model, optimizer, scheduler, scaler, iteration=iteration,
-                               extra={**extra_base, "kind": "partial", "best": best}, rank=dist.rank)
+        engine.save_checkpoint(partial, model, optimizer, optimization.scheduler, optimization.scaler,
+                               iteration=iteration, extra={**extra_base, "kind": "partial", "best": best},
+                               rank=dist.rank)
 
     def validate(iteration: int) -> None:
-        if dist.is_main and val_ds is not None:
-            res = _validate(ddp_model, val_ds, cfg, dev)
-            jlog.write(event="val", iteration=iteration, split=cfg.val_split, **res)
-            m = res.get("mAP50")
-            if m is not None and (best["mAP50"] is None or m > best["mAP50"]):
-                best.update({"mAP50": m, "iteration": iteration})
-                engine.save_checkpoint(best_path, model, iteration=iteration,
-                                       extra={**extra_base, "kind": "best", "val": res}, rank=0)
-        if dist.is_distributed:
-            torch.distributed.barrier()
+        _validate_and_keep_best(ddp_model, model, val_ds, cfg, dist, jlog, iteration, best,
+                                best_checkpoint_path(out_checkpoint), extra_base)
 
     ddp_model.train()
     data_iter = iter(loader)
-    sums: dict[str, float] = {}
-    n_sum = 0
-    inst_sum = drop_sum = 0
-    refine_ran = refine_hit = 0  # iterations (of this process, since its start) with refinement / with a target
-    t_last = time.time()
-    bar = progress(total=cfg.max_iters, initial=start_iter, desc="bestie", disable=not dist.is_main)
-    it = start_iter
-    last_probe: dict[str, Any] | None = None
-    for it in range(start_iter, cfg.max_iters):
+    records = _TrainRecords(jlog, dist, cfg, sampler.local_batch, optimization.scheduler,
+                            lambda: _run_probe(ddp_model, probe, loss_fn, dev))
+
+    def step(it: int) -> dict[str, torch.Tensor]:
         batch = next(data_iter)
-        losses = train_step(ddp_model, batch, loss_fn, cfg, it, dev, amp=use_amp)
-        engine.check_finite({k: v for k, v in losses.items() if k not in _DIAGNOSTIC_KEYS}, it)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["total"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        values = {k: float(v.detach()) for k, v in losses.items()}
-        for k, v in values.items():
-            sums[k] = sums.get(k, 0.0) + v
-        n_sum += 1
-        refine_ran += values["refined"] > 0
-        refine_hit += values["refined_pixel_share"] > 0
-        inst_sum += int(batch["num_instances"].sum())
-        drop_sum += int(batch["points_dropped"].sum())
-        bar.update(1)
-        done = it + 1
-        if done % cfg.log_every == 0 or done == cfg.max_iters:
-            keys = sorted(sums)
-            vec = torch.tensor([sums[k] / n_sum for k in keys] + [inst_sum, drop_sum, n_sum], dtype=torch.float64,
-                               device=dev)
-            if dist.is_distributed:
-                torch.distributed.all_reduce(vec)
-                vec[: len(keys)] /= dist.world_size
-            now = time.time()
-            rec = {k: float(vec[i]) for i, k in enumerate(keys)}
-            probe_rec = last_probe = _run_probe(ddp_model, probe, loss_fn, dev)
-            jlog.write(event="train", iteration=done, lr=scheduler.get_last_lr()[0],
-                       pseudo_instances_per_image=float(vec[-3] / max(1.0, float(vec[-1]) * sampler.local_batch)),
-                       points_dropped=int(vec[-2]), sec_per_iter=(now - t_last) / n_sum, **rec, **probe_rec)
-            bar.set_postfix(loss=f"{rec.get('total', float('nan')):.4f}")
-            sums, n_sum, inst_sum, drop_sum, t_last = {}, 0, 0, 0, now
-        if done % cfg.checkpoint_every == 0 and done < cfg.max_iters:
-            save_partial(done)
-        if cfg.val_every and done % cfg.val_every == 0 and done < cfg.max_iters:
-            validate(done)
+        records.count_batch(batch)
+        return train_step(ddp_model, batch, loss_fn, cfg, it, dev, amp=use_amp)
+
+    bar = progress(total=cfg.max_iters, initial=start_iter, desc="bestie", disable=not dist.is_main)
+    trainer.train_loop(start_iter, cfg.max_iters, step, optimization, objective="total", log_every=cfg.log_every,
+                       on_log=records.write, after_step=records.add, not_guarded=_DIAGNOSTIC_KEYS,
+                       periodic=[(cfg.checkpoint_every, save_partial), (cfg.val_every, validate)], bar=bar)
     bar.close()
-    done = cfg.max_iters
-    validate(done)
-    engine.save_checkpoint(out_checkpoint, model, iteration=done,
-                           extra={**extra_base, "kind": "last", "best": best}, rank=dist.rank)
+    validate(cfg.max_iters)
+    summary = records.summary(start_iter, out_checkpoint, best, train_ds.num_skipped_empty)
+    trainer.finish(dist, jlog, out_checkpoint, model, cfg.max_iters, {**extra_base, "kind": "last", "best": best},
+                   {"event": "end", **summary})
+    return summary
+
+
+def _build_model(cfg: BestieConfig, num_classes: int,
+                 dist: engine.DistInfo) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The network on ``dist.device`` (SyncBatchNorm under DDP on GPUs when ``sync_bn``) and its DDP wrapper
+    (the network itself for one process). Seeds the RNGs: the same initial weights on every rank, per-rank
+    streams (dropout) after."""
+    from bestie import trainer
+    from bestie.models.instance import BestieNet, convert_sync_batchnorm
+
+    dev = dist.device
+    engine.seed_everything(cfg.seed, rank=0)  # same init on every rank (DDP also broadcasts rank 0's)
+    model = BestieNet(cfg.backbone, num_classes, cfg.weights, cfg.head, **_model_kwargs(cfg))
+    engine.seed_everything(cfg.seed, rank=dist.rank)  # per-rank streams (dropout) from here on
+    model.to(dev)
+    if dist.is_distributed and dev.type == "cuda" and cfg.sync_bn:
+        model = convert_sync_batchnorm(model)
+    elif dist.is_distributed and cfg.sync_bn:
+        log.warning("SyncBatchNorm needs GPUs: DDP on %s keeps per-process BatchNorm statistics", dev.type)
+    return model, trainer.wrap_ddp(model, dist)
+
+
+def _checkpoint_extra(cfg: BestieConfig, model: torch.nn.Module, dataset: Any) -> dict[str, Any]:
+    """The ``extra`` every checkpoint of the run carries (module docstring), ``kind`` aside."""
+    from bestie.stages.export_pseudo_labels import category_ids
+
+    # class names, dataset category ids and the inference settings of validation travel with every
+    # checkpoint, so `bestie predict` needs no config
+    return {"model_config": dict(model.config), "mean": list(model.mean), "std": list(model.std),
+            "class_names": list(dataset.class_names), "category_ids": category_ids(dataset),
+            "inference": to_dict(_inference_config(cfg)), "train_config": to_dict(cfg),
+            # the same config, seed and thread count give the same weights (OMP_NUM_THREADS = the rule's threads)
+            "num_threads": torch.get_num_threads(), "resume_key": _resume_key(cfg)}
+
+
+def _validate_and_keep_best(ddp_model: torch.nn.Module, model: torch.nn.Module, val_ds: Any, cfg: BestieConfig,
+                            dist: engine.DistInfo, jlog: engine.JsonLog, iteration: int, best: dict[str, Any],
+                            best_path: Path, extra_base: Mapping[str, Any]) -> None:
+    """Validate on rank 0 (a ``val`` record); on a better mAP50 update ``best`` in place and write the best
+    checkpoint. The ranks meet afterwards under DDP."""
+    if dist.is_main and val_ds is not None:
+        res = _validate(ddp_model, val_ds, cfg, dist.device)
+        jlog.write(event="val", iteration=iteration, split=cfg.val_split, **res)
+        m = res.get("mAP50")
+        if m is not None and (best["mAP50"] is None or m > best["mAP50"]):
+            best.update({"mAP50": m, "iteration": iteration})
+            engine.save_checkpoint(best_path, model, iteration=iteration,
+                                   extra={**extra_base, "kind": "best", "val": res}, rank=0)
     if dist.is_distributed:
         torch.distributed.barrier()
-    if dist.is_main and partial.exists():
-        partial.unlink()
-    summary = {"iterations": done, "resumed_from": start_iter, "checkpoint": str(out_checkpoint),
-               "best_checkpoint": str(best_path) if best["iteration"] is not None else None, "best": best,
-               "skipped_empty_labels": train_ds.num_skipped_empty,
-               "refinement": {"iterations_run": refine_ran, "iterations_with_targets": refine_hit},
-               # the last iteration is always logged, so its probe is the final weights' (a run resumed at
-               # max_iters logs nothing and probes here)
-               "probe": last_probe if last_probe is not None else _run_probe(ddp_model, probe, loss_fn, dev)}
-    if dist.is_main and refine_ran and not refine_hit:
-        log.warning("self-refinement ran in %d iterations but never produced a refined target: the centre head "
-                    "stayed below center_threshold_refine=%s (the refined terms were 0 and halved the pseudo "
-                    "centre/offset losses). Train longer, lower bestie.center_threshold_refine, or set "
-                    "bestie.refine_iter later / bestie.refine false.", refine_ran, cfg.center_threshold_refine)
-    jlog.write(event="end", **summary)
-    jlog.finish()
-    return summary
+
+
+class _TrainRecords:
+    """The ``train`` records of the log and the run's counters.
+
+    A record holds the window means of every value of :func:`train_step` (float64 sums on the device,
+    averaged over the processes), ``lr`` (the scheduler's, after the window's last step), the pseudo
+    instances per image and dropped points of the window's batches (summed over the processes),
+    ``sec_per_iter`` and the learning probe's figures.
+    """
+
+    def __init__(self, jlog: engine.JsonLog, dist: engine.DistInfo, cfg: BestieConfig, local_batch: int,
+                 scheduler: Any, probe: Any) -> None:
+        from bestie.trainer import LogWindow
+
+        self.jlog, self.dist, self.cfg, self.local_batch = jlog, dist, cfg, local_batch
+        self.scheduler, self.probe = scheduler, probe
+        self.window = LogWindow(torch.float64)
+        self.instances = self.dropped = 0
+        # iterations (of this process, since its start) with refinement / with a refined target
+        self.refine_counts = torch.zeros(2, dtype=torch.int64, device=dist.device)
+        self.t_last = time.time()
+        self.last_probe: dict[str, Any] | None = None
+
+    def count_batch(self, batch: Mapping[str, torch.Tensor]) -> None:
+        """Count the batch's pseudo instances and dropped points (CPU tensors of the loader)."""
+        self.instances += int(batch["num_instances"].sum())
+        self.dropped += int(batch["points_dropped"].sum())
+
+    def add(self, it: int, losses: Mapping[str, torch.Tensor], lr: float) -> None:
+        """Add one iteration's values to the window and the refinement counters (no host sync)."""
+        self.window.add(losses)
+        self.refine_counts += torch.stack([losses["refined"] > 0, losses["refined_pixel_share"] > 0])
+
+    def write(self, done: int, lr: float) -> str:
+        """Write the ``train`` record of the window ending at iteration ``done``; the bar's loss text."""
+        from bestie.trainer import mean_over_ranks, sum_over_ranks
+
+        n = self.window.n
+        rec = mean_over_ranks(self.window.means(sorted(self.window.sums)), self.dist)
+        instances, dropped, iters = sum_over_ranks([self.instances, self.dropped, n], self.dist)
+        now = time.time()
+        probe_rec = self.last_probe = self.probe()
+        self.jlog.write(event="train", iteration=done, lr=self.scheduler.get_last_lr()[0],
+                        pseudo_instances_per_image=float(instances / max(1.0, iters * self.local_batch)),
+                        points_dropped=int(dropped), sec_per_iter=(now - self.t_last) / n, **rec, **probe_rec)
+        self.instances = self.dropped = 0
+        self.t_last = now
+        return f"{rec.get('total', float('nan')):.4f}"
+
+    def summary(self, start_iter: int, out_checkpoint: Path, best: Mapping[str, Any],
+                skipped_empty: int) -> dict[str, Any]:
+        """The end record and return value of :func:`run`; warns when refinement never produced a target."""
+        refine_ran, refine_hit = (int(v) for v in self.refine_counts.tolist())
+        cfg = self.cfg
+        summary = {"iterations": cfg.max_iters, "resumed_from": start_iter, "checkpoint": str(out_checkpoint),
+                   "best_checkpoint": str(best_checkpoint_path(out_checkpoint)) if best["iteration"] is not None
+                   else None, "best": best, "skipped_empty_labels": skipped_empty,
+                   "refinement": {"iterations_run": refine_ran, "iterations_with_targets": refine_hit},
+                   # the last iteration is always logged, so its probe is the final weights' (a run resumed at
+                   # max_iters logs nothing and probes here)
+                   "probe": self.last_probe if self.last_probe is not None else self.probe()}
+        if self.dist.is_main and refine_ran and not refine_hit:
+            log.warning("self-refinement ran in %d iterations but never produced a refined target: the centre "
+                        "head stayed below center_threshold_refine=%s (the refined terms were 0 and halved the "
+                        "pseudo centre/offset losses). Train longer, lower bestie.center_threshold_refine, or set "
+                        "bestie.refine_iter later / bestie.refine false.", refine_ran, cfg.center_threshold_refine)
+        return summary

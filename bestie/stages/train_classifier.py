@@ -49,11 +49,9 @@ from bestie.engine import (
     ResumableSampler,
     WarmupMultiStepLR,
     autocast_context,
-    check_finite,
     create_grad_scaler,
     infinite_loader,
     init_distributed,
-    load_checkpoint,
     partial_checkpoint_path as engine_partial_path,
     sample_rng,
     save_checkpoint,
@@ -234,6 +232,7 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
         DataError / WeightsError / ArtifactError: from the dataset, weights and checkpoint files.
         TrainingError: a non-finite loss (names the iteration and the value).
     """
+    from bestie import trainer
     from bestie.data import build_dataset
 
     out_checkpoint, out_log = Path(out_checkpoint), Path(out_log)
@@ -245,112 +244,128 @@ def run(cfg: ClassifierConfig, dataset_cfg: Mapping[str, Any], out_checkpoint: P
         raise ConfigError(f"dataset split {dataset_cfg.get('split', 'train')!r} has no images to train on")
 
     model = build_model(cfg, ds.num_classes).to(dist.device, memory_format=torch.channels_last)
-    mean, std = model.mean, model.std
+    train_set = ClassifierTrainSet(ds, cfg, model.mean, model.std)
+    sampler = ResumableSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=dist.rank,
+                               world_size=dist.world_size)
+    loader = trainer.make_loader(train_set, sampler, cfg.batch_size, num_workers=cfg.num_workers, device=dist.device,
+                                 seed=cfg.seed)
+    ipe = math.ceil(sampler.per_rank / cfg.batch_size)
+    max_iter = cfg.epochs * ipe
+    optimization = _optimization(cfg, model, ipe, dist.device)
+    meta = _checkpoint_meta(cfg, ds, model, dist)
+    start, _ = trainer.resume(partial, model, optimization.optimizer, optimization.scheduler, optimization.scaler,
+                              {k: meta[k] for k in _RESUME_KEYS},
+                              stored_key=lambda extra: {k: extra.get(k) for k in _RESUME_KEYS})
+    if start:
+        log.info("resuming %s from iteration %d of %d", out_checkpoint, start, max_iter)
+
+    net = trainer.wrap_ddp(model, dist)
+    net.train()
+    jlog = JsonLog(out_log, rank=dist.rank, start_iteration=start)  # <out_log>.partial until finish()
+    jlog.write(event="start", iteration=start, max_iter=max_iter, iters_per_epoch=ipe, resumed=start > 0,
+               images=len(ds.ids), config=to_dict(cfg))
+    stream = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=ipe)
+    records = _EpochRecords(jlog, ipe, max_iter)
+
+    def save_partial(done: int) -> None:
+        save_checkpoint(partial, model, optimization.optimizer, optimization.scheduler, optimization.scaler, done,
+                        meta, rank=dist.rank)
+
+    bar = progress(total=max_iter, initial=start, disable=not dist.is_main, desc=f"classifier {out_checkpoint.stem}")
+    trainer.train_loop(start, max_iter, lambda it: records.step(net, next(stream), cfg.amp, dist.device),
+                       optimization, objective="loss", log_every=1, on_log=records.write, after_step=records.add,
+                       periodic=[(cfg.checkpoint_every, save_partial)], bar=bar)
+    bar.close()
+    train_seconds = time.time() - records.t0
+    record = None
+    if dist.is_main:
+        meta["train_mAP"] = _evaluate_map(unwrap_model(model), ds, cfg, model.mean, model.std, dist.device)
+        meta["val_mAP"] = _held_out_map(unwrap_model(model), dataset_cfg, cfg, model.mean, model.std, dist.device)
+        record = {"event": "final", "iteration": max_iter, "train_mAP": meta["train_mAP"], "val_mAP": meta["val_mAP"],
+                  "seconds": train_seconds}
+    trainer.finish(dist, jlog, out_checkpoint, model, max_iter, meta, record)
+    if dist.is_main:
+        log.info("classifier %s: train mAP %s, %s mAP %s, %.0f s", out_checkpoint,
+                 percent(meta["train_mAP"], fraction=False), dataset_cfg.get("eval_split"),
+                 percent(meta["val_mAP"], fraction=False), train_seconds)
+
+
+# the partial checkpoint's meta entries that must match for a run to resume it
+_RESUME_KEYS = ("config", "num_classes", "num_images", "world_size")
+
+
+def _optimization(cfg: ClassifierConfig, model: torch.nn.Module, ipe: int, device: torch.device) -> Any:
+    """SGD (Nesterov momentum 0.9) or AdamW over the model's parameter groups; lr / 10 at the start of each
+    epoch of ``lr_steps`` (1-based; ``ipe`` iterations per epoch); a GradScaler for CUDA fp16."""
+    from bestie.trainer import Optimization
+
     groups = model.param_groups(cfg.base_lr, cfg.base_weight_decay)
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=0.9, nesterov=True,
                                     weight_decay=cfg.base_weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.base_lr, weight_decay=cfg.base_weight_decay)
-
-    train_set = ClassifierTrainSet(ds, cfg, mean, std)
-    sampler = ResumableSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=dist.rank,
-                               world_size=dist.world_size)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
-        drop_last=False, pin_memory=dist.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
-        generator=torch.Generator().manual_seed(cfg.seed),  # keeps the global RNG untouched (exact resume)
-    )
-    ipe = math.ceil(sampler.per_rank / cfg.batch_size)
-    max_iter = cfg.epochs * ipe
     milestones = [(e - 1) * ipe for e in cfg.lr_steps if 1 <= e - 1 < cfg.epochs]
-    scheduler = WarmupMultiStepLR(optimizer, milestones, gamma=0.1)
-    scaler = create_grad_scaler(dist.device, cfg.amp)
+    return Optimization(optimizer, WarmupMultiStepLR(optimizer, milestones, gamma=0.1),
+                        create_grad_scaler(device, cfg.amp))
 
-    meta = {
+
+def _checkpoint_meta(cfg: ClassifierConfig, ds: Any, model: torch.nn.Module, dist: Any) -> dict[str, Any]:
+    """The ``extra`` of the run's checkpoints (module docstring; the final one adds the mAPs)."""
+    return {
         "kind": "cam_classifier",
         "config": to_dict(cfg),
         "num_classes": int(ds.num_classes),
         "class_names": list(ds.class_names),
         "num_images": len(ds.ids),
         "world_size": dist.world_size,
-        "mean": list(mean),
-        "std": list(std),
+        "mean": list(model.mean),
+        "std": list(model.std),
         "stride": int(model.stride),
         # CPU results depend on it (reduction order): the same seed on 1 and 2 threads gives other weights
         "num_threads": torch.get_num_threads(),
     }
-    start = 0
-    if partial.is_file():
-        state = load_checkpoint(partial, model, optimizer, scheduler, scaler)
-        old = state["extra"]
-        for key in ("config", "num_classes", "num_images", "world_size"):
-            if old.get(key) != meta[key]:
-                raise ConfigError(
-                    f"partial checkpoint {partial} was made with another {key} ({old.get(key)!r} vs "
-                    f"{meta[key]!r}); delete it to start over"
-                )
-        start = state["iteration"]
-        log.info("resuming %s from iteration %d of %d", out_checkpoint, start, max_iter)
 
-    net: torch.nn.Module = model
-    if dist.is_distributed:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    net.train()
-    jlog = JsonLog(out_log, rank=dist.rank, start_iteration=start)  # <out_log>.partial until finish()
-    jlog.write(event="start", iteration=start, max_iter=max_iter, iters_per_epoch=ipe, resumed=start > 0,
-               images=len(ds.ids), config=to_dict(cfg))
-    stream = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=ipe)
-    epoch_scores: list[np.ndarray] = []
-    epoch_labels: list[np.ndarray] = []
-    epoch_losses: list[float] = []
-    t0 = time.time()
-    bar = progress(total=max_iter, initial=start, disable=not dist.is_main, desc=f"classifier {out_checkpoint.stem}")
-    for it in range(start, max_iter):
-        images, targets = next(stream)
-        images = images.to(dist.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        targets = targets.to(dist.device, non_blocking=True)
-        with autocast_context(dist.device, cfg.amp):
+
+class _EpochRecords:
+    """The classifier's log records: one per iteration (``iteration``, ``epoch``, ``loss``, ``lr``) and one per
+    epoch (``epoch_end``: mean loss, ``train_mAP_running`` on the epoch's augmented batches, ``seconds``)."""
+
+    def __init__(self, jlog: JsonLog, ipe: int, max_iter: int) -> None:
+        self.jlog, self.ipe, self.max_iter = jlog, ipe, max_iter
+        self.scores: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.losses: list[float] = []
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.t0 = time.time()
+
+    def step(self, net: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor], amp: bool,
+             device: torch.device) -> dict[str, torch.Tensor]:
+        """Forward of one batch: ``{"loss": multilabel soft margin loss}``; keeps logits and targets."""
+        images, targets = batch
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with autocast_context(device, amp):
             out = net(images)
         logits = out["logits"].float()
-        loss = F.multilabel_soft_margin_loss(logits, targets)
-        check_finite({"loss": loss}, it)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        loss_v = float(loss.detach())
-        epoch_losses.append(loss_v)
-        epoch_scores.append(logits.detach().cpu().numpy())
-        epoch_labels.append(targets.cpu().numpy())
-        epoch = it // ipe
-        jlog.write(iteration=it + 1, epoch=epoch + 1, loss=loss_v, lr=lr)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_v:.4f}", refresh=False)
-        if (it + 1) % ipe == 0 or it + 1 == max_iter:
-            jlog.write(event="epoch_end", epoch=epoch + 1, iteration=it + 1, loss=float(np.mean(epoch_losses)),
-                       train_mAP_running=_mean_ap(np.concatenate(epoch_scores), np.concatenate(epoch_labels)),
-                       seconds=time.time() - t0)
-            epoch_scores, epoch_labels, epoch_losses = [], [], []
-        if cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < max_iter:
-            save_checkpoint(partial, model, optimizer, scheduler, scaler, it + 1, meta, rank=dist.rank)
-    bar.close()
-    train_seconds = time.time() - t0
+        self._batch = (logits, targets)
+        return {"loss": F.multilabel_soft_margin_loss(logits, targets)}
 
-    final_map = None
-    if dist.is_main:
-        final_map = _evaluate_map(unwrap_model(model), ds, cfg, mean, std, dist.device)
-        val_map = _held_out_map(unwrap_model(model), dataset_cfg, cfg, mean, std, dist.device)
-        meta["train_mAP"] = final_map
-        meta["val_mAP"] = val_map
-        save_checkpoint(out_checkpoint, model, None, None, None, max_iter, meta, rank=0)
-        partial.unlink(missing_ok=True)
-        jlog.write(event="final", iteration=max_iter, train_mAP=final_map, val_mAP=val_map, seconds=train_seconds)
-        log.info("classifier %s: train mAP %s, %s mAP %s, %.0f s", out_checkpoint, percent(final_map, fraction=False),
-                 dataset_cfg.get("eval_split"), percent(val_map, fraction=False), train_seconds)
-    jlog.finish()
-    if dist.is_distributed:
-        torch.distributed.barrier()
+    def add(self, it: int, losses: Mapping[str, torch.Tensor], lr: float) -> None:
+        """Keep the iteration's loss, scores and labels for the epoch record."""
+        logits, targets = self._batch
+        self.losses.append(float(losses["loss"].detach()))
+        self.scores.append(logits.detach().cpu().numpy())
+        self.labels.append(targets.cpu().numpy())
+
+    def write(self, done: int, lr: float) -> str:
+        """The record of iteration ``done`` (1-based), and the epoch's when it ends there; the bar's text."""
+        epoch = (done - 1) // self.ipe
+        loss_v = self.losses[-1]
+        self.jlog.write(iteration=done, epoch=epoch + 1, loss=loss_v, lr=lr)
+        if done % self.ipe == 0 or done == self.max_iter:
+            self.jlog.write(event="epoch_end", epoch=epoch + 1, iteration=done, loss=float(np.mean(self.losses)),
+                            train_mAP_running=_mean_ap(np.concatenate(self.scores), np.concatenate(self.labels)),
+                            seconds=time.time() - self.t0)
+            self.scores, self.labels, self.losses = [], [], []
+        return f"{loss_v:.4f}"

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.errors import ArtifactError, DataError
 from bestie.sections import MaskRCNNConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["MaskRCNNConfig", "PseudoLabelDataset", "load_pseudo_json", "masks_to_boxes", "collate", "run"]
@@ -206,16 +206,6 @@ def collate(batch: Sequence[Any]) -> tuple[list, list]:
 
 
 # ------------------------------------------------------------------------------------------ training
-def _reduce_mean(values: dict[str, float], dist_info: Any) -> dict[str, float]:
-    """Average scalar logs over ranks (identity for a single process)."""
-    if not dist_info.is_distributed:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=dist_info.device)
-    torch.distributed.all_reduce(t)
-    t /= dist_info.world_size
-    return dict(zip(values, t.tolist()))
-
-
 _RESUME_FREE = ("checkpoint_every", "log_every", "num_workers")  # may change between a crash and the rerun
 
 
@@ -264,34 +254,71 @@ def run(
         WeightsError: configured weights missing or not matching.
         TrainingError: a NaN/inf loss.
     """
+    from bestie import trainer
+    from bestie.engine import (JsonLog, infinite_loader, init_distributed, partial_checkpoint_path, save_checkpoint,
+                               seed_everything)
     from bestie.progress import progress
-
-    from bestie.config import to_dict
-    from bestie.data import build_dataset
-    from bestie.engine import (
-        JsonLog,
-        ResumableSampler,
-        WarmupMultiStepLR,
-        autocast_context,
-        check_finite,
-        create_grad_scaler,
-        infinite_loader,
-        init_distributed,
-        load_checkpoint,
-        partial_checkpoint_path,
-        read_checkpoint,
-        save_checkpoint,
-        seed_everything,
-    )
-    from bestie.models.maskrcnn import build_maskrcnn
-    from bestie.stages.evaluate import EvalConfig
-    from bestie.stages.export_pseudo_labels import category_ids
 
     pseudo_json = Path(pseudo_json)
     out_checkpoint = Path(out_checkpoint)
     out_log = Path(out_log)
     dist = init_distributed(device)
     seed_everything(cfg.seed, dist.rank)
+    train_set, dataset, split = _training_data(cfg, dataset_cfg, pseudo_json, dist)
+    model, spec = _build_model(cfg, dataset.num_classes, dist)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sampler, loader = _loader(cfg, train_set, dist)
+    iters_per_epoch = math.ceil(sampler.per_rank / cfg.batch_size)
+    max_iters = cfg.max_iters or cfg.epochs * iters_per_epoch
+    optimization = _optimization(cfg, params, iters_per_epoch, max_iters, dist)
+
+    partial = partial_checkpoint_path(out_checkpoint)
+    resume_key = _resume_key(cfg, pseudo_json)
+    start, _ = trainer.resume(partial, model, optimization.optimizer, optimization.scheduler, optimization.scaler,
+                              resume_key, what="settings or pseudo labels")
+    if start and dist.is_main:
+        log.info("resuming Mask R-CNN training from %s at iteration %d", partial, start)
+    if start == 0 and dist.is_main and out_log.exists():
+        out_log.unlink()  # a fresh run starts a fresh log; a resumed one appends
+    if dist.is_distributed:
+        torch.distributed.barrier()
+
+    extra_common = _checkpoint_extra(cfg, spec, dataset, split, pseudo_json)
+    jlog = JsonLog(out_log, rank=dist.rank, start_iteration=start)  # <out_log>.partial until finish()
+    model.train()
+    t0 = time.time()
+    bar = progress(total=max_iters, initial=start, disable=not dist.is_main, desc="maskrcnn")
+    records = _LogRecords(jlog, dist, start, iters_per_epoch)
+    try:
+        batches = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=iters_per_epoch)
+
+        def save_partial(done: int) -> None:
+            save_checkpoint(partial, model, optimization.optimizer, optimization.scheduler, optimization.scaler,
+                            done, {**extra_common, "resume_key": resume_key}, rank=dist.rank)
+
+        it = trainer.train_loop(start, max_iters, lambda it: _train_step(model, next(batches), cfg, dist.device),
+                                optimization, objective="loss", log_every=cfg.log_every, on_log=records.write,
+                                after_step=records.add, periodic=[(cfg.checkpoint_every, save_partial)], bar=bar)
+    finally:
+        bar.close()
+        jlog.close()
+    trainer.finish(dist, jlog, out_checkpoint, model, it, {**extra_common, "iterations": it})
+    if dist.is_main:
+        log.info("Mask R-CNN: %d iterations in %.0f s, final loss %.4f -> %s", it - start, time.time() - t0,
+                 records.last_loss, out_checkpoint)
+    return {
+        "iterations": it,
+        "num_train_images": len(train_set),
+        "num_skipped_images": train_set.num_skipped,
+        "final_loss": records.last_loss,
+    }
+
+
+def _training_data(cfg: MaskRCNNConfig, dataset_cfg: Mapping[str, Any], pseudo_json: Path,
+                   dist: Any) -> tuple[PseudoLabelDataset, Any, str]:
+    """The pseudo-labelled training set, the dataset it reads its images from, and the split: the JSON's
+    ``info.split``, else ``dataset_cfg["train_split"]``, else ``"train"``."""
+    from bestie.data import build_dataset
 
     pseudo = load_pseudo_json(pseudo_json)
     info = pseudo.get("info") or {}
@@ -301,58 +328,62 @@ def run(
     if dist.is_main:
         log.info("Mask R-CNN: %d training images with pseudo labels, %d without (skipped)",
                  len(train_set), train_set.num_skipped)
+    return train_set, dataset, split
+
+
+def _build_model(cfg: MaskRCNNConfig, num_classes: int, dist: Any) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The detector on ``dist.device`` (DDP-wrapped when distributed) and its ``bestie_spec``."""
+    from bestie import trainer
+    from bestie.models.maskrcnn import build_maskrcnn
 
     model = build_maskrcnn(
-        cfg.model, dataset.num_classes, cfg.weights, min_size=cfg.min_size, max_size=cfg.max_size,
+        cfg.model, num_classes, cfg.weights, min_size=cfg.min_size, max_size=cfg.max_size,
         trainable_backbone_layers=cfg.trainable_backbone_layers,
     )
     spec = dict(model.bestie_spec)
     model.to(dist.device)
-    if dist.is_distributed:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return trainer.wrap_ddp(model, dist), spec
+
+
+def _loader(cfg: MaskRCNNConfig, train_set: PseudoLabelDataset, dist: Any) -> tuple[Any, Any]:
+    """The per-epoch :class:`~bestie.engine.ResumableSampler` and its loader (batch size per process)."""
+    from bestie import trainer
+    from bestie.engine import ResumableSampler
 
     sampler = ResumableSampler(len(train_set), seed=cfg.seed, shuffle=True, rank=dist.rank, world_size=dist.world_size)
-    loader = torch.utils.data.DataLoader(
-        train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
-        pin_memory=dist.device.type == "cuda", persistent_workers=cfg.num_workers > 0,
-        # Without its own generator a loader draws its workers' base seed from the global torch RNG at
-        # each epoch's start with num_workers 0, but once only with persistent workers: the RPN / ROI
-        # sampling (global RNG) then differed from epoch 2 on between num_workers 0 and 2.
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    iters_per_epoch = math.ceil(sampler.per_rank / cfg.batch_size)
-    max_iters = cfg.max_iters or cfg.epochs * iters_per_epoch
+    # Without its own generator a loader draws its workers' base seed from the global torch RNG at each
+    # epoch's start with num_workers 0, but once only with persistent workers: the RPN / ROI sampling
+    # (global RNG) then differed from epoch 2 on between num_workers 0 and 2 (trainer.make_loader).
+    loader = trainer.make_loader(train_set, sampler, cfg.batch_size, num_workers=cfg.num_workers,
+                                 device=dist.device, seed=cfg.seed, collate_fn=collate)
+    return sampler, loader
+
+
+def _optimization(cfg: MaskRCNNConfig, params: list[torch.Tensor], iters_per_epoch: int, max_iters: int,
+                  dist: Any) -> Any:
+    """SGD with momentum, warm-up (at most the first epoch) + step decay at ``lr_steps`` fractions of the
+    run, a GradScaler for CUDA fp16, gradient clipping at ``clip_grad_norm``."""
+    from bestie import trainer
+    from bestie.engine import WarmupMultiStepLR, create_grad_scaler
+
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     warmup = min(cfg.warmup_iters, max(iters_per_epoch - 1, 0))
     milestones = sorted({int(round(f * max_iters)) for f in cfg.lr_steps})
     scheduler = WarmupMultiStepLR(optimizer, milestones, cfg.lr_gamma, warmup, cfg.warmup_factor)
-    scaler = create_grad_scaler(dist.device, cfg.amp)
+    return trainer.Optimization(optimizer, scheduler, create_grad_scaler(dist.device, cfg.amp),
+                                clip_params=params, clip_norm=cfg.clip_grad_norm)
 
-    partial = partial_checkpoint_path(out_checkpoint)
-    resume_key = _resume_key(cfg, pseudo_json)
-    start = 0
-    if partial.is_file():
-        old_key = (read_checkpoint(partial).get("extra") or {}).get("resume_key") or {}
-        if old_key != resume_key:
-            diff = sorted(k for k in set(old_key) | set(resume_key) if old_key.get(k) != resume_key.get(k))
-            raise ConfigError(
-                f"{partial}: partial checkpoint of a run with other settings or pseudo labels (differs in: "
-                f"{', '.join(diff)}); delete it to start afresh"
-            )
-        start = load_checkpoint(partial, model, optimizer, scheduler, scaler)["iteration"]
-        if dist.is_main:
-            log.info("resuming Mask R-CNN training from %s at iteration %d", partial, start)
-    if start == 0 and dist.is_main and out_log.exists():
-        out_log.unlink()  # a fresh run starts a fresh log; a resumed one appends
-    if dist.is_distributed:
-        torch.distributed.barrier()
 
-    extra_common = {
+def _checkpoint_extra(cfg: MaskRCNNConfig, spec: Mapping[str, Any], dataset: Any, split: str,
+                      pseudo_json: Path) -> dict[str, Any]:
+    """The ``extra`` of every checkpoint of the run (see :func:`run`)."""
+    from bestie.config import to_dict
+    from bestie.stages.evaluate import EvalConfig
+    from bestie.stages.export_pseudo_labels import category_ids
+
+    return {
         "kind": CHECKPOINT_KIND,
-        "model_spec": spec,
+        "model_spec": dict(spec),
         "class_names": list(dataset.class_names),
         "category_ids": category_ids(dataset),
         # what `bestie predict` applies without a config: the detector's own score filter and cap, and
@@ -365,66 +396,47 @@ def run(
         # CPU weights depend on the intra-op thread count (OMP_NUM_THREADS = the rule's threads)
         "num_threads": torch.get_num_threads(),
     }
-    jlog = JsonLog(out_log, rank=dist.rank, start_iteration=start)  # <out_log>.partial until finish()
-    model.train()
-    it = start
-    last_loss = float("nan")
-    window: dict[str, torch.Tensor] = {}  # loss sums since the last log record (its values are window means)
-    n_window = 0
-    t0 = time.time()
-    t_last, it_last = t0, start
-    bar = progress(total=max_iters, initial=start, disable=not dist.is_main, desc="maskrcnn")
-    try:
-        batches = infinite_loader(loader, sampler, start_iteration=start, iters_per_epoch=iters_per_epoch)
-        while it < max_iters:
-            images, targets = next(batches)
-            images = [im.to(dist.device, non_blocking=True) for im in images]
-            targets = [{k: (v.to(dist.device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            with autocast_context(dist.device, cfg.amp):
-                loss_dict = model(images, targets)
-            loss = sum(loss_dict.values())
-            check_finite({**loss_dict, "loss": loss}, it)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            it += 1
-            bar.update(1)
-            # sums stay tensors on the device: no host sync per iteration
-            for k, v in {"loss": loss, **loss_dict}.items():
-                window[k] = window[k] + v.detach().float() if k in window else v.detach().float()
-            n_window += 1
-            if it % cfg.log_every == 0 or it == max_iters:
-                vals = _reduce_mean({k: float(v) / n_window for k, v in window.items()}, dist)
-                window, n_window = {}, 0
-                last_loss = vals["loss"]
-                now = time.time()
-                jlog.write({"iteration": it, "epoch": (it - 1) // iters_per_epoch, "lr": lr, **vals,
-                            "sec_per_iter": (now - t_last) / max(it - it_last, 1)})
-                t_last, it_last = now, it
-                bar.set_postfix(loss=f"{last_loss:.3f}")
-            if cfg.checkpoint_every and it % cfg.checkpoint_every == 0 and it < max_iters:
-                save_checkpoint(partial, model, optimizer, scheduler, scaler, it,
-                                {**extra_common, "resume_key": resume_key}, rank=dist.rank)
-    finally:
-        bar.close()
-        jlog.close()
-    save_checkpoint(out_checkpoint, model, None, None, None, it, {**extra_common, "iterations": it}, rank=dist.rank)
-    jlog.finish()
-    if dist.is_main:
-        partial.unlink(missing_ok=True)
-        log.info("Mask R-CNN: %d iterations in %.0f s, final loss %.4f -> %s", it - start, time.time() - t0,
-                 last_loss, out_checkpoint)
-    if dist.is_distributed:
-        torch.distributed.barrier()
-    return {
-        "iterations": it,
-        "num_train_images": len(train_set),
-        "num_skipped_images": train_set.num_skipped,
-        "final_loss": last_loss,
-    }
+
+
+def _train_step(model: torch.nn.Module, batch: tuple[list, list], cfg: MaskRCNNConfig,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward of one batch in train mode: ``{"loss": the sum, **the detector's loss dict}`` (scalar tensors)."""
+    from bestie.engine import autocast_context
+
+    images, targets = batch
+    images = [im.to(device, non_blocking=True) for im in images]
+    targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+    with autocast_context(device, cfg.amp):
+        loss_dict = model(images, targets)
+    loss = sum(loss_dict.values())
+    return {"loss": loss, **loss_dict}
+
+
+class _LogRecords:
+    """The log records of the run: per record ``iteration``, ``epoch``, ``lr`` (the last iteration's), the
+    window means of ``loss`` and each loss term (float32 sums on the device, averaged over ranks) and
+    ``sec_per_iter``."""
+
+    def __init__(self, jlog: Any, dist: Any, start: int, iters_per_epoch: int) -> None:
+        from bestie.trainer import LogWindow
+
+        self.jlog, self.dist, self.iters_per_epoch = jlog, dist, iters_per_epoch
+        self.window = LogWindow(torch.float32)
+        self.last_loss = float("nan")
+        self.t_last, self.it_last = time.time(), start
+
+    def add(self, it: int, losses: Mapping[str, torch.Tensor], lr: float) -> None:
+        """Add one iteration's losses to the window."""
+        self.window.add(losses)
+
+    def write(self, it: int, lr: float) -> str:
+        """Write the record of the window ending at iteration ``it`` (1-based); the bar's loss text."""
+        from bestie.trainer import mean_over_ranks
+
+        vals = mean_over_ranks(self.window.means(), self.dist)
+        self.last_loss = vals["loss"]
+        now = time.time()
+        self.jlog.write({"iteration": it, "epoch": (it - 1) // self.iters_per_epoch, "lr": lr, **vals,
+                         "sec_per_iter": (now - self.t_last) / max(it - self.it_last, 1)})
+        self.t_last, self.it_last = now, it
+        return f"{self.last_loss:.3f}"
