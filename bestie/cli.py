@@ -10,6 +10,7 @@ the file or key at fault, without a traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -311,27 +312,24 @@ def _add_check_command(sub: Any) -> None:
     _add_set_option(p)
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bestie", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_command(sub, name: str, fn: Callable[[argparse.Namespace], None], help: str, params: bool = True,
+                 dataset: bool = True, device: bool = False) -> argparse.ArgumentParser:
+    """One subcommand with the options every stage shares (``--params``, ``--dataset``, ``--device``, ``--set``)."""
+    p = sub.add_parser(name, help=help, description=help)
+    p.set_defaults(func=fn)
+    if params:
+        p.add_argument("--params", type=_json_arg, default={}, help="the stage's config section (JSON or file)")
+    if dataset:
+        p.add_argument("--dataset", type=_json_arg, required=True, help="the dataset config section (JSON or file)")
+    if device:
+        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    if params or dataset:
+        _add_set_option(p)
+    return p
 
-    def add(name: str, fn: Callable[[argparse.Namespace], None], help: str, params: bool = True,
-            dataset: bool = True, device: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=fn)
-        if params:
-            p.add_argument("--params", type=_json_arg, default={}, help="the stage's config section (JSON or file)")
-        if dataset:
-            p.add_argument("--dataset", type=_json_arg, required=True, help="the dataset config section (JSON or file)")
-        if device:
-            p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
-        if params or dataset:
-            _add_set_option(p)
-        return p
 
-    _add_check_command(sub)
-
+def _add_data_and_semantic_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """The demo data and stages 1-3 (classifier, CAMs, WSSS maps)."""
     p = add("demo-data", _cmd_demo_data, "generate the synthetic demo dataset", dataset=False)
     p.add_argument("--root", required=True)
 
@@ -358,6 +356,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--png-dir", required=True)
     p.add_argument("--out-wsss", required=True)
 
+
+def _add_instance_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Stages 4-5 (BESTIE, its baseline, the pseudo-label export)."""
     p = add("train-bestie", _cmd_train_bestie, "stage 4: train the BESTIE instance model", device=True)
     p.add_argument("--wsss", required=True)
     p.add_argument("--points")
@@ -384,6 +385,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="export the GT instances instead (the Mask R-CNN upper bound; not weakly supervised)")
     p.add_argument("--out-json", required=True)
 
+
+def _add_maskrcnn_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """Stage 6 (Mask R-CNN training and evaluation)."""
     p = add("train-maskrcnn", _cmd_train_maskrcnn, "stage 6: train Mask R-CNN on the pseudo labels", device=True)
     p.add_argument("--pseudo-json", required=True)
     p.add_argument("--out-checkpoint", required=True)
@@ -395,8 +399,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out-metrics", required=True)
     p.add_argument("--out-predictions", required=True)
 
-    _add_predict(add)
 
+def _add_report_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """The HTML report and the metrics table of a finished run."""
     p = add("report", _cmd_report, "metrics table of every stage + HTML report", params=False)
     p.add_argument("--run", required=True)
     p.add_argument("--inputs", type=_json_arg, required=True, help="JSON: name -> input path")
@@ -405,6 +410,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = add("show-metrics", _cmd_show_metrics, "print the metrics table of a finished run", params=False, dataset=False)
     p.add_argument("metrics")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bestie", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = functools.partial(_add_command, sub)
+    _add_check_command(sub)
+    _add_data_and_semantic_commands(add)
+    _add_instance_commands(add)
+    _add_maskrcnn_commands(add)
+    _add_predict(add)
+    _add_report_commands(add)
     return parser
 
 

@@ -24,6 +24,7 @@ DIFFERENT_CONCEPTS = {
     "source": "each validator's name of the input it checks, for its error messages (a different string each)",
     "mode": "a file mode (io.atomic.atomic_write 'wb') and the WSSS seed mode (wsss.crf.seed_map 'raw')",
     "device": "'cpu' = run on the CPU unless a device is given, the convention of every torch-facing function",
+    "what": "the noun an error message names (coco_json: 'mask', trainer.resume: 'settings'), a different one each",
 }
 
 #: Repeats in modules outside the part of issue 19 done here (parameter groups of the instance pipeline,
