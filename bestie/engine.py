@@ -505,6 +505,10 @@ class _IterScheduler(torch.optim.lr_scheduler.LRScheduler):
         return self.get_lr()
 
 
+#: lr factor at iteration 0 of a linear warm-up (torchvision's detection reference)
+WARMUP_FACTOR = 0.001
+
+
 class WarmupPolyLR(_IterScheduler):
     """Linear warm-up from ``warmup_factor`` to 1 over ``warmup_iters``, then ``(1 - t/max_iters)^power``.
 
@@ -514,7 +518,7 @@ class WarmupPolyLR(_IterScheduler):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, warmup_iters: int, max_iters: int, power: float = 0.9,
-                 warmup_factor: float = 0.001, last_epoch: int = -1) -> None:
+                 warmup_factor: float = WARMUP_FACTOR, last_epoch: int = -1) -> None:
         if max_iters < 1 or warmup_iters < 0:
             raise ValueError(
                 f"WarmupPolyLR: need max_iters >= 1 and warmup_iters >= 0, got {max_iters}, {warmup_iters}")
@@ -538,7 +542,7 @@ class WarmupMultiStepLR(_IterScheduler):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, milestones: Sequence[int], gamma: float = 0.1,
-                 warmup_iters: int = 0, warmup_factor: float = 0.001, last_epoch: int = -1) -> None:
+                 warmup_iters: int = 0, warmup_factor: float = WARMUP_FACTOR, last_epoch: int = -1) -> None:
         self.milestones = sorted(int(m) for m in milestones)
         self.gamma = float(gamma)
         self.warmup_iters = int(warmup_iters)

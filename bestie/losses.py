@@ -23,6 +23,11 @@ __all__ = ["DeepLabCE", "weighted_mse", "weighted_l1", "BestieLoss", "CENTER_SUP
 #: a pixel whose center target exceeds this lies on a Gaussian's support (``center_support_weight``)
 CENTER_SUPPORT_MIN = 0.01
 
+#: label of pixels the semantic loss ignores (the WSSS maps' uncertain pixels; ARCHITECTURE conventions)
+IGNORE_LABEL = 255
+#: share of the hardest pixels the semantic CE keeps (Panoptic-DeepLab's hard-pixel mining, METHOD.md)
+TOP_K_PERCENT = 0.2
+
 
 class DeepLabCE(nn.Module):
     """Cross entropy with hard-pixel mining (TensorFlow DeepLab / Panoptic-DeepLab ``DeepLabCE``).
@@ -42,7 +47,7 @@ class DeepLabCE(nn.Module):
         ConfigError: ``top_k_percent`` outside ``(0, 1]``. DataError: mismatched shapes.
     """
 
-    def __init__(self, ignore_label: int = 255, top_k_percent: float = 0.2):
+    def __init__(self, ignore_label: int = IGNORE_LABEL, top_k_percent: float = TOP_K_PERCENT):
         super().__init__()
         if not 0.0 < float(top_k_percent) <= 1.0:
             raise ConfigError(f"DeepLabCE: top_k_percent must lie in (0, 1], got {top_k_percent!r}")
@@ -142,8 +147,8 @@ class BestieLoss(nn.Module):
         seg_weight: float = 1.0,
         center_weight: float = 200.0,
         offset_weight: float = 0.01,
-        ignore_label: int = 255,
-        top_k_percent: float = 0.2,
+        ignore_label: int = IGNORE_LABEL,
+        top_k_percent: float = TOP_K_PERCENT,
         center_agnostic: bool = False,
         center_support_weight: float = 1.0,
     ):

@@ -37,19 +37,15 @@ NOT_YET = {
     "fg_seed": "wsss/crf.py seed_map + cams_to_wsss",
     "logt": "wsss/affinity.py propagate_cams + affinity_scores",
     "radius": "wsss/affinity.py propagate_cams + affinity_scores",
-    "ignore_label": "losses.py (two losses)",
-    "top_k_percent": "losses.py (two losses)",
     "iou": "evaluation/coco.py + stages/report.py",
     "max_images": "stages/report.py",
     "num": "stages/report.py",
     "max_side": "report/figures.py",
     "label_pad": "data/transforms.py",
     "p": "data/transforms.py",
-    "max_dets": "stages/evaluate.py",
     "score_threshold": "stages/evaluate.py (detector 0.05); stages/report.py (overlays 0.5)",
     "num_classes": "models/instance.py + models/maskrcnn.py",
     "weights": "models/classifier.py + models/maskrcnn.py",
-    "warmup_factor": "engine.py WarmupPolyLR + WarmupMultiStepLR",
 }
 
 #: The beta of the affinity random walk (``A = aff ** beta``) is not the clustering tolerance of the groups.

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 
 def load_maskrcnn(
-    checkpoint: str | os.PathLike, *, score_threshold: float = 0.05, max_dets: int = 100
+    checkpoint: str | os.PathLike, *, score_threshold: float = EvalConfig.score_threshold, max_dets: int = EvalConfig.max_dets
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild a Mask R-CNN from a checkpoint of :mod:`bestie.stages.train_maskrcnn`.
 
@@ -72,7 +72,7 @@ def load_maskrcnn(
 @torch.inference_mode()
 def predict_image(
     model: torch.nn.Module, image: np.ndarray, device: torch.device | str, *,
-    score_threshold: float = 0.05, mask_threshold: float = 0.5, max_dets: int = 100,
+    score_threshold: float = EvalConfig.score_threshold, mask_threshold: float = EvalConfig.mask_threshold, max_dets: int = EvalConfig.max_dets,
 ) -> dict[str, np.ndarray]:
     """Mask R-CNN instances of one image.
 
