@@ -107,7 +107,7 @@ class GroupingParams:
     center_threshold: float = 0.1
     nms_kernel: int = 41
     beta: float = 3.0
-    min_area: int = 50
+    min_area: int = PseudoLabelParams.min_area  # the same METHOD.md limit on WSSS / semantic components
 
     def __post_init__(self) -> None:
         check_nms_kernel(self.nms_kernel)

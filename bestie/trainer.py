@@ -167,23 +167,20 @@ class LogWindow:
         return out
 
 
-def mean_over_ranks(values: dict[str, float], dist: engine.DistInfo) -> dict[str, float]:
-    """Average scalar log values over the processes (float64 all-reduce; identity for one process)."""
-    if not dist.is_distributed:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=dist.device)
-    torch.distributed.all_reduce(t)
-    t /= dist.world_size
-    return dict(zip(values, t.tolist()))
-
-
 def sum_over_ranks(values: Sequence[float], dist: engine.DistInfo) -> list[float]:
-    """Sum scalar counts over the processes (float64 all-reduce; identity for one process)."""
+    """Sum scalar values over the processes (float64 all-reduce; identity for one process)."""
     if not dist.is_distributed:
         return [float(v) for v in values]
     t = torch.tensor(list(values), dtype=torch.float64, device=dist.device)
     torch.distributed.all_reduce(t)
     return t.tolist()
+
+
+def mean_over_ranks(values: dict[str, float], dist: engine.DistInfo) -> dict[str, float]:
+    """Average scalar log values over the processes (:func:`sum_over_ranks` / ``world_size``)."""
+    if not dist.is_distributed:
+        return values
+    return {k: s / dist.world_size for k, s in zip(values, sum_over_ranks(list(values.values()), dist))}
 
 
 def train_loop(
