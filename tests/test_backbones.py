@@ -137,7 +137,8 @@ def test_unknown_name_and_random_init_warning(caplog):
         create_backbone("resnet50", None, with_head=True)
     with pytest.raises(ConfigError, match="last level"):
         create_backbone("tf_efficientnet_lite0", None, out_indices=(1, 2), with_head=True)
-    assert set(BACKBONES) == {"tf_efficientnet_lite0", "resnet50", "resnet101", "vgg16", "hrnet_w32", "hrnet_w48"}
+    assert set(BACKBONES) == {"tf_efficientnet_lite0", "tf_efficientnet_lite2", "resnet50", "resnet101", "vgg16",
+                              "hrnet_w32", "hrnet_w48"}
 
 
 @torch.no_grad()

