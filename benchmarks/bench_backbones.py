@@ -46,11 +46,16 @@ from bestie.models.backbones import create_backbone  # noqa: E402
 from bestie.models.weights import IMAGENET_PACKAGES  # noqa: E402
 
 
+#: input side (pixels) and timed passes per backbone of a default run
+SIZE = 320
+REPEATS = 30
+
+
 def _ms(values: list[float]) -> dict[str, Any]:
     return {"median_ms": round(statistics.median(values) * 1e3, 3), "min_ms": round(min(values) * 1e3, 3)}
 
 
-def run(backbones: Sequence[str] = tuple(IMAGENET_PACKAGES), size: int = 320, repeats: int = 30,
+def run(backbones: Sequence[str] = tuple(IMAGENET_PACKAGES), size: int = SIZE, repeats: int = REPEATS,
         seed: int = 0) -> dict[str, Any]:
     """Time one forward pass of each backbone on a ``(1, 3, size, size)`` input, interleaved.
 
@@ -109,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=None, help="JSON file to write (default: print only)")
     ap.add_argument("--backbones", nargs="+", default=list(IMAGENET_PACKAGES))
-    ap.add_argument("--size", type=int, default=320)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--size", type=int, default=SIZE)
+    ap.add_argument("--repeats", type=int, default=REPEATS)
     args = ap.parse_args(argv)
     doc = run(args.backbones, size=args.size, repeats=args.repeats)
     text = json.dumps(doc, indent=2)

@@ -173,6 +173,10 @@ def test_every_stage_offers_lite2():
                         backbone_head=True).eval()
     out = clf(x)
     assert out["logits"].shape == (1, 3) and out["cams"].shape == (1, 3, 4, 4)
+    from bestie.wsss.affinity import AffinityNet
+
+    aff = AffinityNet(create_backbone(LITE2, "imagenet"), stride=8).eval()
+    assert aff(x).shape == (1, 128, 8, 8)
     net = BestieNet(LITE2, 3, "imagenet").eval()
     ref = create_backbone(LITE2, "imagenet")
     assert torch.equal(net.encoder.body.conv_stem.weight, ref.body.conv_stem.weight)
@@ -185,6 +189,13 @@ def test_every_stage_offers_lite2():
     assert list(det.transform.image_mean) == [0.5, 0.5, 0.5]
     pred = det.eval()([x[0]])[0]
     assert set(pred) == {"boxes", "labels", "scores", "masks"}
+    # `bestie check` finds the installed file for every key that names Lite2
+    from bestie.check import check_weights
+    from bestie.sections import BestieConfig, ClassifierConfig, MaskRCNNConfig
+
+    sections = {"classifier_pam": ClassifierConfig(backbone=LITE2), "bestie": BestieConfig(backbone=LITE2),
+                "maskrcnn": MaskRCNNConfig(model="maskrcnn_efficientnet_lite2_fpn")}
+    assert check_weights(sections, num_classes=3) == []
 
 
 def test_schema_accepts_lite2_in_every_backbone_key():
