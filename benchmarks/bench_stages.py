@@ -18,7 +18,7 @@ with one torch / OpenCV thread and on the CPU:
    ``crop`` px from a random start (a throughput figure: CAM quality does not matter);
 2. ``wsss``: :func:`bestie.stages.make_wsss.run` with method ``"crf"`` (dense CRF, 10 iterations, one
    worker) on those CAMs;
-3. ``evaluate``: :func:`bestie.stages.baseline.run`, the streaming evaluation stage that reads the WSSS
+3. ``evaluate``: :func:`bestie.stages.score_baseline.run`, the streaming evaluation stage that reads the WSSS
    maps and peak points back from their HDF5 stores, builds the pseudo-label baseline instances and
    scores them with the VOC protocol (the instance-evaluation path every metrics stage shares).
 
@@ -174,7 +174,7 @@ def _stage_call(stage: str, ds_cfg: dict[str, Any], work: Path, checkpoint: Path
         return lambda: wsss_run(wcfg, ds_cfg, work / "cams.h5", work / "wsss.h5", work / "wsss.json", None,
                                 device="cpu")
     if stage == "evaluate":
-        from bestie.stages.baseline import run as baseline_run
+        from bestie.stages.score_baseline import run as baseline_run
         from bestie.stages.train_bestie import BestieConfig
 
         bcfg = BestieConfig()

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from bestie.errors import DataError
 
-__all__ = ["compute_cams", "average_cams", "normalize_image", "cam_output_size"]
+__all__ = ["compute_cams", "average_cams", "normalize_image", "cam_output_size", "downsample_cams", "upsample_cams"]
 
 
 def cam_output_size(height: int, width: int, out_stride: int = 1) -> tuple[int, int]:
@@ -31,6 +31,36 @@ def cam_output_size(height: int, width: int, out_stride: int = 1) -> tuple[int, 
     if out_stride < 1:
         raise ValueError(f"out_stride must be >= 1, got {out_stride}")
     return -(-int(height) // out_stride), -(-int(width) // out_stride)
+
+
+def downsample_cams(cams: np.ndarray, out_stride: int) -> np.ndarray:
+    """``(K, H, W)`` CAMs -> ``(K, ceil(H/s), ceil(W/s))`` by area averaging (OpenCV ``INTER_AREA``)."""
+    k, height, width = cams.shape
+    h, w = cam_output_size(height, width, out_stride)
+    if (h, w) == (height, width) or k == 0:
+        return np.zeros((0, h, w), cams.dtype) if k == 0 else cams
+    return _resize_stack(cams, h, w, cv2.INTER_AREA)
+
+
+def upsample_cams(cams: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``(K, h, w)`` CAMs -> ``(K, height, width)`` float32, bilinear with half-pixel centres."""
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.shape[1:] == (height, width) or cams.shape[0] == 0:
+        return cams if cams.shape[0] else np.zeros((0, height, width), np.float32)
+    return _resize_stack(cams, height, width, cv2.INTER_LINEAR)
+
+
+def _resize_stack(cams: np.ndarray, h: int, w: int, interp: int) -> np.ndarray:
+    """``(K, h0, w0)`` maps -> ``(K, h, w)`` float32 with OpenCV interpolation ``interp``, in channel chunks."""
+    out = np.empty((cams.shape[0], h, w), np.float32)
+    # OpenCV handles at most 512 channels per call; OpenCV 5's INTER_AREA at a non-integer scale at most 4
+    # (the assertion "cn <= 4" in resize), so area averaging goes 4 channels at a time
+    step = 4 if interp == cv2.INTER_AREA else 512
+    for s in range(0, cams.shape[0], step):
+        chunk = np.ascontiguousarray(cams[s:s + step].astype(np.float32).transpose(1, 2, 0))
+        r = cv2.resize(chunk, (w, h), interpolation=interp)
+        out[s:s + step] = r.reshape(h, w, -1).transpose(2, 0, 1)
+    return out
 
 
 def normalize_image(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:

@@ -92,9 +92,9 @@ def _cmd_make_wsss(a: argparse.Namespace) -> None:
 
 def _cmd_import_wsss(a: argparse.Namespace) -> None:
     from bestie.data import build_dataset
-    from bestie.stages import make_wsss as st
+    from bestie.stages import import_wsss as st
 
-    st.import_wsss_pngs(Path(a.png_dir), build_dataset(a.dataset), Path(a.out_wsss))
+    st.run(Path(a.png_dir), build_dataset(a.dataset), Path(a.out_wsss))
 
 
 def _cmd_train_bestie(a: argparse.Namespace) -> None:
@@ -117,13 +117,13 @@ def _cmd_predict_instances(a: argparse.Namespace) -> None:
     from bestie.config import from_dict
     from bestie.stages import predict_instances as st
 
-    cfg = from_dict(st.InferenceConfig, a.params, "inference")
+    cfg = from_dict(st.InferenceConfig, a.params, "instances")
     st.run(cfg, a.dataset, a.split, Path(a.checkpoint), Path(a.out_instances), Path(a.out_metrics), device=a.device)
 
 
 def _cmd_score_baseline(a: argparse.Namespace) -> None:
     from bestie.config import from_dict
-    from bestie.stages import baseline as st
+    from bestie.stages import score_baseline as st
     from bestie.sections import BestieConfig
 
     cfg = from_dict(BestieConfig, a.params, "bestie")
@@ -134,7 +134,7 @@ def _cmd_export(a: argparse.Namespace) -> None:
     from bestie.config import from_dict
     from bestie.stages import export_pseudo_labels as st
 
-    cfg = from_dict(st.ExportConfig, a.params, "export")
+    cfg = from_dict(st.ExportConfig, a.params, "pseudo_labels")
     if a.from_gt:
         from bestie.data import build_dataset
 
@@ -218,9 +218,9 @@ _SET_SECTIONS: dict[str, str] = {
     "make-cams": "cams",
     "make-wsss": "wsss",
     "train-bestie": "bestie",
-    "predict-instances": "inference",
+    "predict-instances": "instances",
     "score-baseline": "bestie",
-    "export-pseudo-labels": "export",
+    "export-pseudo-labels": "pseudo_labels",
     "train-maskrcnn": "maskrcnn",
     "evaluate": "evaluate",
 }
@@ -257,10 +257,11 @@ def _apply_set(a: argparse.Namespace) -> None:
     items = getattr(a, "set", None) or []
     if not items:
         return
-    from bestie.config import apply_overrides, load_schema, split_override
+    from bestie.config import apply_overrides, current_section, load_schema, rename_old_sections, split_override
 
     schema = load_schema()
     if a.command == "check":
+        rename_old_sections(a.config, "--config")
         apply_overrides(a.config, items, schema)
         return
     section = _SET_SECTIONS.get(a.command)
@@ -273,6 +274,7 @@ def _apply_set(a: argparse.Namespace) -> None:
     for item in items:
         key, value = split_override(item)
         head, _, rest = key.partition(".")
+        head = current_section(head)  # an old section name (bestie.config.RENAMED_SECTIONS) still works
         if head in names and section in holder:
             head = section
         if head not in holder or not rest:
@@ -290,9 +292,10 @@ def _apply_set(a: argparse.Namespace) -> None:
 
 
 def _cmd_check(a: argparse.Namespace) -> None:
-    from bestie.config import coerce_by_schema, load_schema
+    from bestie.config import coerce_by_schema, load_schema, rename_old_sections
     from bestie.stages import check as st
 
+    rename_old_sections(a.config, "--config")
     config = coerce_by_schema(a.config, load_schema())
     st.run(config, Path(a.out) if a.out else None, Path(a.out_dir) if a.out_dir else None,
            weights=not a.skip_weights)

@@ -18,6 +18,7 @@ workflow schema (``workflow/schemas/config.schema.yaml``, generated from the dat
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import typing
@@ -37,6 +38,9 @@ __all__ = [
     "split_override",
     "load_schema",
     "OVERRIDE_KEY",
+    "RENAMED_SECTIONS",
+    "rename_old_sections",
+    "current_section",
 ]
 
 T = TypeVar("T")
@@ -49,6 +53,51 @@ NULL_WORDS = ("null", "none", "~")
 OVERRIDE_KEY = "set"
 
 _INT_RE = re.compile(r"[+-]?[0-9]+")
+
+#: config sections renamed so that a stage's section is the object of its name (docs/ARCHITECTURE.md,
+#: "Names of the stages"): old name -> new name. Configs with the old name keep working, with a warning.
+RENAMED_SECTIONS: dict[str, str] = {"inference": "instances", "export": "pseudo_labels"}
+_warned_sections: set[str] = set()
+log = logging.getLogger("bestie")
+
+
+def current_section(name: str) -> str:
+    """The section name ``name`` stands for today: the new name of a renamed section (a warning logged
+    once per process and old name), else ``name`` itself."""
+    new = RENAMED_SECTIONS.get(name)
+    if new is None:
+        return name
+    if name not in _warned_sections:
+        _warned_sections.add(name)
+        log.warning("DeprecationWarning: config section '%s' is now called '%s'; the old name still works but "
+                    "will be removed (rename it in your config)", name, new)
+    return new
+
+
+def rename_old_sections(config: MutableMapping[str, Any], source: str = "the config") -> list[str]:
+    """Rename the old sections of a workflow config (:data:`RENAMED_SECTIONS`) in place.
+
+    Args:
+        config: the whole configuration (top-level sections).
+        source: how the config is named in the error message.
+
+    Returns:
+        The old names found (each logged once per process as deprecated).
+
+    Raises:
+        ConfigError: a section is given under both its old and its new name (both names in the message).
+    """
+    found: list[str] = []
+    for old, new in RENAMED_SECTIONS.items():
+        if old not in config:
+            continue
+        if new in config:
+            raise ConfigError(f"config sections '{old}' and '{new}' are both given in {source}: '{old}' is the old "
+                              f"name of '{new}'; keep one (move its keys under '{new}')")
+        config[new] = config.pop(old)
+        current_section(old)
+        found.append(old)
+    return found
 
 
 def parse_bool(value: Any, key: str) -> bool:
@@ -300,10 +349,11 @@ def apply_overrides(config: MutableMapping[str, Any], items: Sequence[str] | str
         config: the nested configuration (sections are created when absent).
         items: ``["bestie.refine=false", "bestie.max_iters=10"]``, or one string of such items separated
             by blanks or commas (quote a value holding either: ``'classifier_pam.lr_steps=[5, 7]'``).
-        schema: the config schema (:func:`load_schema`).
+        schema: the config schema (:func:`load_schema`). An old section name (:data:`RENAMED_SECTIONS`)
+            sets the key of the new section, with a deprecation warning.
 
     Returns:
-        The keys set, in order.
+        The keys set, in order (under the new section names).
 
     Raises:
         ConfigError: a malformed item, an unknown key (names it and lists the valid keys at that level),
@@ -320,6 +370,9 @@ def apply_overrides(config: MutableMapping[str, Any], items: Sequence[str] | str
     for item in items:
         key, text = split_override(item)
         parts = key.split(".")
+        if parts[0] in RENAMED_SECTIONS and parts[0] not in (schema.get("properties") or {}):
+            parts[0] = current_section(parts[0])
+            key = ".".join(parts)
         node: Any = schema
         target: Any = config
         for depth, part in enumerate(parts):

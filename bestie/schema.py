@@ -26,15 +26,17 @@ __all__ = ["STAGE_SECTIONS", "section_class", "build_schema", "section_schema", 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
 
 #: config section -> (the stage's module of bestie.stages, its dataclass name): the class is defined in
-#: :mod:`bestie.sections` (imports no torch) and re-exported by the stage module (:func:`section_class`)
+#: :mod:`bestie.sections` (imports no torch) and re-exported by the stage module (:func:`section_class`).
+#: A stage ``<verb>_<object>`` reads the section ``<object>`` (docs/ARCHITECTURE.md, "Names of the stages";
+#: renamed sections: :data:`bestie.config.RENAMED_SECTIONS`)
 STAGE_SECTIONS: dict[str, tuple[str, str]] = {
     "classifier_pam": ("train_classifier", "ClassifierConfig"),
     "classifier_dense": ("train_classifier", "ClassifierConfig"),
     "cams": ("make_cams", "CamConfig"),
     "wsss": ("make_wsss", "WsssConfig"),
     "bestie": ("train_bestie", "BestieConfig"),
-    "inference": ("predict_instances", "InferenceConfig"),
-    "export": ("export_pseudo_labels", "ExportConfig"),
+    "instances": ("predict_instances", "InferenceConfig"),
+    "pseudo_labels": ("export_pseudo_labels", "ExportConfig"),
     "maskrcnn": ("train_maskrcnn", "MaskRCNNConfig"),
     "evaluate": ("evaluate", "EvalConfig"),
     "predict": ("predict", "PredictConfig"),

@@ -24,7 +24,7 @@ __all__ = ["ClassifierConfig", "CamConfig", "WsssConfig", "BestieConfig", "Infer
 _DEFAULT_LR = {"sgd": 1e-3, "adamw": 1e-4}
 _DEFAULT_WD = {"sgd": 5e-4, "adamw": 1e-4}
 
-#: Keys of the ``bestie`` section that the pseudo-label baseline reads (:mod:`bestie.stages.baseline`);
+#: Keys of the ``bestie`` section that the pseudo-label baseline reads (:mod:`bestie.stages.score_baseline`);
 #: its rule gets only these, so that a change of another BESTIE key does not rerun it.
 BASELINE_KEYS = ("setting", "min_area", "point_threshold")
 
@@ -165,7 +165,7 @@ class CamConfig:
             raise ConfigError("cams.peak_top_k must be >= 1 and cams.overlays >= 0")
 
 
-# ------------------------------------------------------------ make_wsss
+# ------------------------------------------------------------ make_wsss, import_wsss
 @dataclass(frozen=True)
 class WsssConfig:
     """Configuration of the ``wsss`` section (METHOD.md section 3).
@@ -424,7 +424,8 @@ class BestieConfig:
 # ------------------------------------------------------------ predict_instances
 @dataclass(frozen=True)
 class InferenceConfig:
-    """Settings of BESTIE inference (config section ``inference``; METHOD.md section 4, "Inference").
+    """Settings of BESTIE inference (config section ``instances``, formerly ``inference``; METHOD.md section 4,
+    "Inference").
 
     The first four keys make the :class:`~bestie.params.GroupingParams` of :meth:`grouping_params`.
 
@@ -448,15 +449,15 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.center_threshold <= 1.0:
-            raise ConfigError(f"inference.center_threshold must be in [0, 1], got {self.center_threshold}")
+            raise ConfigError(f"instances.center_threshold must be in [0, 1], got {self.center_threshold}")
         if self.nms_kernel < 1 or self.nms_kernel % 2 == 0:
-            raise ConfigError(f"inference.nms_kernel must be an odd positive integer, got {self.nms_kernel}")
+            raise ConfigError(f"instances.nms_kernel must be an odd positive integer, got {self.nms_kernel}")
         if self.min_area < 0:
-            raise ConfigError(f"inference.min_area must be >= 0, got {self.min_area}")
+            raise ConfigError(f"instances.min_area must be >= 0, got {self.min_area}")
         if self.resize is not None and self.resize < 8:
-            raise ConfigError(f"inference.resize must be >= 8 pixels or null, got {self.resize}")
+            raise ConfigError(f"instances.resize must be >= 8 pixels or null, got {self.resize}")
         if self.size_divisor < 1:
-            raise ConfigError(f"inference.size_divisor must be >= 1, got {self.size_divisor}")
+            raise ConfigError(f"instances.size_divisor must be >= 1, got {self.size_divisor}")
 
     def grouping_params(self) -> GroupingParams:
         """``center_threshold``, ``nms_kernel``, ``beta``, ``min_area`` as a :class:`~bestie.params.GroupingParams`."""
@@ -467,7 +468,7 @@ class InferenceConfig:
 # ------------------------------------------------------------ export_pseudo_labels
 @dataclass(frozen=True)
 class ExportConfig:
-    """Settings of the pseudo-label export (config section ``export``).
+    """Settings of the pseudo-label export (config section ``pseudo_labels``, formerly ``export``).
 
     Attributes:
         score_threshold: instances scoring below this are dropped (BESTIE scores are in ``[0, 1]``:
@@ -485,11 +486,11 @@ class ExportConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.score_threshold <= 1.0:
-            raise ConfigError(f"export.score_threshold must be in [0, 1], got {self.score_threshold}")
+            raise ConfigError(f"pseudo_labels.score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.min_area < 0:
-            raise ConfigError(f"export.min_area must be >= 0, got {self.min_area}")
+            raise ConfigError(f"pseudo_labels.min_area must be >= 0, got {self.min_area}")
         if self.max_per_image < 1:
-            raise ConfigError(f"export.max_per_image must be >= 1, got {self.max_per_image}")
+            raise ConfigError(f"pseudo_labels.max_per_image must be >= 1, got {self.max_per_image}")
 
 
 # ------------------------------------------------------------ train_maskrcnn

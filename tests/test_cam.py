@@ -150,7 +150,7 @@ def test_resize_of_many_class_cams_at_non_integer_scale_equals_per_channel(k):
     INTER_AREA refuses more than 4 channels at a non-integer scale, so they go 4 at a time."""
     import cv2
 
-    from bestie.stages.make_cams import downsample_cams, upsample_cams
+    from bestie.cam import downsample_cams, upsample_cams
 
     rng = np.random.default_rng(k)
     cams = rng.random((k, 147, 163)).astype(np.float32)  # 147 x 163 -> stride 4 -> 37 x 41: scale not integer

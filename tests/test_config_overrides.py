@@ -141,3 +141,68 @@ def test_snakemake_dotted_and_nested_overrides(workdir):
         proc = snakemake(workdir, "-n", "--config", *args, check=False)
         text = proc.stdout + proc.stderr
         assert proc.returncode != 0 and f"'{key}'" in text and "Job stats" not in text
+
+
+# ------------------------------------------------------------------ renamed sections (issue 19)
+@pytest.fixture()
+def fresh_warnings(monkeypatch):
+    """Each test sees the once-per-process deprecation warning of every old section name afresh."""
+    import bestie.config as config
+
+    monkeypatch.setattr(config, "_warned_sections", set())
+
+
+def test_old_section_names_are_renamed_with_one_warning(fresh_warnings, caplog):
+    from bestie.config import RENAMED_SECTIONS, rename_old_sections
+
+    assert RENAMED_SECTIONS == {"inference": "instances", "export": "pseudo_labels"}
+    cfg = {"run": "r", "inference": {"flip": False}, "export": {"min_area": 3}, "bestie": {"lr": 1.0}}
+    with caplog.at_level("WARNING", logger="bestie"):
+        assert rename_old_sections(cfg) == ["inference", "export"]
+        assert rename_old_sections({"inference": {}}) == ["inference"]  # a second config: no second warning
+    assert cfg == {"run": "r", "instances": {"flip": False}, "pseudo_labels": {"min_area": 3}, "bestie": {"lr": 1.0}}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 2
+    assert "'inference' is now called 'instances'" in warnings[0] and "DeprecationWarning" in warnings[0]
+    assert "'export' is now called 'pseudo_labels'" in warnings[1]
+    assert rename_old_sections({"instances": {}}) == []
+
+
+def test_old_and_new_section_together_is_an_error(fresh_warnings):
+    from bestie.config import rename_old_sections
+
+    with pytest.raises(ConfigError, match="'export' and 'pseudo_labels' are both given in my.yaml"):
+        rename_old_sections({"export": {}, "pseudo_labels": {"min_area": 2}}, "my.yaml")
+
+
+def test_overrides_and_cli_set_accept_old_section_names(fresh_warnings):
+    cfg: dict = {}
+    assert apply_overrides(cfg, ["inference.flip=no", "export.min_area=7"], load_schema()) == \
+        ["instances.flip", "pseudo_labels.min_area"]
+    assert cfg == {"instances": {"flip": False}, "pseudo_labels": {"min_area": 7}}
+    args = _parser().parse_args(["predict-instances", "--dataset", '{"format": "voc", "root": "r"}', "--split", "val",
+                                 "--checkpoint", "m.pt", "--out-instances", "i.h5", "--out-metrics", "m.json",
+                                 "--set", "inference.resize=64", "--set", "instances.flip=false"])
+    _apply_set(args)
+    assert args.params == {"resize": 64, "flip": False}
+
+
+def test_snakemake_reads_old_section_names_and_refuses_both(workdir, tmp_path, fresh_warnings, caplog):
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["inference"] = {"min_area": 33}
+    cfg["export"] = cfg.pop("pseudo_labels")
+    del cfg["instances"]
+    old = tmp_path / "old.yaml"
+    old.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(workdir, "-n", "-p", "--configfile", str(old), "--config", "set=inference.flip=false")
+    line = next(l for l in proc.stdout.splitlines() if " predict-instances --params " in l)
+    assert json.loads(line.split("--params '", 1)[1].split("'", 1)[0])["min_area"] == 33
+    assert '"flip":false' in line
+    # (a real run prints it on stderr: the logger has no handler there; in this process pytest captures it)
+    assert any("config section 'inference' is now called 'instances'" in r.getMessage() for r in caplog.records)
+    cfg["instances"] = {}
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump(cfg))
+    proc = snakemake(workdir, "-n", "--configfile", str(both), check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "'inference' and 'instances' are both given" in text and "Job stats" not in text

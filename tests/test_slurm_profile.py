@@ -232,8 +232,8 @@ STAGE_CONFIGS = {
     "cams": ("make_cams", "CamConfig", "cams"),
     "wsss": ("make_wsss", "WsssConfig", "wsss"),
     "bestie": ("train_bestie", "BestieConfig", "bestie"),
-    "inference": ("predict_instances", "InferenceConfig", "inference"),
-    "export": ("export_pseudo_labels", "ExportConfig", "export"),
+    "instances": ("predict_instances", "InferenceConfig", "instances"),
+    "pseudo_labels": ("export_pseudo_labels", "ExportConfig", "pseudo_labels"),
     "maskrcnn": ("train_maskrcnn", "MaskRCNNConfig", "maskrcnn"),
     "evaluate": ("evaluate", "EvalConfig", "evaluate"),
 }

@@ -15,8 +15,8 @@ PRESETS = sorted((REPO / "workflow" / "presets").glob("*.yaml"))
 IMAGE_SETTING_JOBS = {
     "train_classifier": 2,  # PAM (peaks) + dense (CAMs for WSSS)
     "make_cams": 2,
-    "make_wsss_maps": 1,
-    "score_pseudo_baseline": 1,
+    "make_wsss": 1,
+    "score_baseline": 1,
     "train_bestie": 1,
     "predict_instances": 1,
     "export_pseudo_labels": 1,
@@ -124,7 +124,7 @@ def test_oracle_overlay_runs_bestie_on_gt_maps_without_classifiers(workdir: Path
     proc = snakemake(workdir, "-n", "--configfile", str(_preset_config(REPO / "workflow/presets/coco128-voc.yaml",
                                                                           tmp_path)),
                      str(write_config(tmp_path / "oracle.yaml", overlay)))
-    assert planned_jobs(proc.stdout) == {"check": 1, "import_wsss_maps": 1, "score_pseudo_baseline": 1, "train_bestie": 1,
+    assert planned_jobs(proc.stdout) == {"check": 1, "import_wsss": 1, "score_baseline": 1, "train_bestie": 1,
                                          "predict_instances": 1, "export_pseudo_labels": 1, "train_maskrcnn": 1,
                                          "evaluate": 1, "report": 1, "all": 1}
     assert "results/coco128-voc-oracle/wsss/imported.h5" in proc.stdout

@@ -59,7 +59,7 @@ def _maskrcnn_had_labels(run) -> bool:
 
 def test_every_stage_ran(finished_run):
     jobs = planned_jobs(finished_run["log"])
-    for rule in ("train_classifier", "make_cams", "make_wsss_maps", "train_bestie", "predict_instances",
+    for rule in ("train_classifier", "make_cams", "make_wsss", "train_bestie", "predict_instances",
                  "export_pseudo_labels", "train_maskrcnn", "evaluate", "report", "predict"):
         assert jobs.get(rule, 0) >= 1, rule
     # the training stages' progress reached Snakemake's terminal, prefixed with the rule (bestie.progress)
@@ -156,7 +156,7 @@ def test_changing_a_wsss_parameter_reruns_only_wsss_and_later(finished_run, tmp_
     cfg["wsss"]["bg_threshold"] = 0.42
     proc = snakemake(finished_run["work"], "-n", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
     assert set(planned_jobs(proc.stdout)) == {
-        "make_wsss_maps", "score_pseudo_baseline", "train_bestie", "predict_instances",
+        "make_wsss", "score_baseline", "train_bestie", "predict_instances",
         "export_pseudo_labels", "train_maskrcnn", "evaluate", "report", "predict", "all",
     }
 
@@ -167,7 +167,7 @@ def test_changing_a_bestie_training_key_does_not_rerun_the_baseline(finished_run
     cfg["bestie"]["lr"] = 0.004
     proc = snakemake(finished_run["work"], "-n", "--configfile", str(write_config(tmp_path / "c.yaml", cfg)))
     jobs = set(planned_jobs(proc.stdout))
-    assert "train_bestie" in jobs and "score_pseudo_baseline" not in jobs
+    assert "train_bestie" in jobs and "score_baseline" not in jobs
 
 
 def test_forcerun_of_one_stage_reuses_upstream(finished_run):
@@ -175,7 +175,7 @@ def test_forcerun_of_one_stage_reuses_upstream(finished_run):
                      "--forcerun", "export_pseudo_labels")
     jobs = set(planned_jobs(proc.stdout))
     assert "export_pseudo_labels" in jobs
-    assert not jobs & {"train_classifier", "make_cams", "make_wsss_maps", "train_bestie", "predict_instances"}
+    assert not jobs & {"train_classifier", "make_cams", "make_wsss", "train_bestie", "predict_instances"}
 
 
 def test_nothing_to_do_after_a_finished_run(finished_run):

@@ -1,4 +1,5 @@
-"""Tests of bestie.stages.make_wsss: the WSSS stage, its outputs, and the PNG import."""
+"""Tests of bestie.stages.make_wsss (the WSSS stage, its outputs), bestie.stages.import_wsss (the PNG import)
+and bestie.io.palette."""
 
 from __future__ import annotations
 
@@ -13,14 +14,9 @@ import torch
 
 from bestie.config import from_dict
 from bestie.errors import ArtifactError, ConfigError, DataError
-from bestie.stages.make_wsss import (
-    WsssConfig,
-    import_wsss_pngs,
-    resolve_threshold,
-    run,
-    voc_palette,
-    write_palette_png,
-)
+from bestie.io.palette import voc_palette, write_palette_png
+from bestie.stages.import_wsss import run as import_wsss_pngs
+from bestie.stages.make_wsss import WsssConfig, resolve_threshold, run
 
 torch.set_num_threads(1)
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco128-voc"

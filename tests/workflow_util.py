@@ -120,9 +120,9 @@ def tiny_config(run: str, dataset: dict) -> dict:
         },
         # the 40-iteration model's center peaks stay far below the default threshold 0.1 (about 0.01 on
         # the demo), so a low threshold keeps some instances for the export and Mask R-CNN stages
-        "inference": {"resize": 256, "min_area": 10, "center_threshold": 0.002},
+        "instances": {"resize": 256, "min_area": 10, "center_threshold": 0.002},
         # keep every instance of the few-iteration model, so that Mask R-CNN has labels to train on
-        "export": {"score_threshold": 0.0, "min_area": 1, "filter_by_image_labels": False},
+        "pseudo_labels": {"score_threshold": 0.0, "min_area": 1, "filter_by_image_labels": False},
         "maskrcnn": {
             "min_size": 128, "max_size": 160, "max_iters": 4, "batch_size": 2, "warmup_iters": 2,
             "checkpoint_every": 2, "num_workers": 0,

@@ -1,7 +1,8 @@
-"""bestie.io: how stage artifacts are written and read (atomic files, HDF5 stores, COCO JSON)."""
+"""bestie.io: how stage artifacts are written and read (atomic files, HDF5 stores, COCO JSON, palette PNGs)."""
 
 from bestie.io.atomic import atomic_path, atomic_write, write_json_atomic
 from bestie.io.coco_json import (
+    category_ids,
     decode_rle,
     encode_mask,
     encode_masks,
@@ -12,6 +13,7 @@ from bestie.io.coco_json import (
     write_coco_results,
 )
 from bestie.io.h5store import H5Reader, H5Writer
+from bestie.io.palette import png_name, voc_palette, write_palette_png
 
 __all__ = [
     "atomic_write",
@@ -27,4 +29,8 @@ __all__ = [
     "make_annotation",
     "write_coco_dataset",
     "write_coco_results",
+    "category_ids",
+    "voc_palette",
+    "write_palette_png",
+    "png_name",
 ]

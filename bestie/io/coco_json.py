@@ -36,6 +36,7 @@ __all__ = [
     "make_annotation",
     "write_coco_dataset",
     "write_coco_results",
+    "category_ids",
 ]
 
 
@@ -314,3 +315,14 @@ def write_coco_results(path: str | os.PathLike, results: Sequence[Mapping[str, A
             if key not in rec:
                 raise DataError(f"{os.fspath(path)}: result record {i} lacks {key!r}")
     write_json_atomic(path, [dict(r) for r in results], indent=None)
+
+
+def category_ids(dataset: Any) -> list[int]:
+    """COCO category id of each 0-based class index of ``dataset``.
+
+    COCO datasets (with ``index_to_cat_id``) keep their original ids; other (VOC-layout) datasets get
+    ``1..C`` in class order.
+    """
+    if hasattr(dataset, "index_to_cat_id"):
+        return [int(dataset.index_to_cat_id(c)) for c in range(dataset.num_classes)]
+    return list(range(1, dataset.num_classes + 1))

@@ -144,7 +144,7 @@ def run(
     from bestie.evaluation.coco import coco_segm_eval
     from bestie.io.atomic import write_json_atomic
     from bestie.io.coco_json import write_coco_results
-    from bestie.stages.export_pseudo_labels import category_ids
+    from bestie.io.coco_json import category_ids
 
     if dataset is None:
         from bestie.data import build_dataset

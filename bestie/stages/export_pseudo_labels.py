@@ -44,6 +44,7 @@ from typing import Any, Union
 import numpy as np
 
 from bestie.errors import ArtifactError, ConfigError, DataError
+from bestie.io.coco_json import category_ids  # noqa: F401 (re-exported: train_bestie / train_maskrcnn import it here)
 from bestie.sections import ExportConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["ExportConfig", "category_ids", "filter_instances", "gt_instances", "run"]
@@ -51,17 +52,6 @@ __all__ = ["ExportConfig", "category_ids", "filter_instances", "gt_instances", "
 log = logging.getLogger(__name__)
 
 InstanceSource = Union[str, os.PathLike, Mapping[str, Mapping[str, np.ndarray]], Callable[[str], Mapping[str, Any]]]
-
-
-def category_ids(dataset: Any) -> list[int]:
-    """COCO category id of each 0-based class index of ``dataset``.
-
-    COCO datasets (with ``index_to_cat_id``) keep their original ids; other (VOC-layout) datasets get
-    ``1..C`` in class order.
-    """
-    if hasattr(dataset, "index_to_cat_id"):
-        return [int(dataset.index_to_cat_id(c)) for c in range(dataset.num_classes)]
-    return list(range(1, dataset.num_classes + 1))
 
 
 def filter_instances(

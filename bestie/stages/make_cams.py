@@ -49,7 +49,7 @@ from bestie.errors import ArtifactError, ConfigError
 from bestie.report.units import percent
 from bestie.sections import CamConfig  # noqa: F401 (the stage's config section)
 
-__all__ = ["CamConfig", "run", "THRESHOLDS", "downsample_cams", "upsample_cams", "cam_label_map",
+__all__ = ["CamConfig", "run", "THRESHOLDS", "cam_label_map",
            "peak_quality", "load_classifier"]
 
 log = logging.getLogger(__name__)
@@ -58,37 +58,6 @@ log = logging.getLogger(__name__)
 THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
 #: Peaks at least this confident are scored (and used for pseudo labels, METHOD.md section 4).
 PEAK_SCORE_CONF = 0.7
-
-
-def downsample_cams(cams: np.ndarray, out_stride: int) -> np.ndarray:
-    """``(K, H, W)`` CAMs -> ``(K, ceil(H/s), ceil(W/s))`` by area averaging (OpenCV ``INTER_AREA``)."""
-    from bestie.cam import cam_output_size
-
-    k, height, width = cams.shape
-    h, w = cam_output_size(height, width, out_stride)
-    if (h, w) == (height, width) or k == 0:
-        return np.zeros((0, h, w), cams.dtype) if k == 0 else cams
-    return _resize_stack(cams, h, w, cv2.INTER_AREA)
-
-
-def upsample_cams(cams: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``(K, h, w)`` CAMs -> ``(K, height, width)`` float32, bilinear with half-pixel centres."""
-    cams = np.asarray(cams, dtype=np.float32)
-    if cams.shape[1:] == (height, width) or cams.shape[0] == 0:
-        return cams if cams.shape[0] else np.zeros((0, height, width), np.float32)
-    return _resize_stack(cams, height, width, cv2.INTER_LINEAR)
-
-
-def _resize_stack(cams: np.ndarray, h: int, w: int, interp: int) -> np.ndarray:
-    out = np.empty((cams.shape[0], h, w), np.float32)
-    # OpenCV handles at most 512 channels per call; OpenCV 5's INTER_AREA at a non-integer scale at most 4
-    # (the assertion "cn <= 4" in resize), so area averaging goes 4 channels at a time
-    step = 4 if interp == cv2.INTER_AREA else 512
-    for s in range(0, cams.shape[0], step):
-        chunk = np.ascontiguousarray(cams[s:s + step].astype(np.float32).transpose(1, 2, 0))
-        r = cv2.resize(chunk, (w, h), interpolation=interp)
-        out[s:s + step] = r.reshape(h, w, -1).transpose(2, 0, 1)
-    return out
 
 
 def cam_label_map(cams: np.ndarray, classes: Sequence[int], threshold: float) -> np.ndarray:
@@ -227,7 +196,7 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Seque
     """
     from bestie.progress import progress
 
-    from bestie.cam import average_cams, compute_cams
+    from bestie.cam import average_cams, compute_cams, downsample_cams, upsample_cams
     from bestie.data import build_dataset
     from bestie.io.atomic import write_json_atomic
     from bestie.io.h5store import H5Writer

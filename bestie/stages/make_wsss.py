@@ -41,7 +41,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
-from urllib.parse import quote
 
 import numpy as np
 
@@ -51,58 +50,13 @@ from bestie.report.units import percent
 from bestie.wsss.crf import CrfParams, cams_to_wsss, mark_uncertain, seed_map, threshold_argmax
 from bestie.sections import WsssConfig  # noqa: F401 (the stage's config section)
 
-__all__ = ["WsssConfig", "run", "import_wsss_pngs", "voc_palette", "write_palette_png", "resolve_threshold",
-           "load_cams", "CAM_SWEEP"]
+__all__ = ["WsssConfig", "run", "resolve_threshold", "load_cams", "CAM_SWEEP"]
 
 log = logging.getLogger(__name__)
 
 IGNORE = 255
 #: Background thresholds of the CAM-argmax reference sweep in the diagnostics.
 CAM_SWEEP: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
-
-
-# --------------------------------------------------------------------------------------------- palette PNGs
-def voc_palette() -> np.ndarray:
-    """The PASCAL VOC colour map: ``(256, 3)`` uint8, entry ``i`` = the RGB colour of label ``i``.
-
-    Bits 0, 1, 2 of the label go to the most significant free bit of R, G, B in turn (VOC devkit
-    ``VOClabelcolormap``); label 255 is (224, 224, 192).
-    """
-    idx = np.arange(256)
-    rgb = np.zeros((256, 3), np.int64)
-    for shift in range(8):
-        for ch in range(3):
-            rgb[:, ch] |= ((idx >> (3 * shift + ch)) & 1) << (7 - shift)
-    return rgb.astype(np.uint8)
-
-
-def write_palette_png(path: str | os.PathLike, labels: np.ndarray) -> None:
-    """Write an ``(H, W)`` uint8 label map as a palette PNG with the VOC colours, atomically.
-
-    Raises:
-        DataError: ``labels`` is not a 2-D uint8 array.
-        ArtifactError: the file cannot be written.
-    """
-    from PIL import Image
-
-    from bestie.io.atomic import atomic_path
-
-    labels = np.asarray(labels)
-    if labels.ndim != 2 or labels.dtype != np.uint8:
-        raise DataError(f"{path}: label map must be (H, W) uint8, got {labels.dtype} {labels.shape}")
-    im = Image.fromarray(np.ascontiguousarray(labels))  # mode "L"; putpalette turns it into "P", same indices
-    im.putpalette(voc_palette().ravel().tolist())
-    try:
-        with atomic_path(path) as tmp:
-            im.save(tmp, format="PNG")
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot write PNG: {exc}") from exc
-
-
-def png_name(image_id: str) -> str:
-    """File name of an id's PNG: ``<id>.png`` with ``%`` and path separators percent-encoded."""
-    return quote(image_id, safe="") + ".png" if ("/" in image_id or "%" in image_id or "\\" in image_id) \
-        else image_id + ".png"
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -148,7 +102,7 @@ def load_cams(reader, image_id: str, image_size: tuple[int, int], labels: Sequen
             the image, or a CAM class absent from the image label (the CAM file belongs to another dataset
             or label set).
     """
-    from bestie.stages.make_cams import upsample_cams
+    from bestie.cam import upsample_cams
 
     try:
         arrays = reader.read(image_id)
@@ -374,6 +328,8 @@ def _emit(writer, png_dir: Path | None, scores: _Scores, ds, img_id: str, out: n
           cams: np.ndarray, classes: np.ndarray) -> None:
     writer.write(img_id, wsss=out)
     if png_dir is not None:
+        from bestie.io.palette import png_name, write_palette_png
+
         write_palette_png(Path(png_dir) / png_name(img_id), out)
     scores.update(out, dense, cams, classes, ds.semantic_gt(img_id))
 
@@ -474,90 +430,3 @@ def _train_affinity(net: Any, cfg: WsssConfig, ds: Any, out_dir: Path, inputs: A
             os.remove(seeds_path)
         except OSError:
             pass
-
-
-# --------------------------------------------------------------------------------------------- import
-def import_wsss_pngs(png_dir: Path, dataset, out_h5: Path, strict: bool = False) -> dict[str, int]:
-    """Import existing WSSS maps (palette or grayscale PNGs ``<id>.png``) into a WSSS store.
-
-    For users who already have WSSS maps (e.g. the maps the reference code downloads) and skip stage 3.
-    Values: 0 background, ``1..C`` class ``c + 1``, 255 ignore/uncertain.
-
-    Validation, per file:
-
-    - a missing file, a size different from the image, or a value outside ``{0, 1..C, 255}`` ->
-      :class:`DataError` naming the file and the values (all missing files are listed at once);
-    - a class ``1..C`` that is **not in the image label**: those pixels are set to 255 (ignored) with a
-      logged warning naming the file, value and pixel count -- the image-level label is the supervision,
-      a map disagreeing with it is treated as uncertain there; ``strict=True`` raises DataError instead.
-
-    Args:
-        png_dir: folder holding ``<id>.png`` for every id of ``dataset``.
-        dataset: the dataset (``ids``, ``num_classes``, ``labels(id)``, ``image_path(id)`` or ``image(id)``).
-        out_h5: output store (per id ``wsss`` uint8 ``(H, W)``).
-        strict: raise instead of clamping classes absent from the image label.
-
-    Returns:
-        ``{"images": n, "clamped_images": m, "clamped_pixels": p}``.
-
-    Raises:
-        DataError: as listed above.
-    """
-    from bestie.data.images import load_label_png
-    from bestie.io.h5store import H5Writer
-
-    png_dir = Path(png_dir)
-    if not png_dir.is_dir():
-        raise DataError(f"WSSS PNG folder {png_dir} does not exist")
-    paths = {i: png_dir / png_name(i) for i in dataset.ids}
-    missing = [str(p) for p in paths.values() if not p.is_file()]
-    if missing:
-        raise DataError(f"{len(missing)} of {len(paths)} WSSS map(s) are missing in {png_dir}: "
-                        + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
-    num_classes = int(dataset.num_classes)
-    stats = {"images": 0, "clamped_images": 0, "clamped_pixels": 0}
-    with H5Writer(out_h5, attrs={"stage": "wsss", "method": "import", "png_dir": str(png_dir),
-                                 "class_names": list(dataset.class_names)}) as writer:
-        for img_id, path in paths.items():
-            labels = load_label_png(path)
-            size = _image_size(dataset, img_id)
-            if labels.shape != size:
-                raise DataError(f"WSSS map {path} is {labels.shape[1]}x{labels.shape[0]} (WxH) but image {img_id!r} "
-                                f"is {size[1]}x{size[0]}")
-            values = np.unique(labels)
-            bad = [int(v) for v in values if v != IGNORE and v > num_classes]
-            if bad:
-                raise DataError(f"WSSS map {path} holds value(s) {bad[:10]} outside 0..{num_classes} and 255")
-            allowed = {0, IGNORE} | {int(c) + 1 for c in dataset.labels(img_id)}
-            absent = [int(v) for v in values if int(v) not in allowed]
-            if absent:
-                mask = np.isin(labels, absent)
-                msg = (f"WSSS map {path} holds class value(s) {absent} (class index + 1) absent from the image "
-                       f"label of {img_id!r} {sorted(int(c) for c in dataset.labels(img_id))}")
-                if strict:
-                    raise DataError(msg)
-                log.warning("%s: %d pixel(s) set to 255", msg, int(mask.sum()))
-                labels = labels.copy()
-                labels[mask] = IGNORE
-                stats["clamped_images"] += 1
-                stats["clamped_pixels"] += int(mask.sum())
-            writer.write(img_id, wsss=np.ascontiguousarray(labels, dtype=np.uint8))
-            stats["images"] += 1
-    return stats
-
-
-def _image_size(dataset, img_id: str) -> tuple[int, int]:
-    """``(H, W)`` of an image, from the file header when the dataset gives its path (no decoding)."""
-    path_fn = getattr(dataset, "image_path", None)
-    if path_fn is not None:
-        try:
-            from PIL import Image
-
-            with Image.open(path_fn(img_id)) as im:
-                width, height = im.size
-                if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF rotation by 90 deg: load_rgb transposes
-                    width, height = height, width
-                return height, width
-        except Exception:  # noqa: BLE001 - fall back to decoding through the dataset
-            pass
-    return tuple(dataset.image(img_id).shape[:2])

@@ -436,7 +436,7 @@ def prediction_threshold(dataset: Any, predictions_json: str | os.PathLike, max_
                          iou: float = 0.5) -> tuple[float | None, dict[str, Any]]:
     """:func:`best_f1_threshold` of a COCO results file of ``bestie evaluate`` over the first ``max_images``
     images with GT (dataset order)."""
-    from bestie.stages.export_pseudo_labels import category_ids
+    from bestie.io.coco_json import category_ids
 
     per_image = _prediction_records(dataset, predictions_json)
     cat_to_label = {cid: i for i, cid in enumerate(category_ids(dataset))}
@@ -469,12 +469,12 @@ def overlays_from_predictions(
     The first ``num`` images of the dataset that have GT and at least one record are used; results with a
     score below ``score_threshold`` are not drawn (None: the 3 best of each image), nor more than
     ``max_drawn`` per image (the best ones). Category ids map back to classes by the dataset's category
-    ids (:func:`bestie.stages.export_pseudo_labels.category_ids`).
+    ids (:func:`bestie.io.coco_json.category_ids`).
 
     Raises:
         ArtifactError: an unreadable JSON file, or records without ``image_key``.
     """
-    from bestie.stages.export_pseudo_labels import category_ids
+    from bestie.io.coco_json import category_ids
 
     per_image = _prediction_records(dataset, predictions_json)
     cat_to_label = {cid: i for i, cid in enumerate(category_ids(dataset))}
@@ -519,7 +519,7 @@ def overlays_from_wsss(dataset: Any, wsss_h5: str | os.PathLike, num: int = 4) -
     """
     from bestie.io.h5store import H5Reader
     from bestie.report.figures import semantic_panel
-    from bestie.stages.make_wsss import voc_palette
+    from bestie.io.palette import voc_palette
 
     palette = voc_palette()
     out = []
@@ -544,7 +544,7 @@ def pr_curve_from_instances(dataset: Any, instances_h5: str | os.PathLike, iou: 
     from bestie.io.coco_json import instances_to_coco_results
     from bestie.io.h5store import H5Reader
     from bestie.evaluation.coco import build_coco_gt, pr_curves
-    from bestie.stages.export_pseudo_labels import category_ids
+    from bestie.io.coco_json import category_ids
 
     cat_ids = category_ids(dataset)
     gts, coco_ids, results = [], [], []

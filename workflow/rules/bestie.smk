@@ -40,7 +40,7 @@ rule predict_instances:
         metrics=f"{OUT}/bestie/metrics_{{split}}.json",
     params:
         launch=launcher(0),
-        p=lambda wc: stage_params("inference"),
+        p=lambda wc: stage_params("instances"),
         ds=lambda wc: dataset_params(),
         device=device_flag(infer_gpus()),
     log:

@@ -9,17 +9,24 @@ from snakemake.utils import validate
 
 # The package of this checkout, whatever is installed: the config helpers below come from it.
 sys.path.insert(0, os.path.dirname(os.path.abspath(workflow.main_snakefile)))
-from bestie.config import OVERRIDE_KEY, apply_overrides, coerce_by_schema, load_schema
+from bestie.config import OVERRIDE_KEY, apply_overrides, coerce_by_schema, load_schema, rename_old_sections
+from bestie.errors import ConfigError
 
 # Command-line values, typed by the schema before it validates them (bestie.config's one strict parser):
 # `--config bestie='{max_iters: 10}'` arrives as {"max_iters": "10"}, and
 # `--config set="bestie.refine=false bestie.max_iters=10"` sets dotted keys (Snakemake itself refuses a
 # dot in a --config key). An unknown key or a value of the wrong type stops here, naming the key.
 _SCHEMA = load_schema(os.path.join(workflow.basedir, "workflow", "schemas", "config.schema.yaml"))
+# Sections under their old names (bestie.config.RENAMED_SECTIONS: `inference`, `export`) are renamed here,
+# with a deprecation warning; an old name in an override sets the new section's key.
 _overrides = config.pop(OVERRIDE_KEY, None)
-config.update(coerce_by_schema(config, _SCHEMA))
-if _overrides:
-    apply_overrides(config, _overrides if isinstance(_overrides, str) else [str(o) for o in _overrides], _SCHEMA)
+try:
+    rename_old_sections(config, ", ".join(map(str, workflow.overwrite_configfiles or ["config.yaml"])))
+    config.update(coerce_by_schema(config, _SCHEMA))
+    if _overrides:
+        apply_overrides(config, _overrides if isinstance(_overrides, str) else [str(o) for o in _overrides], _SCHEMA)
+except ConfigError as _exc:
+    sys.exit(f"config error: {_exc}")
 
 # A violation ends the run with a few lines that start and end with the bad key (Snakemake's own
 # validate error is followed by a dump of the whole section); validate then fills the defaults.

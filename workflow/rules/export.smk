@@ -9,7 +9,7 @@ rule export_pseudo_labels:
         json=f"{OUT}/pseudo_labels/{config['dataset']['train_split']}.json",
     params:
         launch=launcher(0),
-        p=lambda wc: stage_params("export"),
+        p=lambda wc: stage_params("pseudo_labels"),
         ds=lambda wc: dataset_params(),
         split=config["dataset"]["train_split"],
     log:

@@ -3,7 +3,7 @@
 from bestie.sections import BASELINE_KEYS
 
 
-rule score_pseudo_baseline:
+rule score_baseline:
     input:
         marker=dataset_marker(),
         wsss=wsss_h5(),
@@ -18,7 +18,7 @@ rule score_pseudo_baseline:
         p=lambda wc: stage_params("bestie", keys=BASELINE_KEYS),
         points=lambda wc, input: f"--points {input.points}" if input.points else "",
     log:
-        f"{LOGS}/score_pseudo_baseline.log",
+        f"{LOGS}/score_baseline.log",
     threads: 1
     resources:
         gpu=0,

@@ -2,7 +2,7 @@
 # With wsss.import_png_dir set, existing maps (palette PNGs) are imported instead.
 
 
-rule make_wsss_maps:
+rule make_wsss:
     input:
         marker=dataset_marker(),
         cams=f"{OUT}/cams/dense_cams.h5",
@@ -16,9 +16,9 @@ rule make_wsss_maps:
         ds=lambda wc: dataset_params(),
         device=device_flag(infer_gpus()),
     log:
-        f"{LOGS}/make_wsss_maps.log",
+        f"{LOGS}/make_wsss.log",
     benchmark:
-        f"{BENCH}/make_wsss_maps.tsv"
+        f"{BENCH}/make_wsss.tsv"
     threads: workflow.cores
     resources:
         gpu=infer_gpus(),
@@ -30,17 +30,17 @@ rule make_wsss_maps:
         "--out-diagnostics {output.diagnostics:q} {params.device} > {log:q} 2>&1"
 
 
-rule import_wsss_maps:
+rule import_wsss:
     input:
         marker=dataset_marker(),
     output:
         wsss=f"{OUT}/wsss/imported.h5",
     params:
         launch=launcher(0),
-        png_dir=config["wsss"].get("import_png_dir") or "",
+        png_dir=lambda wc: config["wsss"].get("import_png_dir") or "",
         ds=lambda wc: dataset_params(),
     log:
-        f"{LOGS}/import_wsss_maps.log",
+        f"{LOGS}/import_wsss.log",
     threads: 1
     resources:
         gpu=0,

@@ -4,6 +4,10 @@ An instance is a WSSS component (8-connected region of one class, at least ``min
 holds exactly one point of its class with ``conf >= point_threshold``, scored by that point's conf
 (METHOD.md section 4, "Semantic knowledge transfer"). BESTIE's self-refinement must beat this at mAP50
 (issue 5); the figure goes into the report as "pseudo-label baseline".
+
+Stage ``score_baseline`` (rule ``score_baseline``, ``bestie score-baseline``). It has no config section of
+its own: it reads the pseudo-label keys of the ``bestie`` section (:data:`bestie.sections.BASELINE_KEYS`),
+so that it scores exactly the pseudo labels BESTIE trains on.
 """
 
 from __future__ import annotations
