@@ -99,9 +99,11 @@ def _cmd_import_wsss(a: argparse.Namespace) -> None:
 
 def _cmd_train_bestie(a: argparse.Namespace) -> None:
     from bestie.config import from_dict
+    from bestie.params import GroupingParams
     from bestie.stages import train_bestie as st
 
     cfg = from_dict(st.BestieConfig, a.params, "bestie")
+    grouping = from_dict(GroupingParams, a.grouping, "instances")
     st.run(
         cfg,
         a.dataset,
@@ -110,6 +112,7 @@ def _cmd_train_bestie(a: argparse.Namespace) -> None:
         Path(a.out_checkpoint),
         Path(a.out_log),
         device=a.device,
+        grouping=grouping,
     )
 
 
@@ -363,6 +366,9 @@ def _add_data_and_semantic_commands(add: Callable[..., argparse.ArgumentParser])
 def _add_instance_commands(add: Callable[..., argparse.ArgumentParser]) -> None:
     """Stages 4-5 (BESTIE, its baseline, the pseudo-label export)."""
     p = add("train-bestie", _cmd_train_bestie, "stage 4: train the BESTIE instance model", device=True)
+    p.add_argument("--grouping", type=_json_arg, default={},
+                   help="instance grouping of validation and the learning probe: keys of the instances section "
+                        "(center_threshold, nms_kernel, beta, min_area; JSON or file; default: its defaults)")
     p.add_argument("--wsss", required=True)
     p.add_argument("--points")
     p.add_argument("--out-checkpoint", required=True)

@@ -9,7 +9,7 @@ under a second, before any stage starts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from bestie.data.transforms import DEFAULT_SCALES
@@ -18,7 +18,8 @@ from bestie.params import SETTINGS, GroupingParams, PseudoLabelParams, RefinePar
 from bestie.wsss.crf import CrfParams
 
 __all__ = ["ClassifierConfig", "CamConfig", "WsssConfig", "BestieConfig", "InferenceConfig", "ExportConfig",
-           "MaskRCNNConfig", "EvalConfig", "PredictConfig", "MODEL_KINDS", "BASELINE_KEYS"]
+           "MaskRCNNConfig", "EvalConfig", "PredictConfig", "MODEL_KINDS", "BASELINE_KEYS",
+           "GROUPING_KEYS"]
 
 #: Defaults of the classifier's ``lr`` / ``weight_decay`` per optimizer (``null`` in the config).
 _DEFAULT_LR = {"sgd": 1e-3, "adamw": 1e-4}
@@ -27,6 +28,10 @@ _DEFAULT_WD = {"sgd": 5e-4, "adamw": 1e-4}
 #: Keys of the ``bestie`` section that the pseudo-label baseline reads (:mod:`bestie.stages.score_baseline`);
 #: its rule gets only these, so that a change of another BESTIE key does not rerun it.
 BASELINE_KEYS = ("setting", "min_area", "point_threshold")
+
+#: Keys of the ``instances`` section that BESTIE training reads: the grouping of its in-training validation
+#: and learning probe (:class:`~bestie.params.GroupingParams`, :meth:`InferenceConfig.grouping_params`).
+GROUPING_KEYS = tuple(f.name for f in fields(GroupingParams))
 
 #: Values of ``predict.model``: which checkpoint of a run the workflow's ``predict`` rule uses.
 MODEL_KINDS = ("maskrcnn", "bestie")

@@ -513,3 +513,26 @@ def test_real_images_resize_scale_crop_and_point_targets(tmp_path: Path) -> None
         n_gt = len(ds.instances_gt(img_id)["labels"])
         assert int(s["num_points"]) == n_gt  # nothing is cropped away: every GT center is kept
         assert int(s["num_instances"]) >= 1 and float(s["weight"].sum()) > 0
+
+
+def test_validation_and_probe_group_with_the_instances_grouping(inputs, tmp_path: Path) -> None:
+    """Issue 19: in-training validation, the learning probe and the checkpoints' inference settings take the
+    grouping passed to run() (the instances section's), not the bestie section's nms_kernel / min_area."""
+    from bestie.params import GroupingParams
+    from bestie.stages import train_bestie as tb
+
+    ds_cfg, wsss, points = inputs
+    cfg = _tiny_cfg(max_iters=2, val_every=2, val_max_images=1, checkpoint_every=10, nms_kernel=7, beta=2.0)
+    shares = {}
+    for name, grouping in (("default", None), ("zero", GroupingParams(center_threshold=0.0, nms_kernel=5, beta=1.5,
+                                                                       min_area=3))):
+        ckpt, log = tmp_path / name / "model.pt", tmp_path / name / "log.jsonl"
+        summary = tb.run(cfg, ds_cfg, wsss, points, ckpt, log, device="cpu", grouping=grouping)
+        expected = GroupingParams() if grouping is None else grouping
+        assert _state(ckpt)["extra"]["inference"] == {
+            "center_threshold": expected.center_threshold, "nms_kernel": expected.nms_kernel, "beta": expected.beta,
+            "min_area": expected.min_area, "flip": cfg.val_flip, "resize": None, "size_divisor": 32}
+        assert [r["iteration"] for r in _records(log) if r["event"] == "val"] == [2]
+        shares[name] = summary["probe"]["probe_peak_share"]
+    # a fresh centre head scores about 0 (either sign) at every peak: none reaches the default 0.1, most reach 0.0
+    assert shares["default"] == 0.0 and shares["zero"] >= 0.5

@@ -43,6 +43,7 @@ import torch
 from bestie.config import to_dict
 from bestie.errors import ConfigError, DataError
 from bestie import engine
+from bestie.params import GroupingParams
 from bestie.sections import BestieConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["BestieConfig", "best_checkpoint_path", "partial_checkpoint_path", "train_step", "run"]
@@ -142,12 +143,11 @@ def _make_loss(cfg: BestieConfig) -> torch.nn.Module:
 
 @torch.no_grad()
 def _run_probe(model: torch.nn.Module, probe: Mapping[str, torch.Tensor] | None, loss_fn: Any,
-               device: torch.device) -> dict[str, Any]:
-    """The learning probe's figures (:mod:`bestie.probe`) in eval mode, default inference grouping
-    (:class:`~bestie.params.GroupingParams`); {} when off."""
+               device: torch.device, grouping: GroupingParams) -> dict[str, Any]:
+    """The learning probe's figures (:mod:`bestie.probe`) in eval mode, grouped by ``grouping`` (that of the
+    ``instances`` section); {} when off."""
     if probe is None:
         return {}
-    from bestie.params import GroupingParams
     from bestie.probe import probe_metrics
 
     net = engine.unwrap_model(model)
@@ -157,7 +157,7 @@ def _run_probe(model: torch.nn.Module, probe: Mapping[str, torch.Tensor] | None,
         out = net(probe["image"].to(device))
     finally:
         net.train(was_training)
-    return probe_metrics(out, probe, loss_fn.center_term, grouping=GroupingParams())
+    return probe_metrics(out, probe, loss_fn.center_term, grouping=grouping)
 
 
 def _build_val(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], jlog: engine.JsonLog) -> Any:
@@ -175,19 +175,23 @@ def _build_val(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], jlog: engine.J
     return ds
 
 
-def _inference_config(cfg: BestieConfig) -> Any:
-    """The inference settings of in-training validation (grouping as in training, flip per ``val_flip``)."""
+def _inference_config(cfg: BestieConfig, grouping: GroupingParams) -> Any:
+    """The inference settings of in-training validation: ``grouping`` (that of the ``instances`` section),
+    flip per ``val_flip``."""
+    from dataclasses import asdict
+
     from bestie.stages.predict_instances import InferenceConfig
 
-    return InferenceConfig(nms_kernel=cfg.nms_kernel, beta=cfg.beta, min_area=cfg.min_area, flip=cfg.val_flip)
+    return InferenceConfig(**asdict(grouping), flip=cfg.val_flip)
 
 
-def _validate(model: torch.nn.Module, val_ds: Any, cfg: BestieConfig, device: torch.device) -> dict[str, Any]:
+def _validate(model: torch.nn.Module, val_ds: Any, cfg: BestieConfig, device: torch.device,
+              grouping: GroupingParams) -> dict[str, Any]:
     from bestie.stages.predict_instances import evaluate_model
 
     net = engine.unwrap_model(model)
     ids = val_ds.ids if cfg.val_max_images is None else val_ds.ids[: cfg.val_max_images]
-    res = evaluate_model(net, val_ds, _inference_config(cfg), device, mean=net.mean, std=net.std, ids=ids)
+    res = evaluate_model(net, val_ds, _inference_config(cfg, grouping), device, mean=net.mean, std=net.std, ids=ids)
     res.pop("voc", None)
     return res
 
@@ -200,6 +204,7 @@ def run(
     out_checkpoint: str | os.PathLike,
     out_log: str | os.PathLike,
     device: str | None = None,
+    grouping: GroupingParams | None = None,
 ) -> dict[str, Any]:
     """Train the BESTIE network (module docstring) and write the final checkpoint atomically.
 
@@ -214,6 +219,9 @@ def run(
         out_log: JSON-lines log.
         device: ``"cpu"`` / ``"cuda"`` / None (CUDA when available). Under torchrun the CUDA index is
             LOCAL_RANK.
+        grouping: instance grouping of in-training validation and of the learning probe, recorded in the
+            checkpoints' ``inference`` settings: that of the ``instances`` section
+            (:meth:`~bestie.sections.InferenceConfig.grouping_params`); None: its defaults.
 
     Returns:
         Summary dict (iterations, best validation, paths).
@@ -228,13 +236,13 @@ def run(
         raise ConfigError(f"bestie.batch_size {cfg.batch_size} is not divisible by the {dist.world_size} processes")
     jlog = engine.JsonLog(out_log, rank=dist.rank)
     try:
-        return _train(cfg, dataset_cfg, wsss_h5, points_h5, out_checkpoint, dist, jlog)
+        return _train(cfg, dataset_cfg, wsss_h5, points_h5, out_checkpoint, dist, jlog, grouping or GroupingParams())
     finally:
         jlog.close()
 
 
 def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, points_h5: Any, out_checkpoint: Path,
-           dist: engine.DistInfo, jlog: engine.JsonLog) -> dict[str, Any]:
+           dist: engine.DistInfo, jlog: engine.JsonLog, grouping: GroupingParams) -> dict[str, Any]:
     """Build, resume, train, finish (:mod:`bestie.trainer`); the summary of :func:`run`."""
     from bestie import trainer
     from bestie.data import build_dataset
@@ -256,7 +264,7 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
                                                                        cfg.poly_power),
                                         engine.create_grad_scaler(dev, use_amp))
     loss_fn = _make_loss(cfg).to(dev)
-    extra_base = _checkpoint_extra(cfg, model, dataset)
+    extra_base = _checkpoint_extra(cfg, model, dataset, grouping)
     start_iter, old_extra = trainer.resume(partial, model, optimizer, optimization.scheduler, optimization.scaler,
                                            _resume_key(cfg))
     best: dict[str, Any] = dict(old_extra.get("best") or {"mAP50": None, "iteration": None})
@@ -285,12 +293,12 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
 
     def validate(iteration: int) -> None:
         _validate_and_keep_best(ddp_model, model, val_ds, cfg, dist, jlog, iteration, best,
-                                best_checkpoint_path(out_checkpoint), extra_base)
+                                best_checkpoint_path(out_checkpoint), extra_base, grouping)
 
     ddp_model.train()
     data_iter = iter(loader)
     records = _TrainRecords(jlog, dist, cfg, sampler.local_batch, optimization.scheduler,
-                            lambda: _run_probe(ddp_model, probe, loss_fn, dev))
+                            lambda: _run_probe(ddp_model, probe, loss_fn, dev, grouping))
 
     def step(it: int) -> dict[str, torch.Tensor]:
         batch = next(data_iter)
@@ -329,7 +337,8 @@ def _build_model(cfg: BestieConfig, num_classes: int,
     return model, trainer.wrap_ddp(model, dist)
 
 
-def _checkpoint_extra(cfg: BestieConfig, model: torch.nn.Module, dataset: Any) -> dict[str, Any]:
+def _checkpoint_extra(cfg: BestieConfig, model: torch.nn.Module, dataset: Any,
+                      grouping: GroupingParams) -> dict[str, Any]:
     """The ``extra`` every checkpoint of the run carries (module docstring), ``kind`` aside."""
     from bestie.stages.export_pseudo_labels import category_ids
 
@@ -337,18 +346,18 @@ def _checkpoint_extra(cfg: BestieConfig, model: torch.nn.Module, dataset: Any) -
     # checkpoint, so `bestie predict` needs no config
     return {"model_config": dict(model.config), "mean": list(model.mean), "std": list(model.std),
             "class_names": list(dataset.class_names), "category_ids": category_ids(dataset),
-            "inference": to_dict(_inference_config(cfg)), "train_config": to_dict(cfg),
+            "inference": to_dict(_inference_config(cfg, grouping)), "train_config": to_dict(cfg),
             # the same config, seed and thread count give the same weights (OMP_NUM_THREADS = the rule's threads)
             "num_threads": torch.get_num_threads(), "resume_key": _resume_key(cfg)}
 
 
 def _validate_and_keep_best(ddp_model: torch.nn.Module, model: torch.nn.Module, val_ds: Any, cfg: BestieConfig,
                             dist: engine.DistInfo, jlog: engine.JsonLog, iteration: int, best: dict[str, Any],
-                            best_path: Path, extra_base: Mapping[str, Any]) -> None:
+                            best_path: Path, extra_base: Mapping[str, Any], grouping: GroupingParams) -> None:
     """Validate on rank 0 (a ``val`` record); on a better mAP50 update ``best`` in place and write the best
     checkpoint. The ranks meet afterwards under DDP."""
     if dist.is_main and val_ds is not None:
-        res = _validate(ddp_model, val_ds, cfg, dist.device)
+        res = _validate(ddp_model, val_ds, cfg, dist.device, grouping)
         jlog.write(event="val", iteration=iteration, split=cfg.val_split, **res)
         m = res.get("mAP50")
         if m is not None and (best["mAP50"] is None or m > best["mAP50"]):

@@ -12,6 +12,8 @@ rule train_bestie:
         log=f"{OUT}/bestie/train_log.jsonl",
     params:
         p=lambda wc: stage_params("bestie"),
+        # the grouping of in-training validation and of the learning probe: that of the instances section
+        grouping=lambda wc: stage_params("instances", keys=GROUPING_KEYS),
         ds=lambda wc: dataset_params(),
         points=lambda wc, input: f"--points {input.points}" if input.points else "",
         launch=launcher(train_gpus()),
@@ -26,7 +28,7 @@ rule train_bestie:
         mem_mb=16000,
         runtime=1440,
     shell:
-        "BESTIE_RULE={rule} {params.launch} train-bestie --params {params.p:q} --dataset {params.ds:q} --wsss {input.wsss:q} "
+        "BESTIE_RULE={rule} {params.launch} train-bestie --params {params.p:q} --grouping {params.grouping:q} --dataset {params.ds:q} --wsss {input.wsss:q} "
         "{params.points} --out-checkpoint {output.checkpoint:q} --out-log {output.log:q} {params.device} "
         "> {log:q} 2>&1"
 

@@ -11,6 +11,7 @@ from snakemake.utils import validate
 sys.path.insert(0, os.path.dirname(os.path.abspath(workflow.main_snakefile)))
 from bestie.config import OVERRIDE_KEY, apply_overrides, coerce_by_schema, load_schema, rename_old_sections
 from bestie.errors import ConfigError
+from bestie.sections import GROUPING_KEYS
 
 # Command-line values, typed by the schema before it validates them (bestie.config's one strict parser):
 # `--config bestie='{max_iters: 10}'` arrives as {"max_iters": "10"}, and
