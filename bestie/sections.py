@@ -19,7 +19,7 @@ from bestie.wsss.crf import CrfParams
 
 __all__ = ["ClassifierConfig", "CamConfig", "WsssConfig", "BestieConfig", "InferenceConfig", "ExportConfig",
            "MaskRCNNConfig", "EvalConfig", "PredictConfig", "MODEL_KINDS", "BASELINE_KEYS",
-           "GROUPING_KEYS"]
+           "GROUPING_KEYS", "WORKFLOW_KEYS"]
 
 #: Defaults of the classifier's ``lr`` / ``weight_decay`` per optimizer (``null`` in the config).
 _DEFAULT_LR = {"sgd": 1e-3, "adamw": 1e-4}
@@ -32,6 +32,17 @@ BASELINE_KEYS = ("setting", "min_area", "point_threshold")
 #: Keys of the ``instances`` section that BESTIE training reads: the grouping of its in-training validation
 #: and learning probe (:class:`~bestie.params.GroupingParams`, :meth:`InferenceConfig.grouping_params`).
 GROUPING_KEYS = tuple(f.name for f in fields(GroupingParams))
+
+#: Keys that the workflow reads and the section's stage does not (they choose jobs, inputs or the rule's other
+#: params): the workflow leaves them out of the stage's params, so that changing one reruns no job that
+#: ignores it (``stage_params`` in ``workflow/rules/common.smk``).
+WORKFLOW_KEYS: dict[str, tuple[str, ...]] = {
+    "demo": ("generate",),
+    "classifier_pam": ("ensemble_seeds",),
+    "classifier_dense": ("ensemble_seeds",),
+    "wsss": ("import_png_dir",),
+    "predict": ("images", "model"),
+}
 
 #: Values of ``predict.model``: which checkpoint of a run the workflow's ``predict`` rule uses.
 MODEL_KINDS = ("maskrcnn", "bestie")

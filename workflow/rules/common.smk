@@ -11,7 +11,7 @@ from snakemake.utils import validate
 sys.path.insert(0, os.path.dirname(os.path.abspath(workflow.main_snakefile)))
 from bestie.config import OVERRIDE_KEY, apply_overrides, coerce_by_schema, load_schema, rename_old_sections
 from bestie.errors import ConfigError
-from bestie.sections import GROUPING_KEYS
+from bestie.sections import GROUPING_KEYS, WORKFLOW_KEYS
 
 # Command-line values, typed by the schema before it validates them (bestie.config's one strict parser):
 # `--config bestie='{max_iters: 10}'` arrives as {"max_iters": "10"}, and
@@ -60,11 +60,15 @@ wildcard_constraints:
 
 
 def stage_params(section, keys=None, **overrides):
-    """The config section of one stage as compact JSON: a rule's params, so that changing a key of
-    this stage reruns this stage (and, through its outputs, what follows) and nothing before it.
-    `keys`: only these keys of the section (a rule that reads a few keys of another stage's section);
-    `overrides` replace keys (an ensemble member's `seed`)."""
-    values = config[section] if keys is None else {k: config[section][k] for k in keys if k in config[section]}
+    """The keys of a config section that one stage reads, as compact JSON: a rule's params, so that
+    changing a key reruns exactly the stages that read it (and, through their outputs, what follows) and
+    nothing before them (tests/test_rerun_granularity.py checks every key).
+    Without `keys`: the whole section but the keys only the workflow reads (bestie.sections.WORKFLOW_KEYS,
+    e.g. `classifier_dense.ensemble_seeds`, `wsss.import_png_dir`); `keys`: only these keys (a rule that
+    reads a few keys of another stage's section); `overrides` replace keys (an ensemble member's `seed`)."""
+    if keys is None:
+        keys = [k for k in config[section] if k not in WORKFLOW_KEYS.get(section, ())]
+    values = {k: config[section][k] for k in keys if k in config[section]}
     return json.dumps({**values, **overrides}, sort_keys=True, separators=(",", ":"))
 
 

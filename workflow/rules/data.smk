@@ -6,7 +6,7 @@ rule demo_data:
         marker=os.path.join(config["dataset"]["root"], "demo.json"),
     params:
         launch=launcher(0),
-        root=config["dataset"]["root"],
+        root=lambda wc: config["dataset"]["root"],
         p=lambda wc: stage_params("demo"),
     log:
         f"{LOGS}/demo_data.log",

@@ -11,7 +11,7 @@ rule export_pseudo_labels:
         launch=launcher(0),
         p=lambda wc: stage_params("pseudo_labels"),
         ds=lambda wc: dataset_params(),
-        split=config["dataset"]["train_split"],
+        split=lambda wc: config["dataset"]["train_split"],
     log:
         f"{LOGS}/export_pseudo_labels.log",
     benchmark:

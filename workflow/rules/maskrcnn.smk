@@ -38,7 +38,7 @@ rule evaluate:
         launch=launcher(0),
         p=lambda wc: stage_params("evaluate"),
         ds=lambda wc: dataset_params(),
-        split=config["dataset"]["eval_split"],
+        split=lambda wc: config["dataset"]["eval_split"],
         device=device_flag(infer_gpus()),
     log:
         f"{LOGS}/evaluate.log",

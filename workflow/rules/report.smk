@@ -13,7 +13,7 @@ rule score_baseline:
     params:
         launch=launcher(0),
         ds=lambda wc: dataset_params(),
-        split=config["dataset"]["train_split"],
+        split=lambda wc: config["dataset"]["train_split"],
         # only the bestie keys the baseline reads: a change of bestie.lr does not rerun it
         p=lambda wc: stage_params("bestie", keys=BASELINE_KEYS),
         points=lambda wc, input: f"--points {input.points}" if input.points else "",
