@@ -15,7 +15,7 @@ from typing import Literal
 from bestie.data.transforms import DEFAULT_SCALES
 from bestie.errors import ConfigError
 from bestie.params import SETTINGS, GroupingParams, PseudoLabelParams, RefineParams
-from bestie.wsss.crf import CrfParams
+from bestie.wsss.crf import BG_SEED, FG_SEED, CrfParams
 
 __all__ = ["ClassifierConfig", "CamConfig", "WsssConfig", "BestieConfig", "InferenceConfig", "ExportConfig",
            "MaskRCNNConfig", "EvalConfig", "PredictConfig", "MODEL_KINDS", "BASELINE_KEYS",
@@ -232,8 +232,8 @@ class WsssConfig:
     crf_unary: str = "scores"
     crf_gt_prob: float = 0.7
     crf_scale: float = 1.0
-    fg_seed: float | None = 0.30
-    bg_seed: float | None = 0.05
+    fg_seed: float | None = FG_SEED
+    bg_seed: float | None = BG_SEED
     seed_mode: str = "raw"
     affinity_epochs: int = 8
     affinity_batch_size: int = 8

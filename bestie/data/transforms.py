@@ -60,6 +60,11 @@ DEFAULT_SCALES: tuple[float, ...] = tuple(round(0.7 + 0.1 * i, 1) for i in range
 #: Default image padding of random_crop: the ImageNet mean as 0..255 RGB.
 MEAN_PIXEL: tuple[int, int, int] = tuple(int(round(m * 255)) for m in IMAGENET_MEAN)  # type: ignore[assignment]
 
+#: label value of the pixels a crop pads (ignored by the losses and the metrics)
+IGNORE_LABEL = 255
+#: probability of the random horizontal flip
+FLIP_PROB = 0.5
+
 _CV_MAX_CHANNELS = 512
 
 
@@ -166,7 +171,7 @@ def random_crop(
     rng: np.random.Generator,
     crop_size: int | tuple[int, int],
     image_pad: Sequence[int] = MEAN_PIXEL,
-    label_pad: int = 255,
+    label_pad: int = IGNORE_LABEL,
 ) -> Sample:
     """Random ``crop_size`` crop; an image smaller than the crop is first padded on randomly chosen sides.
 
@@ -226,7 +231,7 @@ def random_crop(
     return out
 
 
-def hflip(sample: Sample, rng: np.random.Generator, p: float = 0.5) -> Sample:
+def hflip(sample: Sample, rng: np.random.Generator, p: float = FLIP_PROB) -> Sample:
     """Mirror left-right with probability ``p`` (one ``rng.random()`` draw); points ``x -> W - 1 - x``."""
     h, w = _check(sample)
     out = dict(sample)
@@ -364,7 +369,7 @@ class RandomScale:
 
 class RandomCrop:
     def __init__(
-        self, crop_size: int | tuple[int, int], image_pad: Sequence[int] = MEAN_PIXEL, label_pad: int = 255
+        self, crop_size: int | tuple[int, int], image_pad: Sequence[int] = MEAN_PIXEL, label_pad: int = IGNORE_LABEL
     ) -> None:
         self.crop_size, self.image_pad, self.label_pad = crop_size, tuple(image_pad), label_pad
 
@@ -376,7 +381,7 @@ class RandomCrop:
 
 
 class RandomHFlip:
-    def __init__(self, p: float = 0.5) -> None:
+    def __init__(self, p: float = FLIP_PROB) -> None:
         self.p = p
 
     def __call__(self, sample: Sample, rng: np.random.Generator) -> Sample:

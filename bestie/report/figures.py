@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 _LOSS_X_KEYS = ("iteration", "iter", "step", "epoch")
+#: longer side (pixels) of an image panel: larger images are shrunk, smaller ones enlarged by an integer factor
+MAX_SIDE = 720
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -276,7 +278,7 @@ def label_map_overlay(image: np.ndarray, label_map: np.ndarray, palette: np.ndar
 
 
 def semantic_panel(image: np.ndarray, label_maps: Sequence[np.ndarray | None], palette: np.ndarray,
-                   max_side: int = 720) -> np.ndarray:
+                   max_side: int = MAX_SIDE) -> np.ndarray:
     """``[image | map 1 | map 2 ...]`` panel of semantic label maps (a None map is skipped).
 
     Small images are enlarged by an integer factor (nearest neighbour) as in :func:`overlay_panel`, the
@@ -311,7 +313,7 @@ def overlay_panel(
     pred: Mapping[str, Any] | None,
     gt: Mapping[str, Any] | None,
     class_names: Sequence[str],
-    max_side: int = 720,
+    max_side: int = MAX_SIDE,
 ) -> np.ndarray:
     """Side-by-side ``[GT | prediction]`` panel (the GT half is omitted when ``gt`` is None).
 

@@ -87,6 +87,15 @@ _FRACTION_KEYS = ("mAP25", "mAP50", "mAP70", "mAP75", "AP", "AP50", "AP75")
 LOSS_KEYS: dict[str, tuple[str, ...] | None] = {"bestie_log": ("total", "seg", "center", "offset")}
 #: at most this many instances are drawn per overlay image (highest scores first)
 MAX_DRAWN = 12
+#: images per overlay section
+NUM_OVERLAYS = 4
+#: overlays draw the instances scoring at least this when no F1-best threshold is given
+OVERLAY_SCORE = 0.5
+#: mask IoU at which detections match GT for the F1-best threshold and the precision-recall curve
+MATCH_IOU = 0.5
+#: images with GT scored for the F1-best threshold / for the report's own precision-recall curve
+F1_MAX_IMAGES = 200
+PR_MAX_IMAGES = 500
 
 
 @dataclass
@@ -359,7 +368,7 @@ def _gt(dataset: Any, image_id: str) -> dict[str, np.ndarray] | None:
 
 
 def best_f1_threshold(
-    pairs: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]], num_classes: int, iou: float = 0.5
+    pairs: Iterable[tuple[Mapping[str, Any], Mapping[str, Any]]], num_classes: int, iou: float = MATCH_IOU
 ) -> tuple[float | None, dict[str, Any]]:
     """The score threshold of the best F1 over a set of images, at mask IoU ``>= iou``.
 
@@ -432,8 +441,8 @@ def _image_shape(dataset: Any, image_id: str, gt: Mapping[str, Any] | None) -> t
     return tuple(dataset.image(image_id).shape[:2])  # type: ignore[return-value]
 
 
-def prediction_threshold(dataset: Any, predictions_json: str | os.PathLike, max_images: int = 200,
-                         iou: float = 0.5) -> tuple[float | None, dict[str, Any]]:
+def prediction_threshold(dataset: Any, predictions_json: str | os.PathLike, max_images: int = F1_MAX_IMAGES,
+                         iou: float = MATCH_IOU) -> tuple[float | None, dict[str, Any]]:
     """:func:`best_f1_threshold` of a COCO results file of ``bestie evaluate`` over the first ``max_images``
     images with GT (dataset order)."""
     from bestie.io.coco_json import category_ids
@@ -449,8 +458,8 @@ def prediction_threshold(dataset: Any, predictions_json: str | os.PathLike, max_
     return best_f1_threshold(pairs(), dataset.num_classes, iou)
 
 
-def instances_threshold(dataset: Any, instances_h5: str | os.PathLike, max_images: int = 200,
-                        iou: float = 0.5) -> tuple[float | None, dict[str, Any]]:
+def instances_threshold(dataset: Any, instances_h5: str | os.PathLike, max_images: int = F1_MAX_IMAGES,
+                        iou: float = MATCH_IOU) -> tuple[float | None, dict[str, Any]]:
     """:func:`best_f1_threshold` of an instances HDF5 of ``bestie predict-instances`` over the first
     ``max_images`` images with GT (dataset order)."""
     from bestie.io.h5store import H5Reader
@@ -461,8 +470,8 @@ def instances_threshold(dataset: Any, instances_h5: str | os.PathLike, max_image
 
 
 def overlays_from_predictions(
-    dataset: Any, predictions_json: str | os.PathLike, num: int = 4, score_threshold: float | None = 0.5,
-    max_drawn: int = MAX_DRAWN,
+    dataset: Any, predictions_json: str | os.PathLike, num: int = NUM_OVERLAYS,
+    score_threshold: float | None = OVERLAY_SCORE, max_drawn: int = MAX_DRAWN,
 ) -> list[OverlaySample]:
     """Overlays of COCO results with an ``image_key`` field (the predictions JSON of ``bestie evaluate``).
 
@@ -488,8 +497,8 @@ def overlays_from_predictions(
 
 
 def overlays_from_instances(
-    dataset: Any, instances_h5: str | os.PathLike, num: int = 4, score_threshold: float | None = 0.5,
-    max_drawn: int = MAX_DRAWN,
+    dataset: Any, instances_h5: str | os.PathLike, num: int = NUM_OVERLAYS,
+    score_threshold: float | None = OVERLAY_SCORE, max_drawn: int = MAX_DRAWN,
 ) -> list[OverlaySample]:
     """Overlays of an instances HDF5 of ``bestie predict-instances`` (arrays ``masks``, ``labels``,
     ``scores`` per image id), first ``num`` images with GT, instances with ``score >= score_threshold``
@@ -509,7 +518,7 @@ def overlays_from_instances(
     return out
 
 
-def overlays_from_wsss(dataset: Any, wsss_h5: str | os.PathLike, num: int = 4) -> list[ImagePanel]:
+def overlays_from_wsss(dataset: Any, wsss_h5: str | os.PathLike, num: int = NUM_OVERLAYS) -> list[ImagePanel]:
     """``image | WSSS map | GT semantic map`` panels of the first ``num`` images of a WSSS store
     (``wsss`` arrays, 0 background, ``c + 1`` class ``c``, 255 uncertain), in the VOC colour map; the GT
     part is left out where the dataset has no semantic GT (COCO).
@@ -532,8 +541,8 @@ def overlays_from_wsss(dataset: Any, wsss_h5: str | os.PathLike, num: int = 4) -
     return out
 
 
-def pr_curve_from_instances(dataset: Any, instances_h5: str | os.PathLike, iou: float = 0.5,
-                            max_images: int | None = 500) -> dict[str, Any] | None:
+def pr_curve_from_instances(dataset: Any, instances_h5: str | os.PathLike, iou: float = MATCH_IOU,
+                            max_images: int | None = PR_MAX_IMAGES) -> dict[str, Any] | None:
     """Precision-recall curve of an instances HDF5 against the dataset's GT, as ``bestie evaluate``
     computes it for the Mask R-CNN (:func:`bestie.stages.evaluate.pr_curves`, COCOeval segm), over the
     first ``max_images`` images with GT (None: all). None without such images.
@@ -840,7 +849,7 @@ def run_workflow_report(
     out_html: str | os.PathLike,
     out_metrics: str | os.PathLike,
     *,
-    num_overlays: int = 4,
+    num_overlays: int = NUM_OVERLAYS,
 ) -> dict[str, Any]:
     """The workflow's ``report`` rule: combined metrics JSON + HTML page of one run.
 

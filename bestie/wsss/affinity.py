@@ -69,6 +69,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 IGNORE = 255
+#: random-walk settings of :func:`propagate_cams` / :func:`affinity_scores` (AffinityNet: radius 5 grid pixels,
+#: ``aff ** 8``, ``2 ** 8`` steps)
+WALK_RADIUS = 5
+WALK_BETA = 8.0
+WALK_LOGT = 8
 _PAD_MULTIPLE = 32
 
 
@@ -494,9 +499,9 @@ def propagate_cams(
     image: np.ndarray,
     maps: np.ndarray,
     *,
-    radius: int = 5,
-    beta: float = 8.0,
-    logt: int = 8,
+    radius: int = WALK_RADIUS,
+    beta: float = WALK_BETA,
+    logt: int = WALK_LOGT,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Random-walk propagation of score maps over the affinities of one image, at the image size.
@@ -537,9 +542,9 @@ def affinity_scores(
     bg_mode: str = "threshold",
     bg_threshold: float = 0.35,
     bg_power: float = 16.0,
-    radius: int = 5,
-    beta: float = 8.0,
-    logt: int = 8,
+    radius: int = WALK_RADIUS,
+    beta: float = WALK_BETA,
+    logt: int = WALK_LOGT,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """Scores ``[background, class 1..K]`` after the random walk; their argmax is the label map.

@@ -41,6 +41,9 @@ __all__ = [
 ]
 
 IGNORE = 255
+#: confident-seed thresholds of the uncertain rule (IRN: foreground CAM > 0.30, background CAM < 0.05)
+FG_SEED = 0.30
+BG_SEED = 0.05
 _PROB_CLIP = 1e-5
 
 
@@ -285,8 +288,8 @@ def seed_map(
     cams: np.ndarray,
     classes: Sequence[int],
     *,
-    fg_seed: float = 0.30,
-    bg_seed: float = 0.05,
+    fg_seed: float = FG_SEED,
+    bg_seed: float = BG_SEED,
     mode: str = "raw",
     crf_params: CrfParams = CrfParams(),
 ) -> np.ndarray:
@@ -367,8 +370,8 @@ def cams_to_wsss(
     bg_threshold: float,
     crf: bool = True,
     crf_params: CrfParams = CrfParams(),
-    fg_seed: float | None = 0.30,
-    bg_seed: float | None = 0.05,
+    fg_seed: float | None = FG_SEED,
+    bg_seed: float | None = BG_SEED,
     seed_mode: str = "raw",
     return_dense: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
