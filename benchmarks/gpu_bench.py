@@ -164,7 +164,8 @@ def bench_infer(backbone: str, amp: bool, images: int, device, height: int = 375
 
     from bestie import engine
     from bestie.models.instance import BestieNet
-    from bestie.stages.predict_instances import InferenceConfig, _instances_from_maps, predict_maps
+    from bestie.inference import _instances_from_maps, predict_maps
+    from bestie.sections import InferenceConfig
 
     torch.manual_seed(0)
     model = BestieNet(backbone, NUM_CLASSES, None, "light", warn_random=False).to(device).eval()

@@ -156,7 +156,7 @@ class _MaskRCNNPredictor(_Predictor):
 
     def __init__(self, path: Path, extra: Mapping[str, Any], state: Mapping[str, Any], cfg: PredictConfig,
                  device: torch.device) -> None:
-        from bestie.stages.evaluate import load_maskrcnn
+        from bestie.maskrcnn_inference import load_maskrcnn
 
         _require(extra, ("model_spec", "class_names", "category_ids", "inference"), path, "Mask R-CNN",
                  "bestie train-maskrcnn")
@@ -227,7 +227,8 @@ class _BestiePredictor(_Predictor):
 
     def __init__(self, path: Path, extra: Mapping[str, Any], cfg: PredictConfig, device: torch.device) -> None:
         from bestie.config import from_dict, to_dict
-        from bestie.stages.predict_instances import InferenceConfig, load_bestie_model
+        from bestie.inference import load_bestie_model
+        from bestie.sections import InferenceConfig
 
         _require(extra, ("model_config", "mean", "std", "class_names", "category_ids", "inference"),
                  path, "BESTIE", "bestie train-bestie")
@@ -252,7 +253,7 @@ class _BestiePredictor(_Predictor):
     def predict(self, images: Sequence[np.ndarray]) -> list[dict[str, Any]]:
         """Instances of each image: ``masks`` ``(N, h, w)`` bool, ``labels`` 0-based, ``scores``, by
         descending score (:func:`bestie.stages.predict_instances.predict_image`), scores ``>= score_threshold``."""
-        from bestie.stages.predict_instances import predict_image
+        from bestie.inference import predict_image
 
         out = []
         for im in images:
