@@ -172,6 +172,7 @@ def _demo_config(changes: dict[str, dict[str, Any]] | None = None) -> dict[str, 
 
 def test_every_key_of_every_section_changes_exactly_the_params_of_its_readers(workdir: Path):
     props = _schema_props()
+    assert set(SECTIONS) == {name for name, prop in props.items() if prop.get("type") == "object"}  # every section
     faults: list[str] = []
     keys_done: set[tuple[str, str]] = set()
     rules_seen: set[str] = set()
