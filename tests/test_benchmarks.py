@@ -39,7 +39,7 @@ def quick_run(tmp_path_factory):
 def test_document_and_machine(quick_run):
     doc, stdout = quick_run
     assert doc["schema"] == 1 and doc["quick"] is True
-    assert set(doc["benchmarks"]) == {"core", "eval", "stages", "dag"}
+    assert set(doc["benchmarks"]) == {"core", "eval", "stages", "dag", "step"}
     m = doc["machine"]
     assert m["cpu_count"] >= 1 and m["torch_threads"] == 1
     assert m["versions"]["torch"] and m["versions"]["numpy"]
@@ -54,7 +54,7 @@ def test_document_and_machine(quick_run):
     assert "| benchmark | value | target |" in stdout
     assert len(doc["summary"]) >= 5
     for row in doc["summary"]:
-        assert row["value"] > 0, row
+        assert row["unit"] == "ratio" or row["value"] > 0, row  # a ratio of differences may be <= 0 in --quick
         if row["unit"] not in ("images/s", "images/CPU-s") and not row["name"].endswith("peak RSS"):
             assert row["name"] in stdout  # first table; the stages have their own
     if "per_factor" in doc["benchmarks"]["stages"]:
@@ -75,6 +75,19 @@ def test_core_and_eval(quick_run):
     assert 0.5 < ev["mAP50"] <= 1.0
     assert 0.0 <= ev["mAP75"] <= ev["mAP50"]  # a TP at IoU 0.75 is a TP at 0.5
     assert ev["target_s_scaled"] == pytest.approx(30.0 * 100 / 1449, abs=1e-3)
+
+
+def test_step(quick_run):
+    st = quick_run[0]["benchmarks"]["step"]
+    assert st["config"]["batch"] == 2 and st["config"]["crop"] == 128 and st["config"]["threads"] == 1
+    assert set(st["phases"]) == {"target_render", "forward", "refinement", "loss", "backward", "optimizer"}
+    for r in [st["data"], st["step"], st["floor"], *st["phases"].values()]:
+        assert r["n"] == 1 and r["median_s"] >= 0 and r["cpu_median_s"] >= 0
+    assert st["floor"]["median_s"] > 0 and st["step"]["median_s"] > 0
+    assert st["overhead_ratio"] == pytest.approx((st["step"]["cpu_median_s"] - st["floor"]["cpu_median_s"])
+                                                 / st["floor"]["cpu_median_s"], abs=1e-3)
+    # the planted heads make refinement group every component: refined targets on a real share of the pixels
+    assert 0.02 * 2 * 128 * 128 < st["refined_pixels"] < 2 * 128 * 128
 
 
 def test_stages(quick_run):
