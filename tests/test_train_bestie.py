@@ -274,20 +274,20 @@ def test_kill_resume_matches_straight_run_and_names_checkpoints(inputs, tmp_path
 
     # 2) the same run killed during iteration 3 (after the partial checkpoint of iteration 2) ...
     b_ckpt, b_log = tmp_path / "b" / "model.pt", tmp_path / "b" / "log.jsonl"
-    real_check = engine.check_finite
+    real_step = tb.train_step
 
-    def killing_check(losses, iteration):
+    def killing_step(model, batch, loss_fn, cfg_, iteration, *args, **kw):
         if iteration == 2:
             raise _Killed("simulated kill")
-        real_check(losses, iteration)
+        return real_step(model, batch, loss_fn, cfg_, iteration, *args, **kw)
 
-    monkeypatch.setattr(engine, "check_finite", killing_check)
+    monkeypatch.setattr(tb, "train_step", killing_step)
     with pytest.raises(_Killed):
         tb.run(cfg, ds_cfg, wsss, points, b_ckpt, b_log, device="cpu")
     partial = tb.partial_checkpoint_path(b_ckpt)
     assert partial.name == "model.pt.partial" and not b_ckpt.exists()
     assert _state(partial)["iteration"] == 2 and _state(partial)["extra"]["kind"] == "partial"
-    monkeypatch.setattr(engine, "check_finite", real_check)
+    monkeypatch.setattr(tb, "train_step", real_step)
 
     # ... a different config must not resume from it ...
     with pytest.raises(ConfigError, match="lr"):

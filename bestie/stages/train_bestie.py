@@ -116,14 +116,17 @@ def train_step(
     refined = None
     if cfg.refine and iteration >= cfg.refine_iter:
         labels = [torch.nonzero(row > 0.5).flatten().tolist() for row in batch["labels"]]
-        points = [batch["points"][i, : int(n)].to(device) for i, n in enumerate(batch["num_points"])]
+        points = None  # read in the point setting only (host tensors: no copy)
+        if cfg.setting == "point":
+            points = [batch["points"][i, : int(n)] for i, n in enumerate(batch["num_points"])]
         with torch.no_grad():
             refined = refine_targets(
                 out["seg"].detach(), out["center"].detach(), out["offset"].detach(), semantic, labels, points,
                 pseudo=cfg.pseudo_label_params(), refine=cfg.refine_params(),
             )
     losses = dict(loss_fn(out, pseudo, refined, semantic))
-    losses["refined"] = torch.tensor(1.0 if refined is not None else 0.0, device=device)
+    # a constant made on the device (torch.tensor(x, device=...) would copy a host value)
+    losses["refined"] = torch.full((), 1.0 if refined is not None else 0.0, device=device)
     # Share of the batch's pixels that carry a refined target: 0 while the centre head stays below
     # center_threshold_refine (image setting), in which case the refined terms are 0 and only halve the
     # pseudo terms, as in the public code. Logged so that an inert refinement is visible.
@@ -300,7 +303,8 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     bar = progress(total=cfg.max_iters, initial=start_iter, desc="bestie", disable=not dist.is_main)
     trainer.train_loop(start_iter, cfg.max_iters, step, optimization, objective="total", log_every=cfg.log_every,
                        on_log=records.write, after_step=records.add, not_guarded=_DIAGNOSTIC_KEYS,
-                       periodic=[(cfg.checkpoint_every, save_partial), (cfg.val_every, validate)], bar=bar)
+                       periodic=[(cfg.checkpoint_every, save_partial), (cfg.val_every, validate)], bar=bar,
+                       guard_at_log=True)
     bar.close()
     validate(cfg.max_iters)
     summary = records.summary(start_iter, out_checkpoint, best, train_ds.num_skipped_empty)
