@@ -52,6 +52,7 @@ __all__ = [
     "render_pseudo_targets",
     "render_targets",
     "MAX_COMPONENTS",
+    "paste_gaussians",
 ]
 
 
@@ -408,15 +409,32 @@ def render_targets(
         center = torch.from_numpy(np.zeros((b_, num_classes, h, w), dtype=np.float32))
     else:
         center = torch.zeros((b_, num_classes, h, w), dtype=torch.float32, device=dev)
-    kernel = _kernel_on(check_sigma(sigma), str(dev))
+    paste_gaussians(center, gaussians.to(dev).long(), None, sigma)
+    return {"center": center, "offset": offset, "weight": weight}
+
+
+def paste_gaussians(center, where, valid, sigma: float) -> None:
+    """Paste the Gaussian kernel (:func:`gaussian_kernel`) into ``center`` in place with a maximum, batched:
+    the device counterpart of :func:`draw_gaussian` (clipped at the border, peaks outside draw nothing).
+
+    Args:
+        center: ``(B, C, H, W)`` float32 tensor, values ``>= 0``.
+        where: ``(G, 4)`` int64 tensor ``[sample, class, y, x]`` on ``center``'s device.
+        valid: ``(G,)`` bool tensor (rows to paste) or None (all rows).
+        sigma: of the kernel (pixels).
+    """
+    import torch
+
+    b_, num_classes, h, w = center.shape
+    kernel = _kernel_on(check_sigma(sigma), str(center.device))
     r = kernel.shape[0] // 2
-    d = torch.arange(-r, r + 1, device=dev)
-    g = gaussians.to(dev).long()
-    py = g[:, 2:3, None] + d.view(1, -1, 1)  # (G, 2r+1, 1)
-    px = g[:, 3:4, None] + d.view(1, 1, -1)  # (G, 1, 2r+1)
+    d = torch.arange(-r, r + 1, device=center.device)
+    py = where[:, 2:3, None] + d.view(1, -1, 1)  # (G, 2r+1, 1)
+    px = where[:, 3:4, None] + d.view(1, 1, -1)  # (G, 1, 2r+1)
     ok = (py >= 0) & (py < h) & (px >= 0) & (px < w)
-    flat = ((g[:, 0, None, None] * num_classes + g[:, 1, None, None]) * h + py) * w + px
+    if valid is not None:
+        ok = ok & valid.view(-1, 1, 1)
+    flat = ((where[:, 0, None, None] * num_classes + where[:, 1, None, None]) * h + py) * w + px
     flat = torch.where(ok, flat, 0)
     vals = torch.where(ok, kernel.unsqueeze(0), 0.0)
     center.view(-1).scatter_reduce_(0, flat.reshape(-1), vals.reshape(-1), reduce="amax")
-    return {"center": center, "offset": offset, "weight": weight}

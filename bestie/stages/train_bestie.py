@@ -160,9 +160,14 @@ def _refine(out: Mapping[str, torch.Tensor], semantic: torch.Tensor, batch: Mapp
     points = None  # read in the point setting only (host tensors: no copy)
     if cfg.setting == "point":
         points = [batch["points"][i, : int(n)] for i, n in enumerate(batch["num_points"])]
+    components = None  # the loader's WSSS components: the device path needs no host copy of the maps
+    if "components" in batch:
+        dev = semantic.device
+        components = tuple(batch[k].to(dev, non_blocking=True) for k in ("components", "table", "first_row"))
     with torch.no_grad():
         return refine_targets(out["seg"].detach(), out["center"].detach(), out["offset"].detach(), semantic, labels,
-                              points, pseudo=cfg.pseudo_label_params(), refine=cfg.refine_params())
+                              points, pseudo=cfg.pseudo_label_params(), refine=cfg.refine_params(),
+                              components=components)
 
 
 def _losses(loss_fn: torch.nn.Module, out: Mapping[str, torch.Tensor], pseudo: Mapping[str, torch.Tensor],
