@@ -16,7 +16,7 @@ light heads and random weights: the time does not depend on the weights):
   step's diagnostics), ``backward``, ``optimizer`` (Adam + scheduler);
 - ``step``: the whole training step as the training loop runs it (:func:`bestie.stages.train_bestie.train_step`
   + :meth:`bestie.trainer.Optimization.step`), timed as one;
-- ``floor``: the network alone, forward + backward of ``sum(mean(output))`` on the same batch.
+- ``floor``: the network alone, forward + backward (fixed dense output gradients, no loss) on the same batch.
 
 The headline is ``overhead_ratio = (step - floor) / floor`` (CPU time on the CPU, GPU time on CUDA), the
 share of an iteration spent outside the network; both terms come from the same run.
@@ -251,12 +251,17 @@ def _phases_before(s: dict[str, Any], timer: _Timer, it: int, device: torch.devi
 
 
 def _floor(s: dict[str, Any], device: torch.device) -> None:
-    """Forward + backward of the network alone on the batch."""
+    """Forward + backward of the network alone on the batch: the outputs are back-propagated with fixed dense
+    gradients made once (no loss at all; a ``mean()`` would feed the heads broadcast gradients)."""
     model, opt = s["model"], s["optimization"].optimizer
     images = s["batch"]["image"].to(device)
     opt.zero_grad(set_to_none=True)
     out = model(images)
-    sum(v.float().mean() for v in out.values()).backward()
+    if "floor_grads" not in s:
+        gen = torch.Generator().manual_seed(1)
+        s["floor_grads"] = {k: (torch.randn(v.shape, generator=gen) * 1e-6).to(device) for k, v in out.items()}
+    keys = sorted(out)
+    torch.autograd.backward([out[k] for k in keys], [s["floor_grads"][k] for k in keys])
 
 
 def _step(s: dict[str, Any], it: int, device: torch.device) -> None:

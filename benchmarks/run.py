@@ -141,7 +141,9 @@ def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     core = b.get("core", {})
     if "error" not in core:
-        for key, label in (("make_pseudo_instance_labels", "pseudo labels, 416x416, 5 components"),
+        for key, label in (("pseudo_instance_components", "pseudo labels (compact), 416x416, 5 components"),
+                           ("targets_batch_dense", "pseudo targets of 8 x 416x416, dense + stacked (before)"),
+                           ("targets_batch_compact", "pseudo targets of 8 x 416x416, compact + rendered"),
                            ("refine_targets", "self-refinement, batch 8 x 416x416"),
                            ("get_instances", "inference grouping, 500x375, 5 instances")):
             if key in core:

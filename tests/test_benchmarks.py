@@ -64,7 +64,9 @@ def test_document_and_machine(quick_run):
 
 def test_core_and_eval(quick_run):
     b = quick_run[0]["benchmarks"]
-    for key, target in (("make_pseudo_instance_labels", 2.0), ("refine_targets", 100.0), ("get_instances", 30.0)):
+    assert b["core"]["make_pseudo_instance_labels"]["median_ms"] > 0
+    assert b["core"]["targets_batch_compact"]["equal_to_dense"] is True  # the rendered batch = the dense one
+    for key, target in (("pseudo_instance_components", 2.0), ("refine_targets", 100.0), ("get_instances", 30.0)):
         r = b["core"][key]
         assert 0 < r["min_ms"] <= r["median_ms"]
         assert r["target_ms"] == target
