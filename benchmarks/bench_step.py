@@ -142,7 +142,8 @@ class _Timer:
                 for k, v in self.wall.items()}
 
 
-def _setup(batch: int, crop: int, backbone: str, device: torch.device, tmp: Path) -> dict[str, Any]:
+def _setup(batch: int, crop: int, backbone: str, device: torch.device, tmp: Path, amp: bool = False,
+           channels_last: bool = False) -> dict[str, Any]:
     """Dataset, loader collate, planted network, loss, optimisation of the benchmark."""
     from bestie import engine, trainer
     from bestie.instance_data import BestieTrainDataset
@@ -151,7 +152,7 @@ def _setup(batch: int, crop: int, backbone: str, device: torch.device, tmp: Path
 
     torch.manual_seed(0)
     cfg = BestieConfig(backbone=backbone, weights=None, batch_size=batch, crop_size=crop, refine_iter=0,
-                       amp=False)
+                       amp=amp)
     ds = SceneDataset(4 * batch, size=crop)
     wsss_p, pts_p = ds.write_stores(tmp)
     train_ds = BestieTrainDataset(ds, wsss_p, pts_p, pseudo=cfg.pseudo_label_params(), crop_size=crop,
@@ -163,16 +164,21 @@ def _setup(batch: int, crop: int, backbone: str, device: torch.device, tmp: Path
                     fusion_channels=cfg.fusion_channels, hrnet_fusion=cfg.hrnet_fusion, bn_momentum=cfg.bn_momentum,
                     warn_random=False).to(device).train()
     fixed = collate([train_ds[(i, 0)] for i in range(batch)])
+    if device.type == "cuda":  # as the training loader gives it (pin_memory)
+        fixed = {k: v.pin_memory() for k, v in fixed.items()}
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
     center, offset = _dense_targets(fixed, cfg, device)
     gen = torch.Generator().manual_seed(0)
     center = center + torch.rand(center.shape, generator=gen).to(device) * 0.05
     offset = offset + torch.randn(offset.shape, generator=gen).to(device)
     model = PlantedHeads(net, center, offset).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    use_amp = amp and device.type == "cuda"
     optimization = trainer.Optimization(opt, engine.WarmupPolyLR(opt, cfg.warmup_iters, cfg.max_iters,
-                                                                 cfg.poly_power), engine.create_grad_scaler(device, False))
+                                                                 cfg.poly_power), engine.create_grad_scaler(device, use_amp))
     return {"cfg": cfg, "train_ds": train_ds, "collate": collate, "model": model, "batch": fixed,
-            "loss_fn": _make_loss(cfg).to(device), "optimization": optimization}
+            "loss_fn": _make_loss(cfg).to(device), "optimization": optimization, "amp": use_amp}
 
 
 def _dense_targets(batch: dict[str, Any], cfg: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,7 +200,7 @@ def _phases(s: dict[str, Any], timer: _Timer, it: int, device: torch.device) -> 
     if "timer" not in inspect.signature(tb.train_step).parameters:
         _phases_before(s, timer, it, device)
         return
-    losses = tb.train_step(s["model"], s["batch"], s["loss_fn"], s["cfg"], it, device, timer=timer)
+    losses = tb.train_step(s["model"], s["batch"], s["loss_fn"], s["cfg"], it, device, amp=s["amp"], timer=timer)
     _backward_optimizer(s, timer, losses)
 
 
@@ -256,10 +262,14 @@ def _floor(s: dict[str, Any], device: torch.device) -> None:
     model, opt = s["model"], s["optimization"].optimizer
     images = s["batch"]["image"].to(device)
     opt.zero_grad(set_to_none=True)
-    out = model(images)
+    from bestie import engine
+
+    with engine.autocast_context(device, s["amp"]):
+        out = model(images)
     if "floor_grads" not in s:
         gen = torch.Generator().manual_seed(1)
-        s["floor_grads"] = {k: (torch.randn(v.shape, generator=gen) * 1e-6).to(device) for k, v in out.items()}
+        s["floor_grads"] = {k: (torch.randn(v.shape, generator=gen) * 1e-6).to(device, v.dtype)
+                            for k, v in out.items()}
     keys = sorted(out)
     torch.autograd.backward([out[k] for k in keys], [s["floor_grads"][k] for k in keys])
 
@@ -267,12 +277,12 @@ def _floor(s: dict[str, Any], device: torch.device) -> None:
 def _step(s: dict[str, Any], it: int, device: torch.device) -> None:
     from bestie.stages.train_bestie import train_step
 
-    losses = train_step(s["model"], s["batch"], s["loss_fn"], s["cfg"], it, device)
+    losses = train_step(s["model"], s["batch"], s["loss_fn"], s["cfg"], it, device, amp=s["amp"])
     s["optimization"].step(losses["total"])
 
 
 def run(batch: int = 8, crop: int = 416, iters: int = 5, warmup: int = 1, backbone: str = "tf_efficientnet_lite0",
-        device: str = "cpu") -> dict[str, Any]:
+        device: str = "cpu", amp: bool = False, channels_last: bool = False) -> dict[str, Any]:
     """The breakdown (module docstring); returns the JSON-serialisable result.
 
     Args:
@@ -280,6 +290,8 @@ def run(batch: int = 8, crop: int = 416, iters: int = 5, warmup: int = 1, backbo
         iters, warmup: timed and untimed repetitions of each measurement (interleaved: phases, step, floor).
         backbone: the encoder (random weights).
         device: ``"cpu"`` (one thread) or ``"cuda"``.
+        amp: bf16 autocast (CUDA only, as training's ``bestie.amp``); channels_last: the network in that
+            memory format.
 
     Returns:
         ``{"config", "data", "phases": {name: {"median_s", "min_s", "cpu_median_s", "n"}}, "step", "floor",
@@ -292,7 +304,7 @@ def run(batch: int = 8, crop: int = 416, iters: int = 5, warmup: int = 1, backbo
         torch.set_num_threads(1)
         cv2.setNumThreads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        s = _setup(batch, crop, backbone, dev, Path(tmp))
+        s = _setup(batch, crop, backbone, dev, Path(tmp), amp, channels_last)
         timer = _Timer(dev)
         keys = [(i % len(s["train_ds"]), 1 + i // len(s["train_ds"])) for i in range(batch * (iters + warmup))]
         for r in range(warmup + iters):
@@ -303,12 +315,15 @@ def run(batch: int = 8, crop: int = 416, iters: int = 5, warmup: int = 1, backbo
             timer("step", lambda: _step(s, r, dev), rec)
             timer("floor", lambda: _floor(s, dev), rec)
         refined = _refined_pixels(s, dev)
+        syncs = _count_syncs(s, dev) if dev.type == "cuda" else None
     med = timer.medians()
     key = "cpu_median_s" if dev.type == "cpu" else "median_s"
     step, floor = med["step"][key], med["floor"][key]
     return {
         "config": {"batch": batch, "crop": crop, "backbone": backbone, "num_classes": NUM_CLASSES, "iters": iters,
-                   "warmup": warmup, "device": str(dev), "threads": torch.get_num_threads(), "time": key},
+                   "warmup": warmup, "device": str(dev), "threads": torch.get_num_threads(), "time": key,
+                   "amp": s["amp"], "channels_last": channels_last,
+                   "tf32": bool(torch.backends.cuda.matmul.allow_tf32) if dev.type == "cuda" else None},
         "data": med["data"],
         "phases": {k: med[k] for k in PHASES if k in med},
         "step": med["step"],
@@ -318,7 +333,26 @@ def run(batch: int = 8, crop: int = 416, iters: int = 5, warmup: int = 1, backbo
         "overhead_ratio": round((step - floor) / floor, 4),
         "overhead_ratio_wall": round((med["step"]["median_s"] - med["floor"]["median_s"]) / med["floor"]["median_s"], 4),
         "refined_pixels": refined,
+        "syncs_per_step": syncs,
     }
+
+
+def _count_syncs(s: dict[str, Any], dev: torch.device) -> dict[str, Any]:
+    """Host-device synchronisations of one training step (``train_step`` + ``Optimization.step``), as
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports them: ``{"count", "first": [messages]}``."""
+    import warnings
+
+    torch.cuda.synchronize(dev)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            _step(s, 10_000, dev)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize(dev)
+    msgs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message).lower()]
+    return {"count": len(msgs), "first": msgs[:5]}
 
 
 def _refined_pixels(s: dict[str, Any], dev: torch.device) -> int:
@@ -326,7 +360,7 @@ def _refined_pixels(s: dict[str, Any], dev: torch.device) -> int:
     from bestie.stages.train_bestie import train_step
 
     with torch.no_grad():
-        losses = train_step(s["model"], s["batch"], s["loss_fn"], s["cfg"], 0, dev)
+        losses = train_step(s["model"], s["batch"], s["loss_fn"], s["cfg"], 0, dev, amp=s["amp"])
     b, _, h, w = s["batch"]["image"].shape
     return int(round(float(losses["refined_pixel_share"]) * b * h * w))
 
@@ -339,12 +373,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--backbone", default="tf_efficientnet_lite0")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--quick", action="store_true", help="batch 2 x 128 px, 1 timed iteration: a smoke run")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
         args.batch, args.crop, args.iters, args.warmup = 2, 128, 1, 1
-    res = run(args.batch, args.crop, args.iters, args.warmup, args.backbone, args.device)
+    res = run(args.batch, args.crop, args.iters, args.warmup, args.backbone, args.device, args.amp, args.channels_last)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out is not None:

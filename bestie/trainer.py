@@ -8,7 +8,8 @@ helper, the model / data / loss in the training script), a trainer here is:
 2. **resume**: :func:`resume` from ``<out_checkpoint>.partial`` when it exists, refusing a state written
    with other settings (:class:`~bestie.errors.ConfigError` naming the differing keys);
 3. **train**: :func:`train_loop` runs the iterations: the trainer's step (forward + loss), the NaN / inf
-   guard (:func:`bestie.engine.check_finite`), :meth:`Optimization.step` (backward, optional gradient
+   guard (:func:`bestie.engine.check_finite` per iteration, or :class:`FiniteGuard` on the device, read at
+   log time: BESTIE's no-sync step), :meth:`Optimization.step` (backward, optional gradient
    clipping, optimizer, GradScaler and scheduler steps), the trainer's per-iteration bookkeeping, a log
    record every ``log_every`` iterations and at the last one, periodic actions (checkpoint, validation)
    every ``n`` iterations before the last. :class:`LogWindow` keeps the loss sums of a log window on the

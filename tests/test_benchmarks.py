@@ -143,15 +143,22 @@ def test_gpu_bench_refuses_without_cuda():
     assert "no CUDA device" in proc.stderr
 
 
-def test_gpu_bench_batch_shapes():
-    from benchmarks.gpu_bench import make_batch
+def test_gpu_bench_on_cpu_writes_every_variant(tmp_path):
+    """gpu_bench with --allow-cpu and tiny sizes: each training variant's phases, floor and step, the
+    planted heads' refined pixels, the inference entries, the summary keys (figures not asserted)."""
+    out = tmp_path / "g" / "gpu_bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_bench", "--allow-cpu", "--backbone",
+                           "tf_efficientnet_lite0", "--batch", "2", "--crop", "64", "--iters", "1", "--warmup", "1",
+                           "--infer-images", "1", "--out", str(out)], cwd=ROOT, env=_env(CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    from benchmarks.gpu_bench import TRAIN_VARIANTS
 
-    b = make_batch(3, 96)
-    assert b["image"].shape == (3, 3, 96, 96)
-    assert b["center"].shape == (3, 20, 96, 96) and b["offset"].shape == (3, 2, 96, 96)
-    assert b["semantic"].shape == (3, 96, 96) and b["weight"].shape == (3, 96, 96)
-    # the bench_core scene: 5 components of 3 classes (3, 8, 15), one point each
-    assert b["labels"].sum(dim=1).tolist() == [3.0, 3.0, 3.0]
-    assert b["num_points"].tolist() == [5, 5, 5]
-    # sample 1 is the mirror image of sample 0
-    assert (b["semantic"][1] == b["semantic"][0].flip(-1)).all()
+    for name, _ in TRAIN_VARIANTS:
+        r = doc["train"][name]
+        assert set(r["phases"]) == {"target_render", "forward", "refinement", "loss", "backward", "optimizer"}
+        assert r["step_median_s"] > 0 and r["floor"]["median_s"] > 0 and r["refined_pixels"] > 0
+        assert r["step_over_floor"] == pytest.approx(r["step_median_s"] / r["floor"]["cpu_median_s"], rel=1e-2)
+    assert doc["train"]["fastest"] in dict(TRAIN_VARIANTS) and doc["train"]["amp_speedup"] > 0
+    assert doc["infer"]["fp32"]["images_per_s"] > 0 and doc["infer"]["amp"]["images_per_s"] > 0

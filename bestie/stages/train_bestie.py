@@ -1,10 +1,13 @@
 """Stage 4: BESTIE training (semantic knowledge transfer + online self-refinement), METHOD.md section 4.
 
-Each iteration: forward the batch; the pseudo instance labels of the batch (made per sample after
-augmentation by :class:`bestie.instance_data.BestieTrainDataset`) are one target; from iteration
-``refine_iter`` on (when ``refine`` is on) the refined targets of :func:`bestie.refine.refine_targets`,
-computed from the network's own detached outputs, are the other; :class:`bestie.losses.BestieLoss`
-combines them; the NaN/inf guard runs; Adam steps; the warm-up + poly schedule steps.
+Each iteration: the pseudo instance labels of the batch (made per sample after augmentation by
+:class:`bestie.instance_data.BestieTrainDataset`, shipped compact) are rendered into dense targets on the
+device; forward the batch; from iteration ``refine_iter`` on (when ``refine`` is on) the refined targets
+of :func:`bestie.refine.refine_targets`, computed from the network's own detached outputs (batched on the
+device on CUDA), are the other target; :class:`bestie.losses.BestieLoss` combines them; Adam steps; the
+warm-up + poly schedule steps. No step syncs the host with the device: the losses are summed on the
+device and the NaN/inf guard is read every ``log_every`` iterations (:class:`bestie.trainer.FiniteGuard`;
+the error names the first bad iteration).
 
 Launch: a plain ``python`` process (CPU or one GPU) or ``torchrun`` (DDP: Gloo on CPU, NCCL on GPUs, with
 SyncBatchNorm on GPUs; the global ``batch_size`` is split over the processes). No environment variable
