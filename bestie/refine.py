@@ -4,8 +4,9 @@ METHOD.md section 4 ("Self-refinement"), after the public ``refine_label_generat
 ``refine_label_generation_with_point``, rewritten vectorised, in two implementations with the same results:
 
 - the host path (numpy + OpenCV per sample and component; the softmax on the input device, only on pixels
-  of present classes), used on the CPU, where it is the fastest, and in the point setting;
-- the device path (image setting on CUDA, issue 16): the whole batch at once in fixed-shape tensor
+  of present classes), used on the CPU, where it is the fastest;
+- the device path (on CUDA, issue 16; :func:`_refine_device_point` in the point setting, a loop over the
+  point slots): the whole batch at once in fixed-shape tensor
   operations, no host round-trip or sync. The WSSS components come from the DataLoader
   (:func:`bestie.targets.pseudo_instance_components`, the same components as the pseudo labels); NMS is a
   separable max pool over one map per component; the weak-offset regions of centre clustering are labelled
@@ -253,10 +254,10 @@ def refine_targets(
             table (N, 5), first_row (B,))`` of :func:`bestie.instance_data.collate_compact`), used by the
             device path; None: computed from ``wsss`` on the host when needed.
 
-    On a CUDA device the image setting runs batched on the device, without a host round-trip or sync
-    (:func:`_refine_device_image`; same targets as the host path within float rounding, except that a
-    component with more than :data:`DEVICE_MAX_CENTERS` centres is skipped); on the CPU, and in the point
-    setting, per sample on the host.
+    On a CUDA device both settings run batched on the device, without a host round-trip or sync
+    (:func:`_refine_device_image`, :func:`_refine_device_point`; the host path's targets within float
+    rounding, except that a component with more than :data:`DEVICE_MAX_CENTERS` centres is skipped); on
+    the CPU per sample on the host.
 
     Returns:
         ``{"center": (B, C, H, W), "offset": (B, 2, H, W), "weight": (B, H, W)}`` ``float32`` tensors on the
@@ -273,7 +274,9 @@ def refine_targets(
     ncls = c1 - 1
     device = seg_logits.device
     present = [check_class_list(labels[b], ncls, f"labels[{b}]") for b in range(b_)]
-    if setting == "image" and _device_path(device):
+    if _device_path(device):
+        if setting == "point":
+            return _refine_device_point(offset.detach(), wsss, present, points, ncls, pseudo.point_threshold)
         if components is None:
             components = host_components(wsss, present, int(pseudo.min_area), device)
         return _refine_device_image(seg_logits.detach(), center.detach(), offset.detach(), components, pseudo,
@@ -642,3 +645,55 @@ def _refine_device_image(seg_logits: torch.Tensor, center: torch.Tensor, offset:
     where = torch.stack([smp.repeat_interleave(k_max), cls.repeat_interleave(k_max), g["y"][:-1], g["x"][:-1]], 1)
     paste_gaussians(out_center, where, g["draw"], pseudo.sigma)
     return {"center": out_center, "offset": out_offset.float(), "weight": out_weight, "has_center": True}
+
+
+def _refine_device_point(offset: torch.Tensor, wsss: torch.Tensor, present: list[np.ndarray], points: Any,
+                         ncls: int, point_threshold: float) -> dict:
+    """Point-setting refinement of the whole batch on its device (module docstring; :func:`_refine_points`
+    per sample on the host): every pixel of a present class with kept points goes to the kept point of its
+    class nearest to ``pixel + offset`` (first in the sample's point order on ties), weight 1. The points
+    and present classes travel to the device once (small, no sync); a loop over the point slots."""
+    b_, _, h, w = offset.shape
+    dev = offset.device
+    rows = [torch.as_tensor(np.asarray(p.detach().cpu() if hasattr(p, "detach") else p, dtype=np.float32))
+            .reshape(-1, 4) for p in points]
+    for b, r in enumerate(rows):  # the host path's checks (finite, classes in range)
+        point_pixels(r.numpy(), h, w, ncls, f"points[{b}]")
+    slots = max([r.shape[0] for r in rows] + [1])
+    pts = torch.zeros((b_, slots, 4), dtype=torch.float32)
+    pts[..., 3] = -1.0  # empty slots are never kept
+    for b, r in enumerate(rows):
+        pts[b, : r.shape[0]] = r
+    pres = torch.zeros((b_, ncls + 1), dtype=torch.bool)
+    for b, cls in enumerate(present):
+        pres[b, torch.as_tensor(cls, dtype=torch.int64)] = True
+    pts, pres = pts.to(dev, non_blocking=True), pres.to(dev, non_blocking=True)
+    px, py = torch.floor(pts[..., 0] + 0.5).long(), torch.floor(pts[..., 1] + 0.5).long()
+    pc = pts[..., 2].long().clamp(0, ncls - 1)
+    bidx = torch.arange(b_, device=dev).view(b_, 1)
+    keep = ((px >= 0) & (py >= 0) & (px < w) & (py < h) & (pts[..., 3] >= point_threshold)
+            & pres.gather(1, pc))
+    seg = wsss.to(dev).long()
+    cls_pix = (seg - 1).clamp(0, ncls - 1)
+    has = torch.zeros((b_, ncls + 1), dtype=torch.int64, device=dev).index_put_(
+        (bidx.expand_as(pc), torch.where(keep, pc, ncls)), torch.ones_like(pc), accumulate=True)[:, :ncls] > 0
+    active = (seg >= 1) & (seg <= ncls) & has.gather(1, cls_pix.view(b_, -1)).view(b_, h, w)
+    ly = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1) + offset[:, 0].float()
+    lx = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w) + offset[:, 1].float()
+    best = torch.full((b_, h, w), float("inf"), device=dev)
+    ty = torch.zeros((b_, h, w), dtype=torch.int64, device=dev)
+    tx = torch.zeros_like(ty)
+    for j in range(slots):
+        same = keep[:, j].view(b_, 1, 1) & (cls_pix == pc[:, j].view(b_, 1, 1))
+        dy = ly - py[:, j].float().view(b_, 1, 1)
+        dx = lx - px[:, j].float().view(b_, 1, 1)
+        d = dy * dy + dx * dx
+        better = same & (d < best)
+        best = torch.where(better, d, best)
+        ty = torch.where(better, py[:, j].view(b_, 1, 1), ty)
+        tx = torch.where(better, px[:, j].view(b_, 1, 1), tx)
+    yy = torch.arange(h, device=dev).view(1, h, 1)
+    xx = torch.arange(w, device=dev).view(1, 1, w)
+    out_offset = torch.stack([torch.where(active, ty - yy, 0), torch.where(active, tx - xx, 0)], dim=1).float()
+    return {"center": torch.zeros((b_, ncls, h, w), device=dev), "offset": out_offset,
+            "weight": active.float(), "has_center": False}

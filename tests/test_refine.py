@@ -375,3 +375,33 @@ def ellipse_points(wsss):
             j = len(ys) // 2
             pts.append([xs[j], ys[j], c, 1.0])
     return np.array(pts, np.float32)
+
+
+def test_device_point_path_equals_host_path_on_random_points(path):
+    """Point setting: random offsets, points of several classes (some below the threshold, some of absent
+    classes, some off the image), three samples with different point counts: device path = host path."""
+    if path == "device":
+        pytest.skip("compares the two paths itself")
+    rng = np.random.default_rng(4)
+    wsss1, _ = ellipse_scene()
+    wsss = torch.from_numpy(np.stack([wsss1, wsss1[:, ::-1].copy(), wsss1[::-1].copy()]))
+    h, w = wsss1.shape
+    offset = torch.from_numpy(rng.normal(0, 6, (3, 2, h, w)).astype(np.float32))
+    logits = torch.zeros((3, 4, h, w))
+    points = []
+    for n in (7, 1, 12):
+        p = np.stack([rng.uniform(-3, w + 3, n), rng.uniform(0, h - 1, n), rng.integers(0, 3, n),
+                      rng.choice([0.5, 0.9], n)], axis=1).astype(np.float32)
+        points.append(torch.from_numpy(p))
+    labels = [[0, 2], [0, 1, 2], [1, 2]]
+    kw = groups(setting="point")
+    host = refine_targets(logits, None, offset, wsss, labels, points, **kw)
+    saved = refine_mod._device_path
+    try:
+        refine_mod._device_path = lambda device: True
+        dev = refine_targets(logits, None, offset, wsss, labels, points, **kw)
+    finally:
+        refine_mod._device_path = saved
+    assert dev["has_center"] is False and float(host["weight"].sum()) > 1000
+    for key in ("center", "offset", "weight"):
+        torch.testing.assert_close(dev[key], host[key], rtol=0, atol=0)

@@ -554,13 +554,15 @@ def test_train_step_device_refinement_path_gives_the_host_losses(inputs, monkeyp
     import bestie.refine as refine_mod
     from bestie.stages import train_bestie as tb
 
-    cfg = _tiny_cfg(refine_iter=0, center_threshold_refine=0.0)
-    ds = _train_ds(inputs)
-    net, loss_fn = _tiny_net(), tb._make_loss(cfg)
-    batch = collate_compact([ds[k] for k in [(0, 0), (1, 0), (2, 0), (3, 0)]])
-    host = tb.train_step(net, batch, loss_fn, cfg, 0, torch.device("cpu"))
-    monkeypatch.setattr(refine_mod, "_device_path", lambda device: True)
-    dev = tb.train_step(net, batch, loss_fn, cfg, 0, torch.device("cpu"))
-    assert float(host["refined_pixel_share"]) > 0.05  # refinement had targets to make
-    for k in host:
-        assert float(dev[k].detach()) == pytest.approx(float(host[k].detach()), rel=1e-5, abs=1e-7), k
+    for setting in ("image", "point"):
+        cfg = _tiny_cfg(refine_iter=0, center_threshold_refine=0.0, setting=setting)
+        ds = _train_ds(inputs, setting=setting)
+        net, loss_fn = _tiny_net(), tb._make_loss(cfg)
+        batch = collate_compact([ds[k] for k in [(0, 0), (1, 0), (2, 0), (3, 0)]])
+        monkeypatch.setattr(refine_mod, "_device_path", lambda device: False)
+        host = tb.train_step(net, batch, loss_fn, cfg, 0, torch.device("cpu"))
+        monkeypatch.setattr(refine_mod, "_device_path", lambda device: True)
+        dev = tb.train_step(net, batch, loss_fn, cfg, 0, torch.device("cpu"))
+        assert float(host["refined_pixel_share"]) > 0.05, setting  # refinement had targets to make
+        for k in host:
+            assert float(dev[k].detach()) == pytest.approx(float(host[k].detach()), rel=1e-5, abs=1e-7), (setting, k)
