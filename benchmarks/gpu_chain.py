@@ -23,8 +23,8 @@ Set-up it does on its own: the repository root goes on ``PYTHONPATH`` (no ``pip 
 rules run ``python -m bestie``); wheels in ``.whl/`` (if that folder exists; see benchmarks/README.md)
 are installed into ``/tmp/site`` first; the dataset is ``--data`` or, when the preset's
 ``../shared/data/coco128-voc`` is missing, ``.gpu_data/coco128-voc`` of the repository. Python packages
-the chain needs and the machine lacks are named in the log after gpu_bench (which needs none of them) and
-the chain is not started (exit status 3).
+the chain needs and the machine lacks are named in the log after gpu_bench (which needs only pycocotools of
+them: ``bestie.data`` imports it) and the chain is not started (exit status 3).
 
 Time: gpu_bench gets ``--bench-seconds`` (default 120; it skips what is left after that), the chain
 ``--limit-s`` minus what gpu_bench used (default 480 in all): Snakemake is stopped there, what it finished
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                "--max-seconds", str(args.bench_seconds), *bench]
         status["gpu_bench"] = _run(cmd, out / "gpu_chain.log", env, args.bench_seconds + 120, log)
         log(f"gpu_bench: exit {status['gpu_bench']}")
-    missing = _missing(env)  # gpu_bench needs only torch, timm, h5py, OpenCV: it has run in any case
+    missing = _missing(env)  # gpu_bench needs torch, timm, h5py, OpenCV and pycocotools (bestie.data imports it)
     if missing:
         log(f"the chain needs Python packages missing here: {' '.join(missing)} (carry them as wheels in .whl/: "
             "benchmarks/README.md); the chain does not run")
