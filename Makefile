@@ -35,7 +35,7 @@ test-slurm: $(STAMP)
 	bash tests/slurm/run_slurm_test.sh
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run --out benchmarks/results/bench.json
+	OMP_NUM_THREADS=1 $(BIN)/python -m benchmarks.run --out benchmarks/results/bench.json
 
 clean:
 	rm -rf results logs .snakemake

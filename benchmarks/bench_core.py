@@ -2,8 +2,10 @@
 
 Usage: ``python benchmarks/bench_core.py [--repeats-scale 1.0] [--out FILE]``; prints one JSON object:
 for each function the minimum and median wall time in milliseconds over the repeats, the scene, and the
-targets (public-code figures in brackets): ``make_pseudo_instance_labels`` one 416x416 sample with 5 WSSS
-components < 2 ms (~10 ms); ``refine_targets`` batch of 8 such samples, C = 20, < 100 ms (~8.5 s);
+targets (public-code figures in brackets): ``pseudo_instance_components`` (the compact pseudo labels the
+DataLoader makes per sample; ``make_pseudo_instance_labels``, the dense ones, is also timed) one 416x416
+sample with 5 WSSS components < 2 ms (~10 ms); ``targets_batch_dense`` / ``targets_batch_compact`` the
+targets of a batch of 8 made dense and stacked / compact, collated and rendered; ``refine_targets`` batch of 8 such samples, C = 20, < 100 ms (~8.5 s);
 ``get_instances`` one 500x375 image with 5 instances < 30 ms (~1.4 s).
 
 Inputs are synthetic (ellipse components, predictions = pseudo targets + noise) and deterministic.
@@ -29,7 +31,7 @@ from benchmarks import time_calls  # noqa: E402
 from bestie.params import PseudoLabelParams  # noqa: E402
 from bestie.postprocess import get_instances  # noqa: E402
 from bestie.refine import refine_targets  # noqa: E402
-from bestie.targets import make_pseudo_instance_labels  # noqa: E402
+from bestie.targets import make_pseudo_instance_labels, pseudo_instance_components  # noqa: E402
 
 NUM_CLASSES = 20
 # (top, left, height, width, class): five components of three classes
@@ -81,7 +83,14 @@ def run(repeats_scale: float = 1.0) -> dict:
         lambda: make_pseudo_instance_labels(wsss, labels, pts, num_classes=NUM_CLASSES),
         max(5, int(200 * repeats_scale)),
     )
-    res["make_pseudo_instance_labels"].update(scene="416x416, 5 components, 3 classes, C=20", target_ms=2.0)
+    res["make_pseudo_instance_labels"].update(scene="416x416, 5 components, 3 classes, C=20 (dense, on the host)")
+    # what the DataLoader does per sample since issue 16: the compact labels (the dense ones are rendered on
+    # the training device)
+    res["pseudo_instance_components"] = _time(
+        lambda: pseudo_instance_components(wsss, labels, pts, num_classes=NUM_CLASSES),
+        max(5, int(200 * repeats_scale)),
+    )
+    res["pseudo_instance_components"].update(scene="416x416, 5 components, 3 classes, C=20", target_ms=2.0)
 
     # 2. refinement of a batch of 8
     batch = 8
@@ -107,6 +116,10 @@ def run(repeats_scale: float = 1.0) -> dict:
     res["refine_targets_point"].update(scene="as refine_targets, point setting")
     del logits, center, offset
 
+    # 2b. the pseudo targets of a batch of 8: dense per sample + stacked (before issue 16), against compact per
+    # sample + collate_compact + render_targets (the loader's and the training step's work since)
+    res.update(_targets_batch(wsss, labels, pts, batch, max(3, int(10 * repeats_scale))))
+
     # 3. inference grouping of one 500x375 image
     wsss2, labels2, pts2 = scene(375, 500)
     tg2 = make_pseudo_instance_labels(wsss2, labels2, pts2, num_classes=NUM_CLASSES)
@@ -122,6 +135,36 @@ def run(repeats_scale: float = 1.0) -> dict:
     res["get_instances"].update(scene="375x500 (HxW), 5 instances, C=20", target_ms=30.0,
                                 instances=int(len(inst["labels"])))
     return res
+
+
+def _targets_batch(wsss: np.ndarray, labels, pts: np.ndarray, batch: int, repeats: int) -> dict:
+    """``targets_batch_dense`` / ``targets_batch_compact``: the pseudo targets of ``batch`` samples (the scene
+    and its mirror image) made dense on the host and stacked, or compact, collated and rendered
+    (:func:`bestie.targets.render_targets` on the CPU)."""
+    from bestie.instance_data import collate_compact
+    from bestie.targets import pseudo_instance_components, render_targets
+
+    scenes = [(wsss, pts), (np.ascontiguousarray(wsss[:, ::-1]), pts * np.array([-1, 1, 1, 1], np.float32)
+                            + np.array([wsss.shape[1] - 1, 0, 0, 0], np.float32))]
+
+    def dense():
+        out = [make_pseudo_instance_labels(*scenes[i % 2][:1], labels, scenes[i % 2][1], num_classes=NUM_CLASSES)
+               for i in range(batch)]
+        return {k: torch.stack([torch.from_numpy(o[k]) for o in out]) for k in ("center", "offset", "weight")}
+
+    def compact():
+        samples = []
+        for i in range(batch):
+            c = pseudo_instance_components(scenes[i % 2][0], labels, scenes[i % 2][1], num_classes=NUM_CLASSES)
+            samples.append({k: torch.from_numpy(c[k]) for k in ("components", "table", "gaussians")})
+        b = collate_compact(samples)
+        return render_targets(b["components"], b["table"], b["gaussians"], b["first_row"], num_classes=NUM_CLASSES)
+
+    a, b = dense(), compact()
+    same = all(torch.equal(a[k], b[k]) for k in a)
+    scene_text = f"batch {batch} x 416x416, 5 components each, C=20"
+    return {"targets_batch_dense": {**_time(dense, repeats), "scene": scene_text},
+            "targets_batch_compact": {**_time(compact, repeats), "scene": scene_text, "equal_to_dense": same}}
 
 
 def main(argv=None) -> int:

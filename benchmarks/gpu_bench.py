@@ -10,14 +10,15 @@ CPU, for checking the script with tiny settings only).
 What is measured (METHOD.md section 4 settings; synthetic inputs, deterministic):
 
 - **training step** of :class:`bestie.models.instance.BestieNet` (``--backbone hrnet_w48``, light heads,
-  random weights: ``weights=None`` does not change the time) at crop ``--crop`` 416, batch ``--batch`` 16,
-  C = 20: :func:`bestie.stages.train_bestie.train_step` (forward, online self-refinement of the targets,
-  BESTIE loss) + backward + Adam step, exactly as the training loop, with fp32 and with AMP
-  (:func:`bestie.engine.autocast_context`: bf16 where supported, else fp16 with a GradScaler). The batch
-  is made once on the CPU (pseudo labels of a 5-component scene, :func:`bestie.targets.make_pseudo_instance_labels`)
-  and copied to the GPU each step as the DataLoader's pinned batches would be. Figures: median seconds per
-  step over ``--iters`` steps after ``--warmup`` steps (``torch.cuda.synchronize`` around each), images/s
-  (= batch / step time), peak GPU memory (``torch.cuda.max_memory_allocated``);
+  random weights: the time does not depend on them) at crop ``--crop`` 416, batch ``--batch`` 16, C = 20,
+  by :func:`benchmarks.bench_step.run` on the GPU: a batch of :class:`bestie.instance_data.BestieTrainDataset`
+  samples in the loader's compact form (pinned), heads with centres planted in their outputs so that
+  self-refinement groups every component ("trained-like"), and per phase CUDA-event times (data on the
+  host; target render, forward, refinement, loss, backward, optimizer on the GPU), the whole step as the
+  training loop runs it, the network-only floor (forward + backward with fixed output gradients),
+  ``step_over_floor`` and the host syncs of one step (``torch.cuda.set_sync_debug_mode``). Variants
+  (:data:`TRAIN_VARIANTS`): fp32 with TF32 off and on, bf16 AMP, bf16 AMP with ``channels_last``; the JSON
+  names the fastest and AMP's speed-up over fp32. Peak GPU memory per variant;
 - **inference** of one 375x500 image with flip TTA at its own size rounded up to /32, as
   :func:`bestie.stages.predict_instances.predict_image` does it: ``predict_maps`` (network + softmax +
   flip averaging) then the grouping by :func:`bestie.postprocess.get_instances` (masks to the CPU), fp32
@@ -41,57 +42,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["make_batch", "bench_train", "bench_infer", "main"]
+__all__ = ["train_phases", "bench_infer", "main", "TRAIN_VARIANTS"]
 
 NUM_CLASSES = 20
 NO_CUDA_EXIT = 2
-
-
-def make_batch(batch: int, crop: int, num_classes: int = NUM_CLASSES, max_points: int = 50) -> dict[str, Any]:
-    """A collated training batch as :class:`bestie.instance_data.BestieTrainDataset` gives it (CPU tensors).
-
-    Sample ``i`` is the 5-component scene of :mod:`benchmarks.bench_core` (scaled to ``crop x crop`` px), flipped
-    horizontally for odd ``i``; images are normalised noise. Shapes: ``image (B, 3, S, S)`` float32,
-    ``semantic (B, S, S)`` int64, ``center (B, C, S, S)``, ``offset (B, 2, S, S)``, ``weight (B, S, S)``
-    float32, ``labels (B, C)`` float32 multi-hot, ``points (B, P, 4)`` float32, ``num_points (B,)`` int64.
-    """
-    import numpy as np
-    import torch
-
-    from benchmarks.bench_core import scene
-    from bestie.targets import make_pseudo_instance_labels
-
-    import cv2
-
-    wsss, labels, pts = scene(416, 416)  # the scene is laid out for 416 px: rescale it to the crop
-    if crop != 416:
-        wsss = cv2.resize(wsss, (crop, crop), interpolation=cv2.INTER_NEAREST)
-        pts[:, :2] *= crop / 416
-    samples = []
-    for flip in (False, True):
-        w = wsss[:, ::-1].copy() if flip else wsss
-        p = pts.copy()
-        if flip:
-            p[:, 0] = crop - 1 - p[:, 0]
-        t = make_pseudo_instance_labels(w, labels, p, num_classes=num_classes)
-        samples.append((w, p, t))
-    gen = torch.Generator().manual_seed(0)
-    out: dict[str, list] = {k: [] for k in ("semantic", "center", "offset", "weight", "labels", "points", "num_points")}
-    for i in range(batch):
-        w, p, t = samples[i % 2]
-        out["semantic"].append(torch.from_numpy(w.astype(np.int64)))
-        for k in ("center", "offset", "weight"):
-            out[k].append(torch.from_numpy(np.ascontiguousarray(t[k], dtype=np.float32)))
-        mh = torch.zeros(num_classes)
-        mh[list(labels)] = 1.0
-        out["labels"].append(mh)
-        padded = torch.zeros(max_points, 4)
-        padded[: len(p)] = torch.from_numpy(p)
-        out["points"].append(padded)
-        out["num_points"].append(torch.tensor(len(p)))
-    res = {k: torch.stack(v) for k, v in out.items()}
-    res["image"] = torch.randn((batch, 3, crop, crop), generator=gen)
-    return res
 
 
 def _sync(device) -> None:
@@ -105,56 +59,6 @@ def _peak_mem_gb(device) -> float | None:
     import torch
 
     return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
-
-
-def bench_train(backbone: str, batch: int, crop: int, amp: bool, iters: int, warmup: int, device) -> dict[str, Any]:
-    """Seconds per BESTIE training step (module docstring); returns ``{"step_median_s", "step_min_s",
-    "images_per_s", "peak_mem_gb", "amp_dtype", "refined", "loss"}``."""
-    import torch
-
-    from bestie import engine
-    from bestie.models.instance import BestieNet
-    from bestie.stages.train_bestie import BestieConfig, _make_loss, train_step
-
-    torch.manual_seed(0)
-    cfg = BestieConfig(backbone=backbone, weights=None, batch_size=batch, crop_size=crop, amp=amp)
-    model = BestieNet(backbone, NUM_CLASSES, None, cfg.head, head_channels=cfg.head_channels,
-                      fusion_channels=cfg.fusion_channels, hrnet_fusion=cfg.hrnet_fusion, bn_momentum=cfg.bn_momentum,
-                      warn_random=False).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    use_amp = amp and device.type == "cuda"
-    scaler = engine.create_grad_scaler(device, use_amp)
-    loss_fn = _make_loss(cfg).to(device)
-    cpu_batch = make_batch(batch, crop)
-    if device.type == "cuda":
-        cpu_batch = {k: v.pin_memory() for k, v in cpu_batch.items()}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, last = [], {}
-    for it in range(warmup + iters):
-        _sync(device)
-        t0 = time.perf_counter()
-        losses = train_step(model, cpu_batch, loss_fn, cfg, it, device, amp=use_amp)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses["total"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        _sync(device)
-        if it >= warmup:
-            times.append(time.perf_counter() - t0)
-        last = losses
-    med = statistics.median(times)
-    return {
-        "step_median_s": round(med, 4),
-        "step_min_s": round(min(times), 4),
-        "images_per_s": round(batch / med, 2),
-        "peak_mem_gb": _peak_mem_gb(device),
-        "amp_dtype": str(engine.amp_dtype(device)) if use_amp else None,
-        "refined": float(last["refined"]),
-        "loss": float(last["total"]),
-        "iters": iters,
-        "warmup": warmup,
-    }
 
 
 def bench_infer(backbone: str, amp: bool, images: int, device, height: int = 375, width: int = 500) -> dict[str, Any]:
@@ -220,12 +124,61 @@ def _env(device) -> dict[str, Any]:
     return info
 
 
+#: the training-step variants measured: (name, keywords of :func:`train_phases`)
+TRAIN_VARIANTS = [("fp32", {"amp": False, "tf32": False}), ("fp32_tf32", {"amp": False, "tf32": True}),
+                  ("amp", {"amp": True, "tf32": False}),
+                  ("amp_channels_last", {"amp": True, "tf32": False, "channels_last": True})]
+
+
+def train_phases(args: argparse.Namespace, device, amp: bool, tf32: bool, channels_last: bool = False) -> dict:
+    """:func:`benchmarks.bench_step.run` on ``device`` (per-phase CUDA-event times, the network-only floor,
+    ``overhead_ratio``, host syncs per step) with TF32 matmuls / convolutions on or off; the step's
+    ``step_median_s`` / ``images_per_s`` / ``step_over_floor`` added."""
+    import torch
+
+    from benchmarks import bench_step
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        res = bench_step.run(args.batch, args.crop, args.iters, args.warmup, args.backbone, device.type, amp,
+                             channels_last)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    key = res["config"]["time"]
+    res["step_median_s"] = res["step"][key]
+    res["images_per_s"] = round(args.batch / res["step"][key], 2)
+    res["step_over_floor"] = round(res["step"][key] / res["floor"][key], 3)
+    res["peak_mem_gb"] = _peak_mem_gb(device)
+    res["tf32"] = tf32
+    return res
+
+
+def _summarise(doc: dict) -> None:
+    """AMP's speed-up over fp32 and the fastest variant, from the step times measured so far."""
+    tr = doc["train"]
+    times = {k: v["step_median_s"] for k, v in tr.items() if isinstance(v, dict) and "step_median_s" in v}
+    if "fp32" in times and "amp" in times:
+        tr["amp_speedup"] = round(times["fp32"] / times["amp"], 2)
+    if times:
+        tr["fastest"] = min(times, key=times.get)
+
+
+def _write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backbone", default="hrnet_w48")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--crop", type=int, default=416)
-    ap.add_argument("--iters", type=int, default=20, help="timed training steps per mode")
+    ap.add_argument("--iters", type=int, default=20, help="timed training steps per variant")
     ap.add_argument("--warmup", type=int, default=5, help="untimed training steps first")
     ap.add_argument("--infer-images", type=int, default=30, help="timed inference images per mode")
     ap.add_argument("--max-seconds", type=float, default=540.0, help="skip what is left after this long")
@@ -248,12 +201,9 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     doc: dict[str, Any] = {"env": _env(device), "args": {k: (str(v) if isinstance(v, Path) else v)
                                                          for k, v in vars(args).items()}, "train": {}, "infer": {}}
-    jobs = [("train", "fp32", lambda: bench_train(args.backbone, args.batch, args.crop, False, args.iters,
-                                                   args.warmup, device)),
-            ("train", "amp", lambda: bench_train(args.backbone, args.batch, args.crop, True, args.iters,
-                                                  args.warmup, device)),
-            ("infer", "fp32", lambda: bench_infer(args.backbone, False, args.infer_images, device)),
-            ("infer", "amp", lambda: bench_infer(args.backbone, True, args.infer_images, device))]
+    jobs = [("train", name, (lambda kw=kw: train_phases(args, device, **kw))) for name, kw in TRAIN_VARIANTS]
+    jobs += [("infer", "fp32", lambda: bench_infer(args.backbone, False, args.infer_images, device)),
+             ("infer", "amp", lambda: bench_infer(args.backbone, True, args.infer_images, device))]
     for kind, mode, fn in jobs:
         if time.perf_counter() - t_start > args.max_seconds:
             doc[kind][mode] = {"skipped": f"--max-seconds {args.max_seconds} exceeded"}
@@ -267,12 +217,10 @@ def main(argv=None) -> int:
         doc[kind][mode]["seconds"] = round(time.perf_counter() - t0, 1)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    tr = doc["train"]
-    if "step_median_s" in tr.get("fp32", {}) and "step_median_s" in tr.get("amp", {}):
-        doc["train"]["amp_speedup"] = round(tr["fp32"]["step_median_s"] / tr["amp"]["step_median_s"], 2)
+        _summarise(doc)
+        _write(args.out, doc)  # as it goes: a run cut short still leaves what it measured
     doc["seconds"] = round(time.perf_counter() - t_start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    _write(args.out, doc)
     print(json.dumps(doc, indent=2))
     failed = [f"{k}/{m}" for k in ("train", "infer") for m, r in doc[k].items() if isinstance(r, dict) and "error" in r]
     return 1 if failed else 0

@@ -12,7 +12,9 @@ Benchmarks (see benchmarks/README.md for what each figure means):
 - ``eval``: :mod:`benchmarks.bench_eval` -- VOC instance AP of 1449 images' predictions, target < 30 s;
 - ``stages``: :mod:`benchmarks.bench_stages` -- images/s and peak RSS of the CAM, WSSS (CRF) and
   evaluation stages on 1x and 4x the 97 coco128-voc images;
-- ``dag``: :mod:`benchmarks.bench_dag` -- ``snakemake -n`` over a 10,000-image split.
+- ``dag``: :mod:`benchmarks.bench_dag` -- ``snakemake -n`` over a 10,000-image split;
+- ``step``: :mod:`benchmarks.bench_step` -- per-phase times of one BESTIE training iteration (batch 8 x 416,
+  C = 20) and the network-only floor; headline ``overhead_ratio`` = (step - floor) / floor, CPU time.
 
 ``--quick`` shrinks every benchmark (fewer repeats, 100 evaluation images, 2 downscaled stage images, one
 DAG run) to finish in well under a minute; its figures check that the benchmarks work, they are not
@@ -45,7 +47,7 @@ from benchmarks import load_average, machine_info
 __all__ = ["BENCHMARKS", "run_all", "summary_rows", "markdown_table", "main"]
 
 #: Benchmark names in run order.
-BENCHMARKS = ("core", "eval", "stages", "dag")
+BENCHMARKS = ("core", "eval", "stages", "dag", "step")
 
 
 def _core(quick: bool) -> dict[str, Any]:
@@ -72,7 +74,14 @@ def _dag(quick: bool) -> dict[str, Any]:
     return bench_dag.run(num_ids=10_000, repeats=1, compare_ids=None, warmup=False) if quick else bench_dag.run(10_000, 3, 100)
 
 
-_RUNNERS: dict[str, Callable[[bool], dict[str, Any]]] = {"core": _core, "eval": _eval, "stages": _stages, "dag": _dag}
+def _step(quick: bool) -> dict[str, Any]:
+    from benchmarks import bench_step
+
+    return bench_step.run(batch=2, crop=128, iters=1, warmup=1) if quick else bench_step.run()
+
+
+_RUNNERS: dict[str, Callable[[bool], dict[str, Any]]] = {"core": _core, "eval": _eval, "stages": _stages, "dag": _dag,
+                                                         "step": _step}
 
 
 def run_all(quick: bool = False, only: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -132,7 +141,9 @@ def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     core = b.get("core", {})
     if "error" not in core:
-        for key, label in (("make_pseudo_instance_labels", "pseudo labels, 416x416, 5 components"),
+        for key, label in (("pseudo_instance_components", "pseudo labels (compact), 416x416, 5 components"),
+                           ("targets_batch_dense", "pseudo targets of 8 x 416x416, dense + stacked (before)"),
+                           ("targets_batch_compact", "pseudo targets of 8 x 416x416, compact + rendered"),
                            ("refine_targets", "self-refinement, batch 8 x 416x416"),
                            ("get_instances", "inference grouping, 500x375, 5 instances")):
             if key in core:
@@ -153,6 +164,13 @@ def summary_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
         cmp_ = dag.get("compare") or {}
         if "median_s" in cmp_:
             rows.append(_row(f"snakemake -n, {cmp_['ids']} ids ({cmp_['jobs']} jobs)", cmp_["median_s"], "s"))
+    step = b.get("step", {})
+    if "overhead_ratio" in step:
+        c = step["config"]
+        rows.append(_row(f"BESTIE step, batch {c['batch']} x {c['crop']}, network floor (fwd + bwd)",
+                         step["floor"]["cpu_median_s"], "CPU-s"))
+        rows.append(_row("BESTIE step, whole step", step["step"]["cpu_median_s"], "CPU-s"))
+        rows.append(_row("BESTIE step, overhead above the floor / floor", step["overhead_ratio"], "ratio", 0.05))
     return rows
 
 

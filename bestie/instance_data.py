@@ -3,8 +3,12 @@
 :class:`BestieTrainDataset` turns one image of a dataset (``bestie.data.build_dataset``) into a training
 sample: the image, its WSSS map (stage 3, HDF5 ``wsss`` per id), its points (peak points of stage 2,
 HDF5 ``points`` per id, in the image setting; GT instance centers from ``instances_gt`` in the point
-setting), augmented jointly, and the pseudo instance labels computed **after** augmentation by
-:func:`bestie.targets.make_pseudo_instance_labels`.
+setting), augmented jointly, and the pseudo instance labels computed **after** augmentation, in compact form
+(:func:`bestie.targets.pseudo_instance_components`: an ``int16`` component map, one row per component and
+per Gaussian; issue 16). :func:`collate_compact` batches them and the training step renders the dense
+centre / offset / weight targets on its device (:func:`bestie.targets.render_targets`), so no dense
+``(C, S, S)`` tensor is made, pickled or copied on the host. :class:`DenseTargets` renders them on the host
+(the learning probe's fixed batch, tests).
 
 Augmentation, in order (reference settings of METHOD.md section 4; the public code's order):
 
@@ -32,11 +36,11 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from bestie.data import transforms as T
 from bestie.data.points import centers_from_instances, validate_points
@@ -44,9 +48,9 @@ from bestie.engine import sample_rng
 from bestie.errors import ArtifactError, ConfigError, DataError
 from bestie.io.h5store import H5Reader
 from bestie.params import PseudoLabelParams
-from bestie.targets import make_pseudo_instance_labels
+from bestie.targets import pseudo_instance_components, render_pseudo_targets
 
-__all__ = ["BestieTrainDataset", "MAX_POINTS"]
+__all__ = ["BestieTrainDataset", "MAX_POINTS", "collate_compact", "DenseTargets"]
 
 log = logging.getLogger(__name__)
 
@@ -224,14 +228,17 @@ class BestieTrainDataset(Dataset):
         return sample
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        """One training sample; ``key`` is an index or an ``(index, epoch)`` pair (epoch 0 for an index),
-        as :class:`bestie.engine.ResumableSampler` yields.
+        """One training sample with its pseudo instance labels in compact form; ``key`` is an index or an
+        ``(index, epoch)`` pair (epoch 0 for an index), as :class:`bestie.engine.ResumableSampler` yields.
+        Batch samples with :func:`collate_compact`; the dense targets are rendered from them on the device
+        (:func:`bestie.targets.render_targets`), or on the host by :class:`DenseTargets`.
 
         Returns:
             dict of tensors:
-            ``"image"`` ``(3, S, S)`` float32 normalised; ``"semantic"`` ``(S, S)`` int64 (0 bg, ``c + 1``,
-            255 ignore, incl. the crop padding); ``"center"`` ``(C, S, S)`` float32; ``"offset"`` ``(2, S, S)``
-            float32 ``(dy, dx)``; ``"weight"`` ``(S, S)`` float32; ``"labels"`` ``(C,)`` float32 multi-hot;
+            ``"image"`` ``(3, S, S)`` float32 normalised; ``"semantic"`` ``(S, S)`` uint8 (0 bg, ``c + 1``,
+            255 ignore, incl. the crop padding); ``"components"`` ``(S, S)`` int16, ``"table"`` ``(K, 4)`` int32
+            ``[class, y, x, accepted]`` and ``"gaussians"`` ``(G, 3)`` int32 ``[class, y, x]``
+            (:func:`bestie.targets.pseudo_instance_components`); ``"labels"`` ``(C,)`` float32 multi-hot;
             ``"points"`` ``(P, 4)`` float32 ``x, y, class, conf`` in crop pixels, padded with zeros,
             highest confidence first; ``"num_points"`` int64 (valid rows); ``"num_instances"`` int64
             (accepted pseudo instances); ``"points_dropped"`` int64 (off-image points in the input);
@@ -243,11 +250,9 @@ class BestieTrainDataset(Dataset):
         rng = sample_rng(key, self.seed)
         raw = self.load_raw(index)
         sample = self.augment(raw, rng)
-        sem = sample["semantic"]
+        sem = np.ascontiguousarray(sample["semantic"], dtype=np.uint8)
         pts = np.asarray(sample["points"], dtype=np.float32).reshape(-1, 4)
-        targets = make_pseudo_instance_labels(
-            sem, raw["labels"], pts, num_classes=self.num_classes, params=self.pseudo,
-        )
+        comp = pseudo_instance_components(sem, raw["labels"], pts, num_classes=self.num_classes, params=self.pseudo)
         order = np.argsort(-pts[:, 3], kind="stable")[: self.max_points]
         padded = np.zeros((self.max_points, 4), dtype=np.float32)
         padded[: order.size] = pts[order]
@@ -256,14 +261,61 @@ class BestieTrainDataset(Dataset):
         image = T.normalize(sample["image"], self.mean, self.std)
         return {
             "image": torch.from_numpy(image),
-            "semantic": torch.from_numpy(sem.astype(np.int64)),
-            "center": torch.from_numpy(np.ascontiguousarray(targets["center"], dtype=np.float32)),
-            "offset": torch.from_numpy(np.ascontiguousarray(targets["offset"], dtype=np.float32)),
-            "weight": torch.from_numpy(np.ascontiguousarray(targets["weight"], dtype=np.float32)),
+            "semantic": torch.from_numpy(sem),
+            "components": torch.from_numpy(comp["components"]),
+            "table": torch.from_numpy(comp["table"]),
+            "gaussians": torch.from_numpy(comp["gaussians"]),
             "labels": torch.from_numpy(multi_hot),
             "points": torch.from_numpy(padded),
             "num_points": torch.tensor(int(order.size), dtype=torch.int64),
-            "num_instances": torch.tensor(int(targets["num_instances"]), dtype=torch.int64),
+            "num_instances": torch.tensor(int(comp["num_instances"]), dtype=torch.int64),
             "points_dropped": torch.tensor(int(raw["points_dropped"]), dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
         }
+
+
+#: keys of a sample that vary in length (rows per component / Gaussian), concatenated by :func:`collate_compact`
+_RAGGED = ("table", "gaussians")
+
+
+def collate_compact(samples: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Batch :class:`BestieTrainDataset` samples (the DataLoader's ``collate_fn``).
+
+    The fixed-size tensors are stacked (``torch.utils.data.default_collate``); the ragged ones are
+    concatenated with the sample index as a first column: ``"table"`` ``(N, 5)`` int32
+    ``[sample, class, y, x, accepted]``, ``"gaussians"`` ``(G, 4)`` int32 ``[sample, class, y, x]``, and
+    ``"first_row"`` ``(B,)`` int64 is the row of ``table`` where each sample's components start (the
+    arguments of :func:`bestie.targets.render_targets`).
+    """
+    fixed = default_collate([{k: v for k, v in s.items() if k not in _RAGGED} for s in samples])
+    for key in _RAGGED:
+        parts = [torch.cat([torch.full((s[key].shape[0], 1), i, dtype=torch.int32), s[key]], dim=1)
+                 for i, s in enumerate(samples)]
+        fixed[key] = torch.cat(parts, dim=0)
+    counts = torch.tensor([s["table"].shape[0] for s in samples], dtype=torch.int64)
+    fixed["first_row"] = torch.cumsum(counts, 0) - counts
+    return fixed
+
+
+class DenseTargets(Dataset):
+    """A :class:`BestieTrainDataset` whose samples also carry the dense pseudo targets rendered on the host
+    (``"center"`` ``(C, S, S)``, ``"offset"`` ``(2, S, S)``, ``"weight"`` ``(S, S)`` float32, as
+    :func:`bestie.targets.make_pseudo_instance_labels` gives them) and ``"semantic"`` as int64: for the
+    learning probe's fixed batch and for tests, not for the training loader."""
+
+    def __init__(self, dataset: BestieTrainDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        s = dict(self.dataset[key])
+        comp = {"components": s["components"].numpy(), "table": s["table"].numpy(),
+                "gaussians": s["gaussians"].numpy(), "num_instances": int(s["num_instances"])}
+        dense = render_pseudo_targets(comp, num_classes=self.dataset.num_classes, sigma=self.dataset.pseudo.sigma)
+        s.update({k: torch.from_numpy(dense[k]) for k in ("center", "offset", "weight")})
+        s["semantic"] = s["semantic"].long()
+        for k in ("components",) + _RAGGED:
+            s.pop(k)
+        return s

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from bestie.errors import ConfigError, DataError
 
@@ -60,26 +59,117 @@ class DeepLabCE(nn.Module):
                 f"DeepLabCE: logits (B, C+1, H, W) and labels (B, H, W) expected, got {tuple(logits.shape)} "
                 f"and {tuple(labels.shape)}"
             )
-        pixel = F.cross_entropy(logits, labels.long(), ignore_index=self.ignore_label, reduction="none").reshape(-1)
+        pixel = _PixelCrossEntropy.apply(logits, labels, self.ignore_label).reshape(-1)
         if self.top_k_percent >= 1.0:
             return pixel.mean()
         k = max(1, int(self.top_k_percent * pixel.numel()))
         return torch.topk(pixel, k, sorted=False).values.mean()
 
 
-def _weighted(err: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
-    if weight.ndim == err.ndim - 1:
+class _PixelCrossEntropy(torch.autograd.Function):
+    """Per-pixel cross entropy ``logsumexp(x) - x[label]`` (0 on ``ignore`` pixels), ``(B, K, H, W)`` logits
+    and ``(B, H, W)`` labels -> ``(B, H, W)`` float32, as ``F.cross_entropy(..., reduction="none")`` but with one
+    ``(B, K, H, W)`` allocation instead of three: the forward's ``exp(x - max)`` is kept and becomes the
+    gradient ``softmax x g - onehot x g`` in place. One backward only; float32 (AMP-safe: the logits are cast)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore: int) -> torch.Tensor:
+        x = logits.float()
+        valid = labels != ignore
+        lab = torch.where(valid, labels.long(), 0).unsqueeze(1)
+        top = x.amax(dim=1, keepdim=True)
+        e = torch.sub(x, top).exp_()
+        total = e.sum(dim=1, keepdim=True)
+        pixel = (total.log() + top - x.gather(1, lab)).squeeze(1) * valid
+        ctx.save_for_backward(e, total, lab, valid)
+        return pixel
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("BESTIE loss: the cross entropy can be back-propagated only once")
+        ctx.consumed = True
+        e, total, lab, valid = ctx.saved_tensors
+        g = (grad * valid).unsqueeze(1)
+        e.mul_(g / total).scatter_add_(1, lab, -g)
+        return e, None, None
+
+
+def _pixel_weight(weight: torch.Tensor, pred: torch.Tensor, name: str) -> torch.Tensor:
+    """``weight`` as ``(B, 1, H, W)`` in ``pred``'s dtype; DataError when it does not fit ``pred`` ``(B, K, H, W)``."""
+    if weight.ndim == pred.ndim - 1:
         weight = weight.unsqueeze(1)
-    if weight.ndim != err.ndim or weight.shape[1] != 1 or weight.shape[0] != err.shape[0] or \
-            weight.shape[2:] != err.shape[2:]:
-        raise DataError(f"{name}: weight {tuple(weight.shape)} does not match prediction {tuple(err.shape)} "
+    if weight.ndim != pred.ndim or weight.shape[1] != 1 or weight.shape[0] != pred.shape[0] or \
+            weight.shape[2:] != pred.shape[2:]:
+        raise DataError(f"{name}: weight {tuple(weight.shape)} does not match prediction {tuple(pred.shape)} "
                         f"(expected (B, H, W) or (B, 1, H, W))")
-    weight = weight.to(err.dtype)
+    return weight.to(pred.dtype)
+
+
+def _weighted(err: torch.Tensor, weight: torch.Tensor, name: str) -> torch.Tensor:
+    weight = _pixel_weight(weight, err, name)
     total = (err * weight).sum()
+    return total / _weighted_count(weight)
+
+
+def _weighted_count(weight: torch.Tensor) -> torch.Tensor:
     # With no positive weight the sum is 0 (weights are >= 0), so clamping the count to 1 returns 0 with a
     # live graph (zero gradients), like the reference's ``sum * 0``, without a device-to-host sync.
-    count = (weight > 0).sum().clamp(min=1)
-    return total / count
+    return (weight > 0).sum().clamp(min=1)
+
+
+class _WeightedSquareSum(torch.autograd.Function):
+    """``sum(w * (pred - target)^2)`` with ``w`` ``(B, 1, H, W)`` broadcast over the channels: forward
+    ``d = pred - target``, ``r = w d`` (kept), ``sum(d r)`` in place; backward ``2 g r`` in place. Autograd's
+    ``(pred - target) ** 2 * w`` makes about twice as many passes and allocations over the ``(B, K, H, W)``
+    maps (on the CPU each fresh allocation of such a map costs as much as a pass: its pages are faulted in).
+    Float32 throughout (AMP-safe: the inputs are cast). Gradients flow to ``pred`` only; the graph can be
+    back-propagated once (the kept tensor becomes the gradient)."""
+
+    @staticmethod
+    def forward(ctx, pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        diff = pred.float() - target.float()
+        r = diff * weight.float()
+        ctx.save_for_backward(r)
+        return diff.mul_(r).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _consume(ctx).mul_(2.0 * grad), None, None
+
+
+class _WeightedSquarePair(torch.autograd.Function):
+    """``(L1 + L2, L1, L2)`` with ``Li = sum(ai * (pred - ti)^2)``, ``ai`` ``(B, 1, H, W)``: two weighted squared
+    errors of one prediction in two allocations (a difference buffer and ``q = a1 d1 + a2 d2``, the gradient
+    ``2 g q`` up to the upstream factor, made in place in backward). Only ``L1 + L2`` is differentiable;
+    ``L1``, ``L2`` are the values of the two terms. Float32, gradients to ``pred`` only, one backward."""
+
+    @staticmethod
+    def forward(ctx, pred: torch.Tensor, t1: torch.Tensor, a1: torch.Tensor, t2: torch.Tensor,
+                a2: torch.Tensor):
+        p = pred.float()
+        d = p - t1.float()
+        q = d * a1
+        l1 = d.mul_(q).sum()
+        torch.sub(p, t2.float(), out=d)
+        q.addcmul_(d, a2)
+        l2 = d.square_().mul_(a2).sum()
+        ctx.save_for_backward(q)
+        ctx.mark_non_differentiable(l1, l2)
+        return l1 + l2, l1, l2
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _g1: torch.Tensor, _g2: torch.Tensor):
+        return _consume(ctx).mul_(2.0 * grad), None, None, None, None
+
+
+def _consume(ctx) -> torch.Tensor:
+    """The saved tensor of a one-backward function, handed over (RuntimeError on a second backward)."""
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError("BESTIE loss: the weighted squared error can be back-propagated only once")
+    ctx.consumed = True
+    (kept,) = ctx.saved_tensors
+    return kept
 
 
 def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -98,7 +188,8 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor)
     """
     if pred.shape != target.shape:
         raise DataError(f"weighted_mse: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    return _weighted((pred - target) ** 2, weight, "weighted_mse")
+    w = _pixel_weight(weight, pred, "weighted_mse")
+    return _WeightedSquareSum.apply(pred, target, w) / _weighted_count(w)
 
 
 def weighted_l1(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -139,7 +230,10 @@ class BestieLoss(nn.Module):
         dict of scalar tensors: ``"seg"``, ``"center_pseudo"``, ``"center_refined"``, ``"offset_pseudo"``,
         ``"offset_refined"`` (each already multiplied by its weight; a refined term equals the pseudo term
         when there is no refined target), ``"center"``, ``"offset"`` (the 0.5-averaged pairs) and
-        ``"total"`` = ``seg + center + offset``.
+        ``"total"`` = ``seg + center + offset``. Each term is computed once; with a refined center target
+        the two center terms come from one fused pass (:meth:`center_pair`) and ``center_pseudo`` /
+        ``center_refined`` are then values without a graph (back-propagate ``total`` or ``center``), and the
+        graph can be back-propagated once.
     """
 
     def __init__(
@@ -169,17 +263,41 @@ class BestieLoss(nn.Module):
         """``center_weight x`` the weighted MSE of one center target, as the loss computes it (class-wise or
         agnostic, with the support weight): ``pred`` / ``target`` ``(B, C, H, W)``, ``weight`` ``(B, H, W)``
         or ``(B, 1, H, W)`` -> scalar tensor. Raises DataError on mismatched shapes."""
+        pred, target, w = self._center_inputs(pred, target, weight)
+        return weighted_mse(pred, target, w) * self.center_weight
+
+    def center_pair(self, pred: torch.Tensor, t1: torch.Tensor, w1: torch.Tensor, t2: torch.Tensor,
+                    w2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pseudo and refined center terms in one pass: ``(0.5 (c1 + c2), c1, c2)`` with ``ci`` =
+        :meth:`center_term` ``(pred, ti, wi)``; only the first is differentiable (``c1``, ``c2`` are their
+        values, for the log). Shapes as :meth:`center_term`; DataError on mismatched shapes."""
+        pred1, t1, w1 = self._center_inputs(pred, t1, w1)
+        pred2, t2, w2 = self._center_inputs(pred, t2, w2)
+        if pred1.shape != t1.shape or pred2.shape != t2.shape:
+            raise DataError(f"BestieLoss: center {tuple(pred1.shape)} and targets {tuple(t1.shape)}, "
+                            f"{tuple(t2.shape)} differ")
+        w1 = _pixel_weight(w1, pred1, "center_pair")
+        w2 = _pixel_weight(w2, pred2, "center_pair")
+        half = 0.5 * self.center_weight
+        a1 = w1 * (half / _weighted_count(w1))
+        a2 = w2 * (half / _weighted_count(w2))
+        center, l1, l2 = _WeightedSquarePair.apply(pred1, t1, a1, t2, a2)
+        return center, 2.0 * l1, 2.0 * l2
+
+    def _center_inputs(self, pred: torch.Tensor, target: torch.Tensor,
+                       weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prediction, target and per-pixel weight of a center term: the first channel against the class
+        maximum when class-agnostic, the support boost applied (module docstring of :meth:`center_term`)."""
         if self.center_agnostic:
             if pred.shape != target.shape:
                 raise DataError(f"BestieLoss: center {tuple(pred.shape)} and target {tuple(target.shape)} differ")
             pred, target = pred[:, :1], target.amax(dim=1, keepdim=True)
         if self.center_support_weight == 1.0:
-            return weighted_mse(pred, target, weight) * self.center_weight
+            return pred, target, weight
         # the boost keeps the set of weighted pixels (factor >= 1), so weighted_mse's count is unchanged
         w = weight.unsqueeze(1) if weight.ndim == target.ndim - 1 else weight
         support = (target > CENTER_SUPPORT_MIN).any(dim=1, keepdim=True)
-        boosted = torch.where(support, w * self.center_support_weight, w)
-        return weighted_mse(pred, target, boosted) * self.center_weight
+        return pred, target, torch.where(support, w * self.center_support_weight, w)
 
     def forward(self, outputs: dict, pseudo: dict, refined: dict | None, semantic_target: torch.Tensor) -> dict:
         for key in ("seg", "center", "offset"):
@@ -189,14 +307,15 @@ class BestieLoss(nn.Module):
             if key not in pseudo:
                 raise DataError(f"BestieLoss: pseudo targets lack {key!r} (have {sorted(pseudo)})")
         seg = self.seg_loss(outputs["seg"], semantic_target) * self.seg_weight
-        c1 = self.center_term(outputs["center"], pseudo["center"], pseudo["weight"])
         o1 = weighted_l1(outputs["offset"], pseudo["offset"], pseudo["weight"]) * self.offset_weight
-        c2, o2 = c1, o1
+        o2 = o1
+        if refined is not None and refined.get("has_center", True):
+            center, c1, c2 = self.center_pair(outputs["center"], pseudo["center"], pseudo["weight"],
+                                              refined["center"], refined["weight"])
+        else:
+            c1 = c2 = center = self.center_term(outputs["center"], pseudo["center"], pseudo["weight"])
         if refined is not None:
-            if refined.get("has_center", True):
-                c2 = self.center_term(outputs["center"], refined["center"], refined["weight"])
             o2 = weighted_l1(outputs["offset"], refined["offset"], refined["weight"]) * self.offset_weight
-        center = 0.5 * (c1 + c2)
         offset = 0.5 * (o1 + o2)
         return {
             "seg": seg,

@@ -1,8 +1,19 @@
 """Online self-refinement: refined center/offset/weight targets from the network's own outputs.
 
 METHOD.md section 4 ("Self-refinement"), after the public ``refine_label_generation`` and
-``refine_label_generation_with_point``, rewritten vectorised (numpy + OpenCV on the CPU per sample; the
-softmax is evaluated on the input device, only on pixels of present classes).
+``refine_label_generation_with_point``, rewritten vectorised, in two implementations with the same results:
+
+- the host path (numpy + OpenCV per sample and component; the softmax on the input device, only on pixels
+  of present classes), used on the CPU, where it is the fastest;
+- the device path (on CUDA, issue 16; :func:`_refine_device_point` in the point setting, a loop over the
+  point slots): the whole batch at once in fixed-shape tensor
+  operations, no host round-trip or sync. The WSSS components come from the DataLoader
+  (:func:`bestie.targets.pseudo_instance_components`, the same components as the pseudo labels); NMS is a
+  separable max pool over one map per component; the weak-offset regions of centre clustering are labelled
+  by min-propagation for a fixed ``ceil(21 + beta)`` steps (enough for every region of an accepted size);
+  the centres of each component (at most :data:`DEVICE_MAX_CENTERS`; a component with more is skipped) are
+  ordered by a sort, the grouping is a loop over the centre slots, the group statistics are scatter
+  reductions. The tests run every hand-made case on both paths.
 
 Image setting, for each sample, each present class ``c`` and each 8-connected component of
 ``wsss == c + 1`` with at least ``min_area`` pixels:
@@ -42,11 +53,22 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from bestie.errors import DataError
 from bestie.params import GroupingParams, PseudoLabelParams, RefineParams
-from bestie.postprocess import class_components, group_component, instance_peaks, nearest_center
+from bestie.postprocess import (
+    CLUSTER_AREA,
+    CLUSTER_MAGNITUDE,
+    CLUSTER_MIN_DISTANCE,
+    CLUSTER_MIN_SCORE,
+    class_components,
+    group_component,
+    instance_peaks,
+    nearest_center,
+)
 from bestie.targets import (
+    paste_gaussians,
     check_class_list,
     check_label_map,
     draw_gaussian,
@@ -209,6 +231,7 @@ def refine_targets(
     *,
     pseudo: PseudoLabelParams = PseudoLabelParams(),
     refine: RefineParams = RefineParams(),
+    components: tuple | None = None,
 ) -> dict:
     """Refined targets of a batch from detached network outputs (METHOD.md section 4, "Self-refinement").
 
@@ -227,6 +250,14 @@ def refine_targets(
         refine: :class:`~bestie.params.RefineParams`: NMS and fallback threshold ``center_threshold`` (0.3),
             odd NMS window ``nms_kernel`` (41), center clustering tolerance ``beta`` (3; ``<= 0`` disables
             clustering), ``max_instances``: components with more groups are skipped (5).
+        components: the batch's WSSS components as the DataLoader ships them (``(components (B, H, W) int16,
+            table (N, 5), first_row (B,))`` of :func:`bestie.instance_data.collate_compact`), used by the
+            device path; None: computed from ``wsss`` on the host when needed.
+
+    On a CUDA device both settings run batched on the device, without a host round-trip or sync
+    (:func:`_refine_device_image`, :func:`_refine_device_point`; the host path's targets within float
+    rounding, except that a component with more than :data:`DEVICE_MAX_CENTERS` centres is skipped); on
+    the CPU per sample on the host.
 
     Returns:
         ``{"center": (B, C, H, W), "offset": (B, 2, H, W), "weight": (B, H, W)}`` ``float32`` tensors on the
@@ -242,9 +273,16 @@ def refine_targets(
     b_, c1, h, w = seg_logits.shape
     ncls = c1 - 1
     device = seg_logits.device
+    present = [check_class_list(labels[b], ncls, f"labels[{b}]") for b in range(b_)]
+    if _device_path(device):
+        if setting == "point":
+            return _refine_device_point(offset.detach(), wsss, present, points, ncls, pseudo.point_threshold)
+        if components is None:
+            components = host_components(wsss, present, int(pseudo.min_area), device)
+        return _refine_device_image(seg_logits.detach(), center.detach(), offset.detach(), components, pseudo,
+                                    refine)
     wsss_cpu = wsss.detach().cpu()
     seg = [check_label_map(wsss_cpu[b], f"wsss[{b}]") for b in range(b_)]
-    present = [check_class_list(labels[b], ncls, f"labels[{b}]") for b in range(b_)]
     off_np = offset.detach().float().cpu().numpy()
 
     on_cpu = _dense_host_buffers(device)
@@ -355,3 +393,307 @@ class _CenterBuffers:
         if self.pairs:
             center_t[self.bi, self.ci] = torch.from_numpy(self.out).to(self.device)
         return center_t
+
+
+# ------------------------------------------------------------------------------------- the device path
+#: centres per component the batched device path holds (NMS + clustered); a component with more is skipped
+DEVICE_MAX_CENTERS = 64
+
+
+def _device_path(device: torch.device) -> bool:
+    """Whether :func:`refine_targets` runs batched on the device (CUDA) rather than per sample on the host (the
+    CPU, where numpy + OpenCV per component is faster); a separate function so that tests run the device path
+    on the CPU."""
+    return device.type != "cpu"
+
+
+def host_components(wsss: torch.Tensor, present: list[np.ndarray], min_area: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The components of self-refinement computed on the host from the WSSS maps, in the form the DataLoader
+    ships them (:func:`bestie.instance_data.collate_compact`): ``(components (B, H, W) int16, table (N, 5)
+    int32 [sample, class, -1, -1, 0], first_row (B,) int64)`` on ``device`` (for callers without them)."""
+    seg = wsss.detach().cpu().numpy()
+    maps, rows, first = np.zeros(seg.shape, np.int16), [], []
+    for b in range(seg.shape[0]):
+        first.append(len(rows))
+        for c in present[b].tolist():
+            for y0, x0, mask in class_components(seg[b] == c + 1, min_area):
+                rows.append([b, c, -1, -1, 0])
+                k = len(rows) - first[-1]
+                np.copyto(maps[b, y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]], np.int16(k), where=mask)
+    table = np.array(rows, np.int32).reshape(-1, 5)
+    return (torch.from_numpy(maps).to(device), torch.from_numpy(table).to(device),
+            torch.tensor(first, dtype=torch.int64).to(device))
+
+
+def _scores_and_prob(seg_logits: torch.Tensor, center: torch.Tensor, gid: torch.Tensor,
+                     cls: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per pixel of a component: the centre score of the component's class and the softmax probability of that
+    class (:func:`own_class_probability`'s formula); 0 elsewhere. ``(B, H, W)`` float32 each."""
+    on = gid > 0
+    c_map = torch.cat([cls.new_zeros(1), cls])[gid]  # class of the pixel's component (0 off components)
+    scores = center.float().gather(1, c_map.unsqueeze(1)).squeeze(1) * on
+    lg = seg_logits.float()
+    own = lg.gather(1, (c_map + 1).unsqueeze(1))
+    prob = (lg - own).exp_().sum(dim=1).reciprocal_() * on
+    return scores, prob
+
+
+def _nms_peaks(scores: torch.Tensor, gid: torch.Tensor, smp: torch.Tensor, threshold: float,
+               kernel: int) -> torch.Tensor:
+    """``(B, H, W)`` bool: the pixels equal to the maximum of their ``kernel`` window among the candidate pixels
+    (score above ``threshold`` and 0) of their own component (:func:`bestie.postprocess.find_instance_centers`
+    per component, as separable max pools over one map per component)."""
+    n = smp.shape[0]
+    cand = (gid > 0) & (scores > threshold) & (scores > 0)
+    t = torch.where(cand, scores, -1.0)
+    own = gid[smp] == torch.arange(1, n + 1, device=gid.device).view(n, 1, 1)
+    tn = torch.where(own, t[smp], float("-inf")).unsqueeze(1)
+    r = kernel // 2
+    pooled = F.max_pool2d(F.max_pool2d(tn, (1, kernel), 1, (0, r)), (kernel, 1), 1, (r, 0)).squeeze(1)
+    peak = (own & (tn.squeeze(1) == pooled)).float()
+    hit = torch.zeros(scores.shape, device=scores.device).index_add_(0, smp, peak) > 0
+    return hit & cand
+
+
+def _to_pixels(pair: torch.Tensor, dim: int, fill) -> tuple[torch.Tensor, torch.Tensor]:
+    """A value per pair of neighbours along ``dim`` (size ``n - 1``) given to the first and to the second pixel
+    of each pair (size ``n``; ``fill`` where a pixel has no such pair)."""
+    pad_end = (0, 0, 0, 1) if dim == 1 else (0, 1)
+    pad_start = (0, 0, 1, 0) if dim == 1 else (1, 0)
+    return F.pad(pair, pad_end, value=fill), F.pad(pair, pad_start, value=fill)
+
+
+def _weak_regions(offset: torch.Tensor, gid: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+    """The 4-connected regions of short predicted offsets (``|offset| < 2.5``) inside each component, labelled
+    by their first pixel (flat index over the batch) with a fixed number of min-propagation steps; returns
+    ``(root (B, H, W) bool: the first pixel of a complete region of area strictly between 21 - beta and
+    21 + beta, cy, cx (B, H, W) int64: that region's centroid truncated to whole pixels)``. A region is
+    complete when no neighbour of it carries another label; regions too large to converge in
+    ``ceil(21 + beta)`` steps are larger than ``21 + beta`` pixels, so no region of a valid size is missed."""
+    b_, h, w = gid.shape
+    dev = gid.device
+    off = offset.float()
+    weak = (gid > 0) & (off[:, 0] * off[:, 0] + off[:, 1] * off[:, 1] < CLUSTER_MAGNITUDE * CLUSTER_MAGNITUDE)
+    big = b_ * h * w
+    idx = torch.arange(big, device=dev).view(b_, h, w)
+    lab = torch.where(weak, idx, big)
+    key = torch.where(weak, gid.long(), -1)
+    same = {1: key[:, 1:, :] == key[:, :-1, :], 2: key[:, :, 1:] == key[:, :, :-1]}
+    for _ in range(int(np.ceil(CLUSTER_AREA + beta))):
+        for dim, sm in same.items():
+            n = lab.shape[dim] - 1
+            m = torch.where(sm, torch.minimum(lab.narrow(dim, 0, n), lab.narrow(dim, 1, n)), big)
+            first, second = _to_pixels(m, dim, big)
+            lab = torch.minimum(lab, torch.minimum(first, second))
+    open_ = torch.zeros((b_, h, w), dtype=torch.int64, device=dev)
+    for dim, sm in same.items():
+        n = lab.shape[dim] - 1
+        diff = (sm & (lab.narrow(dim, 0, n) != lab.narrow(dim, 1, n))).long()
+        first, second = _to_pixels(diff, dim, 0)
+        open_ = open_ + first + second
+    at = torch.where(weak, lab, 0).view(-1)
+    wk = weak.long()
+    ys, xs = (idx // w) % h, idx % w
+
+    def total(values: torch.Tensor) -> torch.Tensor:  # per region, at its label
+        return torch.zeros(big, dtype=torch.int64, device=dev).index_add_(0, at, (values * wk).view(-1)).view(b_, h, w)
+
+    area, bad = total(torch.ones_like(idx)), total(open_)
+    root = weak & (lab == idx) & (bad == 0) & (area > CLUSTER_AREA - beta) & (area < CLUSTER_AREA + beta)
+    safe = area.clamp(min=1)
+    return root, total(ys) // safe, total(xs) // safe
+
+
+def _per_component(keys: torch.Tensor, ys: torch.Tensor, xs: torch.Tensor, n: int, stride: int,
+                   k_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entries ``(key, y, x)`` with ``key = component * stride + rank`` (``n * stride`` = none) into per-component
+    tables in key order: ``(ty (n, k_max), tx (n, k_max), count (n,))`` int64; a component may count more
+    than ``k_max`` entries (the table holds the first ``k_max``). Fixed shapes, no host sync."""
+    dev = keys.device
+    order = torch.argsort(keys)
+    k_sorted = keys[order]
+    comp = torch.clamp(k_sorted // stride, max=n)
+    valid = comp < n
+    count = torch.zeros(n + 1, dtype=torch.int64, device=dev).index_add_(0, comp, valid.long())[:n]
+    start = torch.cumsum(count, 0) - count
+    pos = torch.arange(keys.numel(), device=dev) - torch.cat([start, start.new_zeros(1)])[comp]
+    slot = torch.where(valid & (pos < k_max), comp * k_max + pos, n * k_max)
+    ty = torch.zeros(n * k_max + 1, dtype=torch.int64, device=dev).scatter_(0, slot, ys[order])
+    tx = torch.zeros(n * k_max + 1, dtype=torch.int64, device=dev).scatter_(0, slot, xs[order])
+    return ty[:-1].view(n, k_max), tx[:-1].view(n, k_max), count
+
+
+def _centers(scores: torch.Tensor, offset: torch.Tensor, gid: torch.Tensor, smp: torch.Tensor,
+             grouping: GroupingParams) -> tuple[torch.Tensor, ...]:
+    """Each component's centres (:func:`bestie.postprocess.group_component`, steps 2-3): NMS peaks in row-major
+    order, then the clustered centres (beta) in the order of their regions' first pixels, those within
+    100 px of an NMS peak dropped. Returns ``(ty, tx (n, K) int64, count (n,) int64, marked (B, H, W))``:
+    ``marked`` = ``scores`` with the clustered centres set to 1.0; ``K`` = :data:`DEVICE_MAX_CENTERS`."""
+    b_, h, w = gid.shape
+    big, k_max, dev, n = b_ * h * w, DEVICE_MAX_CENTERS, gid.device, smp.shape[0]
+    comp = (gid.long() - 1).view(-1)
+    flat = torch.arange(big, device=dev)
+    ys, xs = (flat // w) % h, flat % w
+    nms = _nms_peaks(scores, gid, smp, grouping.center_threshold, int(grouping.nms_kernel)).view(-1)
+    stride = 2 * big
+    nms_key = torch.where(nms, comp * stride + flat, n * stride)
+    ny, nx, ncount = _per_component(nms_key, ys, xs, n, stride, k_max)
+    marked = scores.clone()
+    if grouping.beta <= 0:
+        return ny, nx, ncount, marked
+    root, cy, cx = (t.view(-1) for t in _weak_regions(offset, gid, float(grouping.beta)))
+    at = (flat // (h * w)) * (h * w) + cy * w + cx
+    gflat = gid.view(-1)
+    keep = root & (scores.view(-1)[at] * (gflat[at] == gflat) > CLUSTER_MIN_SCORE)
+    safe_comp = comp.clamp(min=0)
+    for k in range(k_max):  # drop clustered centres within CLUSTER_MIN_DISTANCE of an NMS peak
+        d2 = (cy - ny[safe_comp, k]) ** 2 + (cx - nx[safe_comp, k]) ** 2
+        keep = keep & ~((k < ncount[safe_comp]) & (d2 <= CLUSTER_MIN_DISTANCE ** 2))
+    ext = torch.cat([marked.view(-1), marked.new_zeros(1)])  # slot ``big``: where the others are written
+    marked = ext.scatter_(0, torch.where(keep, at, big), 1.0)[:big].view(b_, h, w)
+    key = torch.cat([nms_key, torch.where(keep, comp * stride + big + flat, n * stride)])
+    ty, tx, count = _per_component(key, torch.cat([ys, cy]), torch.cat([xs, cx]), n, stride, k_max)
+    return ty, tx, count, marked
+
+
+def _group(offset: torch.Tensor, gid: torch.Tensor, ty: torch.Tensor, tx: torch.Tensor,
+           count: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` int64: each component pixel's centre index in its component's table, the centre nearest to
+    ``pixel + offset`` (first on ties, :func:`bestie.postprocess.nearest_center`); -1 off components, in a
+    component without a centre or with more than :data:`DEVICE_MAX_CENTERS`."""
+    b_, h, w = gid.shape
+    dev = gid.device
+    comp = (gid.long() - 1).clamp(min=0)
+    ly = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1) + offset[:, 0].float()
+    lx = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w) + offset[:, 1].float()
+    best = torch.full((b_, h, w), float("inf"), device=dev)
+    arg = torch.full((b_, h, w), -1, dtype=torch.int64, device=dev)
+    n_here = torch.where((gid > 0) & (count[comp] <= ty.shape[1]), count[comp], 0)
+    cyf, cxf = ty.float(), tx.float()
+    for k in range(ty.shape[1]):
+        dy = ly - cyf[comp, k]
+        dx = lx - cxf[comp, k]
+        d = dy * dy + dx * dx
+        better = (k < n_here) & (d < best)
+        best = torch.where(better, d, best)
+        arg = torch.where(better, k, arg)
+    return arg
+
+
+def _group_targets(gid: torch.Tensor, arg: torch.Tensor, marked: torch.Tensor, prob: torch.Tensor,
+                   ty: torch.Tensor, tx: torch.Tensor, threshold: float, max_instances: int) -> dict:
+    """Targets of each group (steps 2-5 of the module docstring): per group ``(ty, tx)``, ``conf`` and whether
+    it is drawn; per pixel its group's flat index (``n K`` = none). Returns ``{"slot" (B, H, W), "y", "x",
+    "conf" (n K + 1,), "draw" (n K,) bool}``."""
+    n, k_max = ty.shape
+    b_, h, w = gid.shape
+    dev = gid.device
+    none = n * k_max
+    on = (gid > 0) & (arg >= 0)
+    slot = torch.where(on, (gid.long() - 1).clamp(min=0) * k_max + arg, none).view(-1)
+    cnt = torch.zeros(none + 1, dtype=torch.int64, device=dev).index_add_(0, slot, on.view(-1).long())
+    nonempty = cnt[:none].view(n, k_max) > 0
+    skip = nonempty.sum(dim=1) > max_instances
+    val = marked.view(-1)
+    top = torch.full((none + 1,), float("-inf"), device=dev).scatter_reduce(0, slot, val, "amax")
+    flat = torch.arange(b_ * h * w, device=dev)
+    first = torch.where(on.view(-1) & (val == top[slot]), flat, b_ * h * w)
+    pk = torch.full((none + 1,), b_ * h * w, dtype=torch.int64, device=dev).scatter_reduce(0, slot, first, "amin")
+    psum = torch.zeros(none + 1, dtype=torch.float64, device=dev).index_add_(0, slot, prob.view(-1).double())
+    mean_prob = psum / cnt.clamp(min=1)
+    cscore = top.double()
+    confident = (cnt > 0) & (cscore >= threshold)
+    pkc = pk.clamp(max=b_ * h * w - 1)
+    gy = torch.cat([ty.view(-1), ty.new_zeros(1)])
+    gx = torch.cat([tx.view(-1), tx.new_zeros(1)])
+    y = torch.where(confident, (pkc // w) % h, gy)
+    x = torch.where(confident, pkc % w, gx)
+    conf = torch.where(confident, cscore * mean_prob, mean_prob).clamp(0.0, 1.0).float()
+    keep = torch.cat([(~skip).repeat_interleave(k_max), torch.zeros(1, dtype=torch.bool, device=dev)])
+    slot = torch.where(keep[slot], slot, none)
+    return {"slot": slot.view(b_, h, w), "y": y, "x": x, "conf": conf, "draw": (nonempty & ~skip[:, None]).view(-1)}
+
+
+def _refine_device_image(seg_logits: torch.Tensor, center: torch.Tensor, offset: torch.Tensor, comps: tuple,
+                         pseudo: PseudoLabelParams, refine: RefineParams) -> dict:
+    """Image-setting refinement of the whole batch on its device (module docstring, steps 1-5), from the
+    components ``(map (B, H, W), table (N, 5), first_row (B,))``: fixed-shape tensor operations only."""
+    comp_map, table, first_row = comps
+    b_, c1, h, w = seg_logits.shape
+    dev = seg_logits.device
+    if table.shape[0] == 0:  # no component in the batch (a shape: known on the host)
+        return {"center": torch.zeros((b_, c1 - 1, h, w), device=dev), "offset": torch.zeros((b_, 2, h, w), device=dev),
+                "weight": torch.zeros((b_, h, w), device=dev), "has_center": True}
+    local = comp_map.to(dev).long()
+    gid = torch.where(local > 0, local + first_row.to(dev).view(b_, 1, 1), 0)
+    tab = table.to(dev).long()
+    smp, cls = tab[:, 0], tab[:, 1]
+    grouping = refine.grouping(int(pseudo.min_area))
+    scores, prob = _scores_and_prob(seg_logits, center, gid, cls)
+    ty, tx, count, marked = _centers(scores, offset, gid, smp, grouping)
+    arg = _group(offset, gid, ty, tx, count)
+    g = _group_targets(gid, arg, marked, prob, ty, tx, grouping.center_threshold, int(refine.max_instances))
+    slot = g["slot"]
+    on = slot < ty.numel()
+    yy = torch.arange(h, device=dev).view(1, h, 1)
+    xx = torch.arange(w, device=dev).view(1, 1, w)
+    out_offset = torch.stack([torch.where(on, g["y"][slot] - yy, 0), torch.where(on, g["x"][slot] - xx, 0)], dim=1)
+    out_weight = torch.where(on, g["conf"][slot], 0.0)
+    out_center = torch.zeros((b_, c1 - 1, h, w), dtype=torch.float32, device=dev)
+    k_max = ty.shape[1]
+    where = torch.stack([smp.repeat_interleave(k_max), cls.repeat_interleave(k_max), g["y"][:-1], g["x"][:-1]], 1)
+    paste_gaussians(out_center, where, g["draw"], pseudo.sigma)
+    return {"center": out_center, "offset": out_offset.float(), "weight": out_weight, "has_center": True}
+
+
+def _refine_device_point(offset: torch.Tensor, wsss: torch.Tensor, present: list[np.ndarray], points: Any,
+                         ncls: int, point_threshold: float) -> dict:
+    """Point-setting refinement of the whole batch on its device (module docstring; :func:`_refine_points`
+    per sample on the host): every pixel of a present class with kept points goes to the kept point of its
+    class nearest to ``pixel + offset`` (first in the sample's point order on ties), weight 1. The points
+    and present classes travel to the device once (small, no sync); a loop over the point slots."""
+    b_, _, h, w = offset.shape
+    dev = offset.device
+    rows = [torch.as_tensor(np.asarray(p.detach().cpu() if hasattr(p, "detach") else p, dtype=np.float32))
+            .reshape(-1, 4) for p in points]
+    for b, r in enumerate(rows):  # the host path's checks (finite, classes in range)
+        point_pixels(r.numpy(), h, w, ncls, f"points[{b}]")
+    slots = max([r.shape[0] for r in rows] + [1])
+    pts = torch.zeros((b_, slots, 4), dtype=torch.float32)
+    pts[..., 3] = -1.0  # empty slots are never kept
+    for b, r in enumerate(rows):
+        pts[b, : r.shape[0]] = r
+    pres = torch.zeros((b_, ncls + 1), dtype=torch.bool)
+    for b, cls in enumerate(present):
+        pres[b, torch.as_tensor(cls, dtype=torch.int64)] = True
+    pts, pres = pts.to(dev, non_blocking=True), pres.to(dev, non_blocking=True)
+    px, py = torch.floor(pts[..., 0] + 0.5).long(), torch.floor(pts[..., 1] + 0.5).long()
+    pc = pts[..., 2].long().clamp(0, ncls - 1)
+    bidx = torch.arange(b_, device=dev).view(b_, 1)
+    keep = ((px >= 0) & (py >= 0) & (px < w) & (py < h) & (pts[..., 3] >= point_threshold)
+            & pres.gather(1, pc))
+    seg = wsss.to(dev).long()
+    cls_pix = (seg - 1).clamp(0, ncls - 1)
+    has = torch.zeros((b_, ncls + 1), dtype=torch.int64, device=dev).index_put_(
+        (bidx.expand_as(pc), torch.where(keep, pc, ncls)), torch.ones_like(pc), accumulate=True)[:, :ncls] > 0
+    active = (seg >= 1) & (seg <= ncls) & has.gather(1, cls_pix.view(b_, -1)).view(b_, h, w)
+    ly = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1) + offset[:, 0].float()
+    lx = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w) + offset[:, 1].float()
+    best = torch.full((b_, h, w), float("inf"), device=dev)
+    ty = torch.zeros((b_, h, w), dtype=torch.int64, device=dev)
+    tx = torch.zeros_like(ty)
+    for j in range(slots):
+        same = keep[:, j].view(b_, 1, 1) & (cls_pix == pc[:, j].view(b_, 1, 1))
+        dy = ly - py[:, j].float().view(b_, 1, 1)
+        dx = lx - px[:, j].float().view(b_, 1, 1)
+        d = dy * dy + dx * dx
+        better = same & (d < best)
+        best = torch.where(better, d, best)
+        ty = torch.where(better, py[:, j].view(b_, 1, 1), ty)
+        tx = torch.where(better, px[:, j].view(b_, 1, 1), tx)
+    yy = torch.arange(h, device=dev).view(1, h, 1)
+    xx = torch.arange(w, device=dev).view(1, 1, w)
+    out_offset = torch.stack([torch.where(active, ty - yy, 0), torch.where(active, tx - xx, 0)], dim=1).float()
+    return {"center": torch.zeros((b_, ncls, h, w), device=dev), "offset": out_offset,
+            "weight": active.float(), "has_center": False}

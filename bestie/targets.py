@@ -14,6 +14,12 @@ class ``c`` becomes a pseudo instance:
 Pixels outside accepted components keep offset 0 and weight 0 (no center/offset loss: the
 "instance-aware guidance" of the paper).
 
+Two forms (issue 16): :func:`pseudo_instance_components` gives the compact labels the DataLoader ships (an
+``int16`` map of the WSSS components, one table row per component, one row per Gaussian), and the dense
+``(C, H, W)`` / ``(2, H, W)`` / ``(H, W)`` targets are rendered from them, per sample on the host
+(:func:`render_pseudo_targets`, behind :func:`make_pseudo_instance_labels`) or batched on the training
+device (:func:`render_targets`, fixed-shape tensor operations, no host sync); both give the same values.
+
 Pixel conventions (shared with :mod:`bestie.refine` and :mod:`bestie.postprocess`):
 
 - A continuous coordinate ``v`` (a point's ``x``/``y`` after augmentation, a component centroid) is
@@ -48,6 +54,11 @@ __all__ = [
     "point_pixels",
     "check_class_list",
     "make_pseudo_instance_labels",
+    "pseudo_instance_components",
+    "render_pseudo_targets",
+    "render_targets",
+    "MAX_COMPONENTS",
+    "paste_gaussians",
 ]
 
 
@@ -226,10 +237,51 @@ def make_pseudo_instance_labels(
         DataError: malformed ``wsss``, ``labels`` or ``points``.
         ConfigError: bad ``num_classes`` (the parameters are checked when ``params`` is made).
     """
+    comp = pseudo_instance_components(wsss, labels, points, num_classes=num_classes, params=params)
+    return render_pseudo_targets(comp, num_classes=num_classes, sigma=params.sigma)
+
+
+#: the largest component id of :func:`pseudo_instance_components`' ``int16`` map
+MAX_COMPONENTS = int(np.iinfo(np.int16).max)
+
+
+def pseudo_instance_components(
+    wsss: np.ndarray,
+    labels: Sequence[int],
+    points,
+    *,
+    num_classes: int,
+    params: PseudoLabelParams = PseudoLabelParams(),
+) -> dict:
+    """The compact form of the pseudo instance labels of one sample (what the DataLoader ships, issue 16).
+
+    Every 8-connected component of ``wsss == c + 1`` with at least ``params.min_area`` pixels, for each
+    present class ``c`` in ascending order (components in the label order of
+    :func:`bestie.postprocess.class_components`), gets an id ``k = 1, 2, ...``; those holding exactly one kept
+    point are the pseudo instances (module docstring). The same components are the units of
+    self-refinement (:mod:`bestie.refine`), so the map serves both.
+
+    Args:
+        wsss, labels, points, num_classes, params: as :func:`make_pseudo_instance_labels`.
+
+    Returns:
+        dict with ``"components"``: ``(H, W)`` ``int16``, 0 off components, ``k`` on component ``k``;
+        ``"table"``: ``(K, 4)`` ``int32`` rows ``[class, y, x, accepted]`` of components ``1..K``, where
+        ``(y, x)`` is the pixel the offsets of an accepted component point to (image setting: the centroid
+        ``floor(v + 0.5)``; point setting: its point's pixel) and ``-1, -1`` for a rejected one;
+        ``"gaussians"``: ``(G, 3)`` ``int32`` rows ``[class, y, x]`` of the Gaussians of the centre map
+        (image setting: the accepted centroids; point setting: every kept point of a present class);
+        ``"num_instances"``: ``int``, accepted components.
+
+    Raises:
+        DataError: malformed ``wsss``, ``labels`` or ``points``, or more than :data:`MAX_COMPONENTS` components.
+        ConfigError: bad ``num_classes``.
+    """
+    from bestie.postprocess import class_components
+
     if int(num_classes) != num_classes or num_classes < 1:
         raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
     num_classes = int(num_classes)
-    setting, min_area = params.setting, params.min_area
     seg = check_label_map(wsss)
     height, width = seg.shape
     present = check_class_list(labels, num_classes)
@@ -237,59 +289,158 @@ def make_pseudo_instance_labels(
     keep = inside & (pconf >= params.point_threshold) & np.isin(pcls, present)
     px, py, pcls = px[keep], py[keep], pcls[keep]
 
-    center = np.zeros((num_classes, height, width), dtype=np.float32)
-    offset = np.zeros((2, height, width), dtype=np.float32)
-    weight = np.zeros((height, width), dtype=np.float32)
-    kernel = gaussian_kernel(params.sigma)
-
-    if setting == "point":
-        for x, y, c in zip(px.tolist(), py.tolist(), pcls.tolist()):
-            draw_gaussian(center[c], x, y, kernel)
-
-    num_instances = 0
+    comp_map = np.zeros((height, width), dtype=np.int16)
+    rows: list[list[int]] = []
+    boxes = []
     for c in present.tolist():
-        sel = pcls == c
-        if not sel.any():
-            continue  # a component without a point is never an instance
-        cpx, cpy = px[sel], py[sel]
-        region = seg == (c + 1)
-        on_class = np.flatnonzero(region[cpy, cpx])
-        if on_class.size == 0:
-            continue
-        # The 8-connected component of each point, found by flood fill from the point (cost ~ component
-        # size, not image size; equal to the component of cv2.connectedComponents(connectivity=8)).
-        # Filled pixels take the value 2 + component index, so a later point in the same component sees it.
-        work = region.astype(np.float32)
-        comps: list[list] = []  # [area, (x0, y0, w, h), first point index, point count]
-        for j in on_class.tolist():
-            x, y = int(cpx[j]), int(cpy[j])
-            v = work[y, x]
-            if v == 1.0:
-                area, _, _, rect = cv2.floodFill(
-                    work, None, (x, y), float(2 + len(comps)), 0, 0, 8 | cv2.FLOODFILL_FIXED_RANGE
-                )
-                comps.append([int(area), rect, j, 1])
-            else:
-                comps[int(v) - 2][3] += 1
-        for k, (area, rect, j, count) in enumerate(comps):
-            if count != 1 or area < min_area:
-                continue
-            x0, y0, w, h = (int(v) for v in rect)
-            sub = work[y0 : y0 + h, x0 : x0 + w] == float(2 + k)
-            if setting == "image":
-                # centroid = mean pixel coordinate (image moments m10/m00, m01/m00 of the component),
-                # mapped to the nearest pixel floor(v + 0.5)
-                mom = cv2.moments(sub.view(np.uint8), binaryImage=True)
-                cx = x0 + int(np.floor(mom["m10"] / mom["m00"] + 0.5))
-                cy = y0 + int(np.floor(mom["m01"] / mom["m00"] + 0.5))
-                draw_gaussian(center[c], cx, cy, kernel)
-            else:
-                cx, cy = int(cpx[j]), int(cpy[j])
-            dy = (cy - np.arange(y0, y0 + h, dtype=np.float32))[:, None]
-            dx = (cx - np.arange(x0, x0 + w, dtype=np.float32))[None, :]
-            np.copyto(offset[0, y0 : y0 + h, x0 : x0 + w], dy, where=sub)
-            np.copyto(offset[1, y0 : y0 + h, x0 : x0 + w], dx, where=sub)
-            np.copyto(weight[y0 : y0 + h, x0 : x0 + w], np.float32(1.0), where=sub)
-            num_instances += 1
+        for y0, x0, mask in class_components(seg == c + 1, params.min_area):
+            if len(rows) >= MAX_COMPONENTS:
+                raise DataError(f"pseudo labels: more than {MAX_COMPONENTS} WSSS components of >= "
+                                f"{params.min_area} px in one crop")
+            rows.append([c, -1, -1, 0])
+            boxes.append((y0, x0, mask))
+            np.copyto(comp_map[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]], np.int16(len(rows)), where=mask)
+    table = np.array(rows, dtype=np.int32).reshape(-1, 4)
+    # each kept point counts for the component under it when that component is of the point's class
+    k_pt = comp_map[py, px].astype(np.int64)
+    on = k_pt > 0
+    on[on] = table[k_pt[on] - 1, 0] == pcls[on]
+    count = np.bincount(k_pt[on], minlength=len(rows) + 1)[1:]
+    first = np.full(len(rows) + 1, -1, dtype=np.int64)
+    idx = np.flatnonzero(on)
+    first[k_pt[idx[::-1]]] = idx[::-1]  # the (only) point of a one-point component
+    for k in np.flatnonzero(count == 1).tolist():
+        y0, x0, mask = boxes[k]
+        if params.setting == "image":
+            # centroid = mean pixel coordinate (image moments), mapped to the nearest pixel floor(v + 0.5)
+            mom = cv2.moments(mask.view(np.uint8), binaryImage=True)
+            table[k, 1] = y0 + int(np.floor(mom["m01"] / mom["m00"] + 0.5))
+            table[k, 2] = x0 + int(np.floor(mom["m10"] / mom["m00"] + 0.5))
+        else:
+            j = int(first[k + 1])
+            table[k, 1], table[k, 2] = int(py[j]), int(px[j])
+        table[k, 3] = 1
+    acc = table[:, 3] == 1
+    if params.setting == "image":
+        gaussians = table[acc][:, :3]
+    else:
+        gaussians = np.stack([pcls, py, px], axis=1).astype(np.int32).reshape(-1, 3)
+    return {"components": comp_map, "table": table, "gaussians": np.ascontiguousarray(gaussians, dtype=np.int32),
+            "num_instances": int(acc.sum())}
 
-    return {"center": center, "offset": offset, "weight": weight, "num_instances": num_instances}
+
+def render_pseudo_targets(comp: dict, *, num_classes: int, sigma: float = PseudoLabelParams.sigma) -> dict:
+    """Dense targets of one sample from its compact labels (:func:`pseudo_instance_components`), on the host.
+
+    Args:
+        comp: ``{"components", "table", "gaussians", "num_instances"}`` of one sample.
+        num_classes: ``C``. sigma: of the Gaussians (pixels).
+
+    Returns:
+        ``{"center": (C, H, W), "offset": (2, H, W), "weight": (H, W)}`` ``float32`` and ``"num_instances"``,
+        as :func:`make_pseudo_instance_labels` (the batched device version is :func:`render_targets`).
+    """
+    comp_map, table = comp["components"], comp["table"]
+    height, width = comp_map.shape
+    center = np.zeros((num_classes, height, width), dtype=np.float32)
+    kernel = gaussian_kernel(sigma)
+    for c, y, x in comp["gaussians"].tolist():
+        draw_gaussian(center[c], x, y, kernel)
+    acc = np.concatenate([[0.0], table[:, 3]]).astype(np.float32)
+    ty = np.concatenate([[0], table[:, 1]]).astype(np.float32)
+    tx = np.concatenate([[0], table[:, 2]]).astype(np.float32)
+    weight = acc[comp_map]
+    offset = np.zeros((2, height, width), dtype=np.float32)
+    on = weight > 0
+    if on.any():
+        ys, xs = np.nonzero(on)
+        k = comp_map[ys, xs]
+        offset[0, ys, xs] = ty[k] - ys
+        offset[1, ys, xs] = tx[k] - xs
+    return {"center": center, "offset": offset, "weight": weight, "num_instances": int(comp["num_instances"])}
+
+
+@lru_cache(maxsize=8)
+def _kernel_on(sigma: float, device: str):
+    """:func:`gaussian_kernel` as a tensor on ``device``, made once (a host copy per step would sync)."""
+    import torch
+
+    return torch.from_numpy(np.array(gaussian_kernel(sigma))).to(device)
+
+
+def render_targets(
+    components,
+    table,
+    gaussians,
+    first_row,
+    *,
+    num_classes: int,
+    sigma: float = PseudoLabelParams.sigma,
+) -> dict:
+    """Dense pseudo targets of a batch from its compact labels, rendered on the batch's device (issue 16).
+
+    Equal to :func:`render_pseudo_targets` (:func:`make_pseudo_instance_labels`) per sample: the same kernel
+    values pasted with a maximum, the same whole-pixel offsets. Made of fixed-shape tensor operations only
+    (no host synchronisation on CUDA).
+
+    Args:
+        components: ``(B, H, W)`` integer tensor (``int16``): per sample, 0 or the 1-based row of that
+            sample's components.
+        table: ``(N, 5)`` integer tensor ``[sample, class, y, x, accepted]``: the components of all samples,
+            sample by sample (:func:`bestie.instance_data.collate_compact`).
+        gaussians: ``(G, 4)`` integer tensor ``[sample, class, y, x]``.
+        first_row: ``(B,)`` int64 tensor, the row of ``table`` where each sample's components start.
+        num_classes: ``C``. sigma: of the Gaussians (pixels).
+
+    Returns:
+        ``{"center": (B, C, H, W), "offset": (B, 2, H, W), "weight": (B, H, W)}`` ``float32`` tensors on the
+        device of ``components``.
+    """
+    import torch
+
+    dev = components.device
+    b_, h, w = components.shape
+    local = components.long()
+    gid = torch.where(local > 0, local + first_row.to(dev).view(b_, 1, 1), 0)  # row + 1 of table, 0 = none
+    tab = table.to(dev).long()
+    zero = torch.zeros(1, dtype=torch.float32, device=dev)
+    acc = torch.cat([zero, tab[:, 4].float()])
+    weight = acc[gid]
+    ys = torch.arange(h, device=dev, dtype=torch.float32).view(1, h, 1)
+    xs = torch.arange(w, device=dev, dtype=torch.float32).view(1, 1, w)
+    oy = (torch.cat([zero, tab[:, 2].float()])[gid] - ys) * weight
+    ox = (torch.cat([zero, tab[:, 3].float()])[gid] - xs) * weight
+    offset = torch.stack([oy, ox], dim=1)
+    if dev.type == "cpu":  # np.zeros is calloc: pages are zeroed lazily, torch.zeros writes all of them
+        center = torch.from_numpy(np.zeros((b_, num_classes, h, w), dtype=np.float32))
+    else:
+        center = torch.zeros((b_, num_classes, h, w), dtype=torch.float32, device=dev)
+    paste_gaussians(center, gaussians.to(dev).long(), None, sigma)
+    return {"center": center, "offset": offset, "weight": weight}
+
+
+def paste_gaussians(center, where, valid, sigma: float) -> None:
+    """Paste the Gaussian kernel (:func:`gaussian_kernel`) into ``center`` in place with a maximum, batched:
+    the device counterpart of :func:`draw_gaussian` (clipped at the border, peaks outside draw nothing).
+
+    Args:
+        center: ``(B, C, H, W)`` float32 tensor, values ``>= 0``.
+        where: ``(G, 4)`` int64 tensor ``[sample, class, y, x]`` on ``center``'s device.
+        valid: ``(G,)`` bool tensor (rows to paste) or None (all rows).
+        sigma: of the kernel (pixels).
+    """
+    import torch
+
+    b_, num_classes, h, w = center.shape
+    kernel = _kernel_on(check_sigma(sigma), str(center.device))
+    r = kernel.shape[0] // 2
+    d = torch.arange(-r, r + 1, device=center.device)
+    py = where[:, 2:3, None] + d.view(1, -1, 1)  # (G, 2r+1, 1)
+    px = where[:, 3:4, None] + d.view(1, 1, -1)  # (G, 1, 2r+1)
+    ok = (py >= 0) & (py < h) & (px >= 0) & (px < w)
+    if valid is not None:
+        ok = ok & valid.view(-1, 1, 1)
+    flat = ((where[:, 0, None, None] * num_classes + where[:, 1, None, None]) * h + py) * w + px
+    flat = torch.where(ok, flat, 0)
+    vals = torch.where(ok, kernel.unsqueeze(0), 0.0)
+    center.view(-1).scatter_reduce_(0, flat.reshape(-1), vals.reshape(-1), reduce="amax")

@@ -8,7 +8,8 @@ helper, the model / data / loss in the training script), a trainer here is:
 2. **resume**: :func:`resume` from ``<out_checkpoint>.partial`` when it exists, refusing a state written
    with other settings (:class:`~bestie.errors.ConfigError` naming the differing keys);
 3. **train**: :func:`train_loop` runs the iterations: the trainer's step (forward + loss), the NaN / inf
-   guard (:func:`bestie.engine.check_finite`), :meth:`Optimization.step` (backward, optional gradient
+   guard (:func:`bestie.engine.check_finite` per iteration, or :class:`FiniteGuard` on the device, read at
+   log time: BESTIE's no-sync step), :meth:`Optimization.step` (backward, optional gradient
    clipping, optimizer, GradScaler and scheduler steps), the trainer's per-iteration bookkeeping, a log
    record every ``log_every`` iterations and at the last one, periodic actions (checkpoint, validation)
    every ``n`` iterations before the last. :class:`LogWindow` keeps the loss sums of a log window on the
@@ -32,8 +33,8 @@ from torch import nn
 from bestie import engine
 from bestie.errors import ConfigError
 
-__all__ = ["wrap_ddp", "make_loader", "resume", "Optimization", "LogWindow", "mean_over_ranks", "sum_over_ranks",
-           "train_loop", "finish"]
+__all__ = ["wrap_ddp", "make_loader", "resume", "Optimization", "LogWindow", "FiniteGuard", "mean_over_ranks",
+           "sum_over_ranks", "train_loop", "finish"]
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -167,6 +168,42 @@ class LogWindow:
         return out
 
 
+class FiniteGuard:
+    """The NaN / inf guard without a host sync per iteration: each iteration's losses are checked on their
+    device and the first non-finite iteration is remembered there; :meth:`check` (one sync) raises for it.
+
+    :meth:`check` calls :func:`bestie.engine.check_finite` with the values of the first bad iteration, so
+    the error names that iteration and its values, as a per-iteration check would.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] | None = None
+        self.first_bad: torch.Tensor | None = None  # int64 scalar: -1, or the first non-finite iteration
+        self.values: torch.Tensor | None = None  # that iteration's loss values
+
+    def add(self, losses: Mapping[str, torch.Tensor], iteration: int) -> None:
+        """Record iteration ``iteration``'s ``{name: scalar tensor}`` (device ops only, no sync)."""
+        if not losses:
+            return
+        values = torch.stack([v.detach().float().reshape(-1).sum() for v in losses.values()])
+        if self.first_bad is None:
+            self.names = list(losses)
+            self.first_bad = torch.full((), -1, dtype=torch.int64, device=values.device)
+            self.values = torch.zeros_like(values)
+        new = torch.isfinite(values).all().logical_not() & (self.first_bad < 0)
+        self.first_bad = torch.where(new, iteration, self.first_bad)
+        self.values = torch.where(new, values, self.values)
+
+    def check(self) -> None:
+        """Raise TrainingError (through :func:`bestie.engine.check_finite`) when a recorded iteration had a
+        non-finite loss; one device sync."""
+        if self.first_bad is None:
+            return
+        bad = int(self.first_bad)
+        if bad >= 0:
+            engine.check_finite(dict(zip(self.names or [], self.values.cpu().unbind())), bad)
+
+
 def sum_over_ranks(values: Sequence[float], dist: engine.DistInfo) -> list[float]:
     """Sum scalar values over the processes (float64 all-reduce; identity for one process)."""
     if not dist.is_distributed:
@@ -196,6 +233,7 @@ def train_loop(
     periodic: Sequence[tuple[int, Callable[[int], None]]] = (),
     not_guarded: Iterable[str] = (),
     bar: Any = None,
+    guard_at_log: bool = False,
 ) -> int:
     """Run iterations ``start .. max_iters - 1`` (0-based) of a trainer.
 
@@ -206,6 +244,10 @@ def train_loop(
     the bar's loss text); then each ``(n, action)`` of ``periodic`` in order: ``action(done)`` when ``n > 0``,
     ``done % n == 0`` and ``done < max_iters`` (the last iteration's state is the final checkpoint's).
 
+    With ``guard_at_log`` the guard runs without a host sync per iteration (:class:`FiniteGuard`): the losses
+    are checked on the device and the first bad iteration is reported (its number and values) at the next
+    log record or periodic action, before it is written; no iteration then syncs the device except those.
+
     Returns:
         The iteration count reached (``max(start, max_iters)``).
 
@@ -213,22 +255,30 @@ def train_loop(
         TrainingError: a non-finite loss (from the guard; the last periodic checkpoint stays).
     """
     skip = set(not_guarded)
+    guard = FiniteGuard() if guard_at_log else None
     for it in range(start, max_iters):
         losses = step(it)
-        engine.check_finite({k: v for k, v in losses.items() if k not in skip}, it)
+        guarded = {k: v for k, v in losses.items() if k not in skip}
+        if guard is None:
+            engine.check_finite(guarded, it)
+        else:
+            guard.add(guarded, it)
         lr = optimization.step(losses[objective])
         if after_step is not None:
             after_step(it, losses, lr)
         done = it + 1
         if bar is not None:
             bar.update(1)
-        if done % log_every == 0 or done == max_iters:
+        logs = done % log_every == 0 or done == max_iters
+        due = [action for every, action in periodic if every and done % every == 0 and done < max_iters]
+        if guard is not None and (logs or due):
+            guard.check()
+        if logs:
             text = on_log(done, lr)
             if bar is not None and text is not None:
                 bar.set_postfix(loss=text, refresh=False)
-        for every, action in periodic:
-            if every and done % every == 0 and done < max_iters:
-                action(done)
+        for action in due:
+            action(done)
     return max(start, max_iters)
 
 

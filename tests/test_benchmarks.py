@@ -39,7 +39,7 @@ def quick_run(tmp_path_factory):
 def test_document_and_machine(quick_run):
     doc, stdout = quick_run
     assert doc["schema"] == 1 and doc["quick"] is True
-    assert set(doc["benchmarks"]) == {"core", "eval", "stages", "dag"}
+    assert set(doc["benchmarks"]) == {"core", "eval", "stages", "dag", "step"}
     m = doc["machine"]
     assert m["cpu_count"] >= 1 and m["torch_threads"] == 1
     assert m["versions"]["torch"] and m["versions"]["numpy"]
@@ -54,7 +54,7 @@ def test_document_and_machine(quick_run):
     assert "| benchmark | value | target |" in stdout
     assert len(doc["summary"]) >= 5
     for row in doc["summary"]:
-        assert row["value"] > 0, row
+        assert row["unit"] == "ratio" or row["value"] > 0, row  # a ratio of differences may be <= 0 in --quick
         if row["unit"] not in ("images/s", "images/CPU-s") and not row["name"].endswith("peak RSS"):
             assert row["name"] in stdout  # first table; the stages have their own
     if "per_factor" in doc["benchmarks"]["stages"]:
@@ -64,7 +64,9 @@ def test_document_and_machine(quick_run):
 
 def test_core_and_eval(quick_run):
     b = quick_run[0]["benchmarks"]
-    for key, target in (("make_pseudo_instance_labels", 2.0), ("refine_targets", 100.0), ("get_instances", 30.0)):
+    assert b["core"]["make_pseudo_instance_labels"]["median_ms"] > 0
+    assert b["core"]["targets_batch_compact"]["equal_to_dense"] is True  # the rendered batch = the dense one
+    for key, target in (("pseudo_instance_components", 2.0), ("refine_targets", 100.0), ("get_instances", 30.0)):
         r = b["core"][key]
         assert 0 < r["min_ms"] <= r["median_ms"]
         assert r["target_ms"] == target
@@ -75,6 +77,19 @@ def test_core_and_eval(quick_run):
     assert 0.5 < ev["mAP50"] <= 1.0
     assert 0.0 <= ev["mAP75"] <= ev["mAP50"]  # a TP at IoU 0.75 is a TP at 0.5
     assert ev["target_s_scaled"] == pytest.approx(30.0 * 100 / 1449, abs=1e-3)
+
+
+def test_step(quick_run):
+    st = quick_run[0]["benchmarks"]["step"]
+    assert st["config"]["batch"] == 2 and st["config"]["crop"] == 128 and st["config"]["threads"] == 1
+    assert set(st["phases"]) == {"target_render", "forward", "refinement", "loss", "backward", "optimizer"}
+    for r in [st["data"], st["step"], st["floor"], *st["phases"].values()]:
+        assert r["n"] == 1 and r["median_s"] >= 0 and r["cpu_median_s"] >= 0
+    assert st["floor"]["median_s"] > 0 and st["step"]["median_s"] > 0
+    assert st["overhead_ratio"] == pytest.approx((st["step"]["cpu_median_s"] - st["floor"]["cpu_median_s"])
+                                                 / st["floor"]["cpu_median_s"], abs=1e-3)
+    # the planted heads make refinement group every component: refined targets on a real share of the pixels
+    assert 0.02 * 2 * 128 * 128 < st["refined_pixels"] < 2 * 128 * 128
 
 
 def test_stages(quick_run):
@@ -128,15 +143,22 @@ def test_gpu_bench_refuses_without_cuda():
     assert "no CUDA device" in proc.stderr
 
 
-def test_gpu_bench_batch_shapes():
-    from benchmarks.gpu_bench import make_batch
+def test_gpu_bench_on_cpu_writes_every_variant(tmp_path):
+    """gpu_bench with --allow-cpu and tiny sizes: each training variant's phases, floor and step, the
+    planted heads' refined pixels, the inference entries, the summary keys (figures not asserted)."""
+    out = tmp_path / "g" / "gpu_bench.json"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_bench", "--allow-cpu", "--backbone",
+                           "tf_efficientnet_lite0", "--batch", "2", "--crop", "64", "--iters", "1", "--warmup", "1",
+                           "--infer-images", "1", "--out", str(out)], cwd=ROOT, env=_env(CUDA_VISIBLE_DEVICES=""),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    from benchmarks.gpu_bench import TRAIN_VARIANTS
 
-    b = make_batch(3, 96)
-    assert b["image"].shape == (3, 3, 96, 96)
-    assert b["center"].shape == (3, 20, 96, 96) and b["offset"].shape == (3, 2, 96, 96)
-    assert b["semantic"].shape == (3, 96, 96) and b["weight"].shape == (3, 96, 96)
-    # the bench_core scene: 5 components of 3 classes (3, 8, 15), one point each
-    assert b["labels"].sum(dim=1).tolist() == [3.0, 3.0, 3.0]
-    assert b["num_points"].tolist() == [5, 5, 5]
-    # sample 1 is the mirror image of sample 0
-    assert (b["semantic"][1] == b["semantic"][0].flip(-1)).all()
+    for name, _ in TRAIN_VARIANTS:
+        r = doc["train"][name]
+        assert set(r["phases"]) == {"target_render", "forward", "refinement", "loss", "backward", "optimizer"}
+        assert r["step_median_s"] > 0 and r["floor"]["median_s"] > 0 and r["refined_pixels"] > 0
+        assert r["step_over_floor"] == pytest.approx(r["step_median_s"] / r["floor"]["cpu_median_s"], rel=1e-2)
+    assert doc["train"]["fastest"] in dict(TRAIN_VARIANTS) and doc["train"]["amp_speedup"] > 0
+    assert doc["infer"]["fp32"]["images_per_s"] > 0 and doc["infer"]["amp"]["images_per_s"] > 0

@@ -167,3 +167,53 @@ def test_center_support_weight_boosts_gaussian_pixels_only():
         pytest.approx(0.005 ** 2 / 2 * 200, rel=1e-6)
     with pytest.raises(ConfigError):
         BestieLoss(center_support_weight=0.5)
+
+
+def test_center_pair_equals_the_two_center_terms_values_and_gradient():
+    """The fused pseudo + refined center pass = 0.5 (center_term(t1) + center_term(t2)), values and gradient,
+    class-wise, agnostic and with the support boost."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.rand((2, 3, 5, 6), generator=g)
+    t1, t2 = torch.rand((2, 3, 5, 6), generator=g), torch.rand((2, 3, 5, 6), generator=g)
+    t1[0, 1, 2, 2] = 1.0
+    w1 = (torch.rand((2, 5, 6), generator=g) > 0.5).float()
+    w2 = torch.rand((2, 5, 6), generator=g) * (torch.rand((2, 5, 6), generator=g) > 0.3)
+    for kw in ({}, {"center_agnostic": True}, {"center_support_weight": 5.0}):
+        loss = BestieLoss(**kw)
+        p_ref = base.clone().requires_grad_(True)
+        c1, c2 = loss.center_term(p_ref, t1, w1), loss.center_term(p_ref, t2, w2)
+        (0.5 * (c1 + c2)).backward()
+        p = base.clone().requires_grad_(True)
+        center, f1, f2 = loss.center_pair(p, t1, w1, t2, w2)
+        assert center.item() == pytest.approx(0.5 * (c1.item() + c2.item()), rel=1e-5), kw
+        assert f1.item() == pytest.approx(c1.item(), rel=1e-5) and f2.item() == pytest.approx(c2.item(), rel=1e-5)
+        assert not f1.requires_grad and not f2.requires_grad
+        center.backward()
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6)
+    again = BestieLoss().center_pair(base.clone().requires_grad_(True), t1, w1, t2, w2)[0]
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="only once"):  # the kept buffer became the first gradient
+        again.backward()
+
+
+def test_deeplab_ce_value_and_gradient_equal_torch_cross_entropy():
+    """The one-allocation pixel cross entropy = F.cross_entropy (ignore 255) in value and gradient, with the
+    hard-pixel top-k on top."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn((2, 4, 6, 7), generator=g) * 4).requires_grad_(True)
+    labels = torch.randint(0, 4, (2, 6, 7), generator=g)
+    labels[0, :2] = 255
+    for top_k in (0.2, 1.0):
+        ref_logits = logits.detach().clone().requires_grad_(True)
+        pixel = F.cross_entropy(ref_logits, labels, ignore_index=255, reduction="none").reshape(-1)
+        k = max(1, int(top_k * pixel.numel()))
+        ref = torch.topk(pixel, k, sorted=False).values.mean() if top_k < 1 else pixel.mean()
+        ref.backward()
+        logits.grad = None
+        got = DeepLabCE(top_k_percent=top_k)(logits, labels.to(torch.uint8))
+        got.backward()
+        assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+        torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-7)
+        assert torch.count_nonzero(logits.grad[0, :, :2]) == 0  # ignored pixels get no gradient

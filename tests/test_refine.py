@@ -15,6 +15,15 @@ from bestie.targets import make_pseudo_instance_labels
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, params=["host", "device"])
+def path(request, monkeypatch):
+    """Every test runs on the host path and on the batched device path (run on the CPU here): the same
+    targets."""
+    if request.param == "device":
+        monkeypatch.setattr(refine_mod, "_device_path", lambda device: True)
+    return request.param
+
+
 def gauss_at(h, w, cy, cx, sigma=6.0):
     yy, xx = np.mgrid[0:h, 0:w]
     g = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
@@ -317,3 +326,82 @@ def test_numpy_scalar_labels_object_points_and_uint8_maps():
         for key in ("offset", "weight"):
             torch.testing.assert_close(out[key], ref[key], rtol=0, atol=0)
     assert ref["weight"].sum() == 800
+
+
+def test_device_path_equals_host_path_on_trained_like_outputs(path):
+    """Pseudo targets + noise as the network's outputs (centres found by NMS, offsets that make the weak
+    regions of centre clustering), random logits, three samples: the batched device path gives the host
+    path's targets (offsets and centres exactly, weights to float rounding), with and without clustering."""
+    if path == "device":
+        pytest.skip("compares the two paths itself")
+    wsss1, pts1 = ellipse_scene()
+    scenes = [(wsss1, pts1), (np.ascontiguousarray(wsss1[:, ::-1]), None), (np.ascontiguousarray(wsss1[::-1]), None)]
+    rng = np.random.default_rng(8)
+    ws, cs, os_ = [], [], []
+    for wsss, pts in scenes:
+        pts = ellipse_points(wsss) if pts is None else pts
+        t = make_pseudo_instance_labels(wsss, [0, 1, 2], pts, num_classes=3)
+        ws.append(wsss)
+        cs.append(t["center"] + rng.random(t["center"].shape, dtype=np.float32) * 0.05)
+        os_.append(t["offset"] + rng.normal(0, 1, t["offset"].shape).astype(np.float32))
+    cs[2][:] = np.clip(cs[2] * 0.2, 0, None)  # below the NMS threshold: clustered centres only
+    logits = torch.from_numpy(rng.normal(0, 2, (3, 4) + wsss1.shape).astype(np.float32))
+    center, offset = torch.from_numpy(np.stack(cs)), torch.from_numpy(np.stack(os_))
+    wsss = torch.from_numpy(np.stack(ws))
+    labels = [[0, 1, 2]] * 3
+    for beta in (3.0, 0.0):
+        host = refine_targets(logits, center, offset, wsss, labels, **groups(beta=beta))
+        refine_mod_device = refine_mod._device_path
+        try:
+            refine_mod._device_path = lambda device: True
+            dev = refine_targets(logits, center, offset, wsss, labels, **groups(beta=beta))
+        finally:
+            refine_mod._device_path = refine_mod_device
+        assert float((host["weight"] > 0).float().mean()) > 0.1
+        torch.testing.assert_close(dev["offset"], host["offset"], rtol=0, atol=0)
+        torch.testing.assert_close(dev["center"], host["center"], rtol=0, atol=0)
+        torch.testing.assert_close(dev["weight"], host["weight"], rtol=1e-5, atol=1e-7)
+
+
+def ellipse_points(wsss):
+    """One point per component of the ellipse scene (its pixel of median row-major index)."""
+    import cv2
+
+    pts = []
+    for c in (0, 1, 2):
+        n, lab = cv2.connectedComponents((wsss == c + 1).astype(np.uint8), connectivity=8)
+        for k in range(1, n):
+            ys, xs = np.nonzero(lab == k)
+            j = len(ys) // 2
+            pts.append([xs[j], ys[j], c, 1.0])
+    return np.array(pts, np.float32)
+
+
+def test_device_point_path_equals_host_path_on_random_points(path):
+    """Point setting: random offsets, points of several classes (some below the threshold, some of absent
+    classes, some off the image), three samples with different point counts: device path = host path."""
+    if path == "device":
+        pytest.skip("compares the two paths itself")
+    rng = np.random.default_rng(4)
+    wsss1, _ = ellipse_scene()
+    wsss = torch.from_numpy(np.stack([wsss1, wsss1[:, ::-1].copy(), wsss1[::-1].copy()]))
+    h, w = wsss1.shape
+    offset = torch.from_numpy(rng.normal(0, 6, (3, 2, h, w)).astype(np.float32))
+    logits = torch.zeros((3, 4, h, w))
+    points = []
+    for n in (7, 1, 12):
+        p = np.stack([rng.uniform(-3, w + 3, n), rng.uniform(0, h - 1, n), rng.integers(0, 3, n),
+                      rng.choice([0.5, 0.9], n)], axis=1).astype(np.float32)
+        points.append(torch.from_numpy(p))
+    labels = [[0, 2], [0, 1, 2], [1, 2]]
+    kw = groups(setting="point")
+    host = refine_targets(logits, None, offset, wsss, labels, points, **kw)
+    saved = refine_mod._device_path
+    try:
+        refine_mod._device_path = lambda device: True
+        dev = refine_targets(logits, None, offset, wsss, labels, points, **kw)
+    finally:
+        refine_mod._device_path = saved
+    assert dev["has_center"] is False and float(host["weight"].sum()) > 1000
+    for key in ("center", "offset", "weight"):
+        torch.testing.assert_close(dev[key], host[key], rtol=0, atol=0)

@@ -318,3 +318,60 @@ def test_real_voc_gt_instances_as_points():
             peak = out["center"].max(axis=0)[ty, tx]
             np.testing.assert_array_equal(peak, np.ones_like(peak))
     assert accepted_total > 0
+
+
+def _random_scene(rng, h=120, w=160, n_points=25):
+    noise = cv2.GaussianBlur(rng.random((h, w)).astype(np.float32), (0, 0), 4)
+    wsss = np.digitize(noise, np.quantile(noise, [0.4, 0.7])).astype(np.uint8)  # 0, 1, 2
+    wsss[rng.random(wsss.shape) < 0.01] = 255
+    pts = np.array([[rng.integers(0, w), rng.integers(0, h), rng.integers(0, 2), rng.choice([0.5, 1.0])]
+                    for _ in range(n_points)], np.float32)
+    return wsss, pts
+
+
+def test_batched_device_rendering_equals_the_dense_pseudo_labels():
+    """render_targets over a batch (the training step's path) = make_pseudo_instance_labels per sample,
+    exactly, in both settings; Gaussians near the border are clipped alike."""
+    from bestie.instance_data import collate_compact
+    from bestie.targets import pseudo_instance_components, render_targets
+
+    rng = np.random.default_rng(11)
+    scenes = [_random_scene(rng) for _ in range(3)]
+    scenes[1][1][:3] = [[0, 0, 0, 1.0], [159, 119, 1, 1.0], [2, 117, 0, 1.0]]  # corner / border points
+    for setting in ("image", "point"):
+        params = PseudoLabelParams(setting=setting, min_area=30)
+        samples, refs = [], []
+        for wsss, pts in scenes:
+            comp = pseudo_instance_components(wsss, [0, 1], pts, num_classes=3, params=params)
+            samples.append({k: torch.from_numpy(np.asarray(comp[k])) for k in ("components", "table", "gaussians")})
+            refs.append(make_pseudo_instance_labels(wsss, [0, 1], pts, num_classes=3, params=params))
+        batch = collate_compact(samples)
+        out = render_targets(batch["components"], batch["table"], batch["gaussians"], batch["first_row"],
+                             num_classes=3, sigma=params.sigma)
+        assert sum(r["num_instances"] for r in refs) >= 3
+        for b, ref in enumerate(refs):
+            for key in ("center", "offset", "weight"):
+                np.testing.assert_array_equal(out[key][b].numpy(), ref[key], err_msg=f"{setting} {b} {key}")
+
+
+def test_compact_components_hand_case():
+    """Two class-0 components (one point: accepted; two points: rejected), one class-1 component without a
+    point, one component below min_area: ids in class / label order, the table's targets and Gaussians."""
+    from bestie.targets import pseudo_instance_components
+
+    wsss = np.zeros((30, 40), np.uint8)
+    wsss[2:8, 2:12] = 1  # 60 px, point at (x 4, y 3) -> centroid (y 4.5 -> 5, x 6.5 -> 7)
+    wsss[12:20, 2:12] = 1  # 80 px, two points
+    wsss[22:24, 30:32] = 1  # 4 px < min_area
+    wsss[2:12, 20:30] = 2  # class 1, no point
+    pts = np.array([[4, 3, 0, 1.0], [3, 13, 0, 1.0], [9, 18, 0, 1.0], [30, 22, 0, 1.0]], np.float32)
+    for setting, target in (("image", [5, 7]), ("point", [3, 4])):
+        c = pseudo_instance_components(wsss, [0, 1], pts, num_classes=2,
+                                       params=PseudoLabelParams(setting=setting, min_area=10))
+        np.testing.assert_array_equal(c["table"], [[0, *target, 1], [0, -1, -1, 0], [1, -1, -1, 0]])
+        assert c["components"].dtype == np.int16 and c["num_instances"] == 1
+        assert (c["components"][2:8, 2:12] == 1).all() and (c["components"][12:20, 2:12] == 2).all()
+        assert (c["components"][2:12, 20:30] == 3).all() and c["components"][22, 30] == 0
+        assert int((c["components"] > 0).sum()) == 60 + 80 + 100
+        gauss = [[0, *target]] if setting == "image" else [[0, 3, 4], [0, 13, 3], [0, 18, 9], [0, 22, 30]]
+        np.testing.assert_array_equal(c["gaussians"], gauss)

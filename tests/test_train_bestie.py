@@ -19,9 +19,10 @@ from bestie.config import from_dict
 from bestie.data import DEMO_CLASSES, build_dataset, centers_from_instances, generate_demo_dataset
 from bestie.errors import ArtifactError, ConfigError
 from bestie.engine import ResumableSampler
-from bestie.instance_data import BestieTrainDataset
+from bestie.instance_data import BestieTrainDataset, DenseTargets, collate_compact
 from bestie.io.h5store import H5Writer
 from bestie.params import PseudoLabelParams
+from bestie.targets import make_pseudo_instance_labels
 
 torch.set_num_threads(1)
 MEAN = (0.5, 0.5, 0.5)
@@ -76,8 +77,19 @@ def _tiny_cfg(**kw):
 def test_sample_tensors(inputs) -> None:
     d = _train_ds(inputs)
     ds = d.dataset
-    s = d[(1, 0)]
+    compact = d[(1, 0)]
     C, S = 3, 48
+    # the loader's compact form: no dense (C, S, S) target, the semantic map as uint8
+    assert compact["semantic"].shape == (S, S) and compact["semantic"].dtype == torch.uint8
+    assert compact["components"].shape == (S, S) and compact["components"].dtype == torch.int16
+    assert "center" not in compact and compact["table"].shape[1] == 4 and compact["gaussians"].shape[1] == 3
+    s = DenseTargets(d)[(1, 0)]
+    n = int(s["num_points"])
+    ref = make_pseudo_instance_labels(compact["semantic"].numpy(), ds.labels(d.ids[1]), s["points"][:n].numpy(),
+                                      num_classes=C, params=d.pseudo)
+    for key in ("center", "offset", "weight"):  # the rendered targets are those of the dense function
+        assert torch.equal(s[key], torch.from_numpy(ref[key])), key
+    assert int(s["num_instances"]) == ref["num_instances"]
     assert s["image"].shape == (3, S, S) and s["image"].dtype == torch.float32
     assert s["semantic"].shape == (S, S) and s["semantic"].dtype == torch.int64
     assert s["center"].shape == (C, S, S) and s["offset"].shape == (2, S, S) and s["weight"].shape == (S, S)
@@ -94,7 +106,7 @@ def test_sample_tensors(inputs) -> None:
     assert s["points"].shape == (128, 4) and float(s["points"][n:].abs().sum()) == 0.0
     # deterministic per (seed, epoch, index); another epoch gives another augmentation
     again = d[(1, 0)]
-    assert all(torch.equal(s[k], again[k]) for k in s)
+    assert all(torch.equal(compact[k], again[k]) for k in compact)
     assert any(not torch.equal(d[(1, e)]["image"], s["image"]) for e in (1, 2, 3))
 
 
@@ -111,9 +123,10 @@ def test_crop_padding_is_ignore_not_background(inputs) -> None:
     """A 96 px crop of a 64 px image: the WSSS map appears unchanged in one 64x64 window, every other pixel
     is 255 (ignore) - never 0 (background, the public code's padding) - and carries no instance weight."""
     d = _train_ds(inputs, crop_size=96, photometric=False, flip=False)
+    dense = DenseTargets(d)
     raw = d.load_raw(2)["semantic"]
     for epoch in range(3):
-        s = d[(2, epoch)]
+        s = dense[(2, epoch)]
         sem = s["semantic"].numpy()
         hits = [(y, x) for y in range(33) for x in range(33) if np.array_equal(sem[y:y + 64, x:x + 64], raw)]
         assert len(hits) >= 1
@@ -274,20 +287,20 @@ def test_kill_resume_matches_straight_run_and_names_checkpoints(inputs, tmp_path
 
     # 2) the same run killed during iteration 3 (after the partial checkpoint of iteration 2) ...
     b_ckpt, b_log = tmp_path / "b" / "model.pt", tmp_path / "b" / "log.jsonl"
-    real_check = engine.check_finite
+    real_step = tb.train_step
 
-    def killing_check(losses, iteration):
+    def killing_step(model, batch, loss_fn, cfg_, iteration, *args, **kw):
         if iteration == 2:
             raise _Killed("simulated kill")
-        real_check(losses, iteration)
+        return real_step(model, batch, loss_fn, cfg_, iteration, *args, **kw)
 
-    monkeypatch.setattr(engine, "check_finite", killing_check)
+    monkeypatch.setattr(tb, "train_step", killing_step)
     with pytest.raises(_Killed):
         tb.run(cfg, ds_cfg, wsss, points, b_ckpt, b_log, device="cpu")
     partial = tb.partial_checkpoint_path(b_ckpt)
     assert partial.name == "model.pt.partial" and not b_ckpt.exists()
     assert _state(partial)["iteration"] == 2 and _state(partial)["extra"]["kind"] == "partial"
-    monkeypatch.setattr(engine, "check_finite", real_check)
+    monkeypatch.setattr(tb, "train_step", real_step)
 
     # ... a different config must not resume from it ...
     with pytest.raises(ConfigError, match="lr"):
@@ -393,7 +406,7 @@ def _tiny_net():
 
 
 def _batch(ds: BestieTrainDataset, keys) -> dict:
-    return torch.utils.data.default_collate([ds[k] for k in keys])
+    return torch.utils.data.default_collate([DenseTargets(ds)[k] for k in keys])
 
 
 def _mean_loss(out: dict, batch: dict) -> torch.Tensor:
@@ -503,7 +516,7 @@ def test_real_images_resize_scale_crop_and_point_targets(tmp_path: Path) -> None
                            scales=(0.7,), flip=False)
     for k, img_id in enumerate(ids):
         h, w = full.image(img_id).shape[:2]
-        s = d[(k, 0)]
+        s = DenseTargets(d)[(k, 0)]
         sem = s["semantic"].numpy()
         rh, rw = round(round(h * 480 / max(h, w)) * 0.7), round(round(w * 480 / max(h, w)) * 0.7)
         valid = sem != 255
@@ -536,3 +549,43 @@ def test_validation_and_probe_group_with_the_instances_grouping(inputs, tmp_path
         shares[name] = summary["probe"]["probe_peak_share"]
     # a fresh centre head scores about 0 (either sign) at every peak: none reaches the default 0.1, most reach 0.0
     assert shares["default"] == 0.0 and shares["zero"] >= 0.5
+
+
+def test_compact_batch_gives_the_losses_of_the_dense_batch(inputs) -> None:
+    """The loader's compact batch, rendered in train_step (render_targets), trains on exactly the targets of
+    the host-rendered dense batch: equal losses, refinement included."""
+    from bestie.stages import train_bestie as tb
+
+    for setting in ("image", "point"):
+        cfg = _tiny_cfg(refine_iter=0, setting=setting)
+        ds = _train_ds(inputs, setting=setting)
+        keys = [(0, 0), (1, 0), (2, 0)]
+        net, loss_fn = _tiny_net(), tb._make_loss(cfg)
+        compact = collate_compact([ds[k] for k in keys])
+        assert compact["table"].shape[1] == 5 and compact["first_row"].tolist()[0] == 0
+        a = tb.train_step(net, compact, loss_fn, cfg, 0, torch.device("cpu"))
+        b = tb.train_step(net, _batch(ds, keys), loss_fn, cfg, 0, torch.device("cpu"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (setting, k, a[k], b[k])
+        assert float(a["center_pseudo"].detach()) > 0
+
+
+def test_train_step_device_refinement_path_gives_the_host_losses(inputs, monkeypatch) -> None:
+    """train_step with refinement on the batched device path (forced on the CPU, fed the loader's components)
+    gives the host path's losses."""
+    import bestie.refine as refine_mod
+    from bestie.stages import train_bestie as tb
+
+    for setting in ("image", "point"):
+        cfg = _tiny_cfg(refine_iter=0, center_threshold_refine=0.0, setting=setting)
+        ds = _train_ds(inputs, setting=setting)
+        net, loss_fn = _tiny_net(), tb._make_loss(cfg)
+        batch = collate_compact([ds[k] for k in [(0, 0), (1, 0), (2, 0), (3, 0)]])
+        monkeypatch.setattr(refine_mod, "_device_path", lambda device: False)
+        host = tb.train_step(net, batch, loss_fn, cfg, 0, torch.device("cpu"))
+        monkeypatch.setattr(refine_mod, "_device_path", lambda device: True)
+        dev = tb.train_step(net, batch, loss_fn, cfg, 0, torch.device("cpu"))
+        assert float(host["refined_pixel_share"]) > 0.05, setting  # refinement had targets to make
+        for k in host:
+            assert float(dev[k].detach()) == pytest.approx(float(host[k].detach()), rel=1e-5, abs=1e-7), (setting, k)

@@ -1,10 +1,13 @@
 """Stage 4: BESTIE training (semantic knowledge transfer + online self-refinement), METHOD.md section 4.
 
-Each iteration: forward the batch; the pseudo instance labels of the batch (made per sample after
-augmentation by :class:`bestie.instance_data.BestieTrainDataset`) are one target; from iteration
-``refine_iter`` on (when ``refine`` is on) the refined targets of :func:`bestie.refine.refine_targets`,
-computed from the network's own detached outputs, are the other; :class:`bestie.losses.BestieLoss`
-combines them; the NaN/inf guard runs; Adam steps; the warm-up + poly schedule steps.
+Each iteration: the pseudo instance labels of the batch (made per sample after augmentation by
+:class:`bestie.instance_data.BestieTrainDataset`, shipped compact) are rendered into dense targets on the
+device; forward the batch; from iteration ``refine_iter`` on (when ``refine`` is on) the refined targets
+of :func:`bestie.refine.refine_targets`, computed from the network's own detached outputs (batched on the
+device on CUDA), are the other target; :class:`bestie.losses.BestieLoss` combines them; Adam steps; the
+warm-up + poly schedule steps. No step syncs the host with the device: the losses are summed on the
+device and the NaN/inf guard is read every ``log_every`` iterations (:class:`bestie.trainer.FiniteGuard`;
+the error names the first bad iteration).
 
 Launch: a plain ``python`` process (CPU or one GPU) or ``torchrun`` (DDP: Gloo on CPU, NCCL on GPUs, with
 SyncBatchNorm on GPUs; the global ``batch_size`` is split over the processes). No environment variable
@@ -36,7 +39,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -79,6 +82,10 @@ def _resume_key(cfg: BestieConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in _RESUME_FREE_KEYS}
 
 
+def _untimed(name: str, fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
 def train_step(
     model: torch.nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -88,43 +95,91 @@ def train_step(
     device: torch.device,
     *,
     amp: bool = False,
+    timer: Callable[[str, Callable[[], Any]], Any] = _untimed,
 ) -> dict[str, torch.Tensor]:
-    """Forward, targets and loss of one iteration (no backward, no optimizer step).
+    """Forward, targets and loss of one iteration (no backward, no optimizer step), without a host sync on
+    CUDA (refinement: :func:`bestie.refine.refine_targets` on the device).
 
     Args:
         model: the network (possibly DDP-wrapped), in train mode.
-        batch: a collated batch of :class:`~bestie.instance_data.BestieTrainDataset` samples.
+        batch: a batch of :class:`~bestie.instance_data.BestieTrainDataset` samples
+            (:func:`~bestie.instance_data.collate_compact`; a batch with dense ``center`` / ``offset`` /
+            ``weight`` targets, e.g. of :class:`~bestie.instance_data.DenseTargets`, is used as it is).
         loss_fn: :class:`bestie.losses.BestieLoss`.
         cfg: refinement settings (``refine``, ``refine_iter``; :meth:`~BestieConfig.pseudo_label_params` and
             :meth:`~BestieConfig.refine_params` for :func:`bestie.refine.refine_targets`).
         iteration: 0-based iteration (refinement runs when ``refine`` and ``iteration >= refine_iter``).
         device: the model's device.
         amp: run the forward under :func:`bestie.engine.autocast_context`.
+        timer: ``timer(phase, fn)`` runs ``fn()`` and returns its result, for each phase in turn
+            (``"target_render"``, ``"forward"``, ``"refinement"``, ``"loss"``): the benchmark's hook
+            (:mod:`benchmarks.bench_step`); by default the phases simply run.
 
     Returns:
         The loss dict of ``loss_fn`` (scalar tensors incl. ``"total"``) plus ``"refined"`` (1.0 when the
         refined targets were used, else 0.0) and ``"refined_pixel_share"`` (share in ``[0, 1]`` of the batch's
         pixels with a positive refined weight; 0.0 without refinement).
     """
-    from bestie.refine import refine_targets
+    images, semantic, pseudo = timer("target_render", lambda: _inputs(batch, cfg, device))
 
-    images = batch["image"].to(device, non_blocking=True)
-    semantic = batch["semantic"].to(device, non_blocking=True)
-    pseudo = {k: batch[k].to(device, non_blocking=True) for k in ("center", "offset", "weight")}
-    with engine.autocast_context(device, amp):
-        out = model(images)
-    out = {k: v.float() for k, v in out.items()}
+    def forward() -> dict[str, torch.Tensor]:
+        with engine.autocast_context(device, amp):
+            out = model(images)
+        return {k: v.float() for k, v in out.items()}
+
+    out = timer("forward", forward)
     refined = None
     if cfg.refine and iteration >= cfg.refine_iter:
-        labels = [torch.nonzero(row > 0.5).flatten().tolist() for row in batch["labels"]]
-        points = [batch["points"][i, : int(n)].to(device) for i, n in enumerate(batch["num_points"])]
-        with torch.no_grad():
-            refined = refine_targets(
-                out["seg"].detach(), out["center"].detach(), out["offset"].detach(), semantic, labels, points,
-                pseudo=cfg.pseudo_label_params(), refine=cfg.refine_params(),
-            )
+        refined = timer("refinement", lambda: _refine(out, semantic, batch, cfg))
+    return timer("loss", lambda: _losses(loss_fn, out, pseudo, refined, semantic, device))
+
+
+def _inputs(batch: Mapping[str, torch.Tensor], cfg: BestieConfig,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Images, semantic map (uint8) and dense pseudo targets of ``batch`` on ``device``."""
+    images = batch["image"].to(device, non_blocking=True)
+    semantic = batch["semantic"].to(device, non_blocking=True)
+    return images, semantic, pseudo_targets(batch, cfg, device)
+
+
+def pseudo_targets(batch: Mapping[str, torch.Tensor], cfg: BestieConfig, device: torch.device) -> dict:
+    """The batch's pseudo targets ``{"center": (B, C, S, S), "offset": (B, 2, S, S), "weight": (B, S, S)}``
+    float32 on ``device``: rendered there from the compact labels (:func:`bestie.targets.render_targets`,
+    sigma ``cfg.sigma``), or copied when the batch already holds them dense."""
+    if "center" in batch:
+        return {k: batch[k].to(device, non_blocking=True) for k in ("center", "offset", "weight")}
+    from bestie.targets import render_targets
+
+    return render_targets(*(batch[k].to(device, non_blocking=True) for k in ("components", "table", "gaussians",
+                                                                             "first_row")),
+                          num_classes=int(batch["labels"].shape[1]), sigma=cfg.sigma)
+
+
+def _refine(out: Mapping[str, torch.Tensor], semantic: torch.Tensor, batch: Mapping[str, torch.Tensor],
+            cfg: BestieConfig) -> dict:
+    """:func:`bestie.refine.refine_targets` of the detached outputs (labels and points from the host batch)."""
+    from bestie.refine import refine_targets
+
+    labels = [torch.nonzero(row > 0.5).flatten().tolist() for row in batch["labels"]]
+    points = None  # read in the point setting only (host tensors: no copy)
+    if cfg.setting == "point":
+        points = [batch["points"][i, : int(n)] for i, n in enumerate(batch["num_points"])]
+    components = None  # the loader's WSSS components: the device path needs no host copy of the maps
+    if "components" in batch:
+        dev = semantic.device
+        components = tuple(batch[k].to(dev, non_blocking=True) for k in ("components", "table", "first_row"))
+    with torch.no_grad():
+        return refine_targets(out["seg"].detach(), out["center"].detach(), out["offset"].detach(), semantic, labels,
+                              points, pseudo=cfg.pseudo_label_params(), refine=cfg.refine_params(),
+                              components=components)
+
+
+def _losses(loss_fn: torch.nn.Module, out: Mapping[str, torch.Tensor], pseudo: Mapping[str, torch.Tensor],
+            refined: dict | None, semantic: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """The loss dict and the refinement diagnostics of :func:`train_step`."""
     losses = dict(loss_fn(out, pseudo, refined, semantic))
-    losses["refined"] = torch.tensor(1.0 if refined is not None else 0.0, device=device)
+    # a constant made on the device (torch.tensor(x, device=...) would copy a host value)
+    losses["refined"] = torch.full((), 1.0 if refined is not None else 0.0, device=device)
     # Share of the batch's pixels that carry a refined target: 0 while the centre head stays below
     # center_threshold_refine (image setting), in which case the refined terms are 0 and only halve the
     # pseudo terms, as in the public code. Logged so that an inert refinement is visible.
@@ -246,7 +301,7 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     """Build, resume, train, finish (:mod:`bestie.trainer`); the summary of :func:`run`."""
     from bestie import trainer
     from bestie.data import build_dataset
-    from bestie.instance_data import BestieTrainDataset
+    from bestie.instance_data import BestieTrainDataset, DenseTargets, collate_compact
     from bestie.progress import progress
 
     dev = dist.device
@@ -275,13 +330,13 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     sampler = engine.ResumableSampler(len(train_ds), cfg.seed, rank=dist.rank, world_size=dist.world_size,
                                       global_batch=cfg.batch_size, start_iteration=start_iter, permutation="numpy")
     loader = trainer.make_loader(train_ds, sampler, sampler.local_batch, num_workers=cfg.num_workers, device=dev,
-                                 seed=cfg.seed)
+                                 seed=cfg.seed, collate_fn=collate_compact)
     val_ds = _build_val(cfg, dataset_cfg, jlog) if dist.is_main else None
     probe = None
     if dist.is_main and cfg.probe_images:
         from bestie.probe import collate_probe, probe_keys
 
-        probe = collate_probe(train_ds, probe_keys(len(train_ds), cfg.probe_images))
+        probe = collate_probe(DenseTargets(train_ds), probe_keys(len(train_ds), cfg.probe_images))
     jlog.write(event="start", iteration=start_iter, resumed=start_iter > 0, world_size=dist.world_size,
                device=str(dev), num_images=len(train_ds), skipped_empty_labels=train_ds.num_skipped_empty,
                config=to_dict(cfg), model_config=extra_base["model_config"])
@@ -308,7 +363,8 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     bar = progress(total=cfg.max_iters, initial=start_iter, desc="bestie", disable=not dist.is_main)
     trainer.train_loop(start_iter, cfg.max_iters, step, optimization, objective="total", log_every=cfg.log_every,
                        on_log=records.write, after_step=records.add, not_guarded=_DIAGNOSTIC_KEYS,
-                       periodic=[(cfg.checkpoint_every, save_partial), (cfg.val_every, validate)], bar=bar)
+                       periodic=[(cfg.checkpoint_every, save_partial), (cfg.val_every, validate)], bar=bar,
+                       guard_at_log=True)
     bar.close()
     validate(cfg.max_iters)
     summary = records.summary(start_iter, out_checkpoint, best, train_ds.num_skipped_empty)
