@@ -12,7 +12,7 @@ Modules (each exposes ``run(...) -> dict``, a JSON-serialisable result):
 - :mod:`benchmarks.run`: the driver writing one JSON file with all of them and the machine description.
 
 This module holds the helpers they share: :func:`machine_info`, :func:`time_calls`, :func:`peak_rss_mb`,
-:func:`reset_peak_rss`.
+:func:`reset_peak_rss`, :func:`emit_json`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["REPO_ROOT", "machine_info", "time_calls", "peak_rss_mb", "reset_peak_rss", "cpu_model", "load_average"]
+__all__ = ["REPO_ROOT", "machine_info", "time_calls", "peak_rss_mb", "reset_peak_rss", "cpu_model", "load_average",
+           "emit_json"]
 
 #: Root of the repository (the folder holding ``bestie/`` and ``benchmarks/``).
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -177,3 +178,15 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def emit_json(doc: dict[str, Any], out: Path | None) -> None:
+    """Print a benchmark's JSON result and, when ``out`` is given, write it there atomically
+    (:func:`bestie.io.atomic.write_json_atomic`; parent folders created, NaN kept as in ``json.dumps``)."""
+    import json
+
+    from bestie.io.atomic import write_json_atomic
+
+    print(json.dumps(doc, indent=2))
+    if out is not None:
+        write_json_atomic(out, doc, allow_nan=True)

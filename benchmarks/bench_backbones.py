@@ -29,7 +29,6 @@ Output JSON (also printed)::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -41,7 +40,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import machine_info  # noqa: E402
+from benchmarks import emit_json, machine_info  # noqa: E402
 from bestie.models.backbones import create_backbone  # noqa: E402
 from bestie.models.weights import IMAGENET_PACKAGES  # noqa: E402
 
@@ -118,11 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=REPEATS)
     args = ap.parse_args(argv)
     doc = run(args.backbones, size=args.size, repeats=args.repeats)
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+    emit_json(doc, args.out)
     return 0
 
 

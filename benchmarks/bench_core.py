@@ -15,7 +15,6 @@ Inputs are synthetic (ellipse components, predictions = pseudo targets + noise) 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import time_calls  # noqa: E402
+from benchmarks import emit_json, time_calls  # noqa: E402
 from bestie.params import PseudoLabelParams  # noqa: E402
 from bestie.postprocess import get_instances  # noqa: E402
 from bestie.refine import refine_targets  # noqa: E402
@@ -173,11 +172,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON to this file")
     args = ap.parse_args(argv)
     res = run(args.repeats_scale)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_json(res, args.out)
     return 0
 
 

@@ -30,7 +30,6 @@ groups every component, and the gradients still flow through the whole network.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -44,6 +43,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import emit_json  # noqa: E402
 from benchmarks.bench_core import NUM_CLASSES, scene  # noqa: E402
 
 __all__ = ["SceneDataset", "PlantedHeads", "run", "main"]
@@ -381,11 +381,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.batch, args.crop, args.iters, args.warmup = 2, 128, 1, 1
     res = run(args.batch, args.crop, args.iters, args.warmup, args.backbone, args.device, args.amp, args.channels_last)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit_json(res, args.out)
     return 0
 
 

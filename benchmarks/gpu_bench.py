@@ -166,6 +166,8 @@ def _summarise(doc: dict) -> None:
         tr["fastest"] = min(times, key=times.get)
 
 
+# not bestie.io.atomic: importing bestie.io loads pycocotools / h5py, which a bare GPU machine may lack
+# and which this script must report, not crash on
 def _write(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

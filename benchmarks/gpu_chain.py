@@ -147,6 +147,8 @@ def collect(run_dir: Path, out: Path) -> dict[str, Any]:
     return {"rules": rules, "metrics": metrics.is_file(), "train_log_lines": log_lines}
 
 
+# not bestie.io.atomic: importing bestie.io loads pycocotools / h5py, which a bare GPU machine may lack
+# and which this script must report, not crash on
 def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -20,7 +20,7 @@ from bestie.config import (
 from bestie.data import build_dataset
 from bestie.errors import ConfigError, DataError
 from bestie.stages.train_bestie import BestieConfig
-from workflow_util import REPO, snakemake
+from workflow_util import REPO, make_workdir, snakemake
 
 
 @pytest.mark.parametrize("text, value", [("false", False), ("no", False), ("Off", False), (" FALSE ", False),
@@ -118,11 +118,7 @@ def test_cli_set_types_stage_and_dataset_keys(tmp_path, capsys):
 
 @pytest.fixture()
 def workdir(tmp_path):
-    work = tmp_path / "work"
-    work.mkdir()
-    for name in ("config.yaml", "workflow"):
-        (work / name).symlink_to(REPO / name)
-    return work
+    return make_workdir(tmp_path)
 
 
 def _bestie_params(stdout: str) -> dict:

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from workflow_util import REPO, snakemake, write_config
+from workflow_util import REPO, make_workdir, snakemake, write_config
 
 #: every key of these sections is changed (the top-level keys `run`, `gpus`, `tensorboard` are no sections)
 SECTIONS = ("dataset", "demo", "classifier_pam", "classifier_dense", "cams", "wsss", "bestie", "instances",
@@ -156,11 +156,7 @@ def _schema_props() -> dict[str, Any]:
 
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
-    work = tmp_path / "work"
-    work.mkdir()
-    for name in ("config.yaml", "workflow"):
-        (work / name).symlink_to(REPO / name)
-    return work
+    return make_workdir(tmp_path)
 
 
 def _demo_config(changes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:

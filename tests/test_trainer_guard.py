@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -16,9 +18,25 @@ def _optimization():
                                    engine.create_grad_scaler("cpu", False))
 
 
+@contextlib.contextmanager
+def _host_checks():
+    """Record the iterations at which the loop calls the host-side engine.check_finite (each one a sync)."""
+    calls, real = [], engine.check_finite
+
+    def counting(losses, it):
+        calls.append(it)
+        real(losses, it)
+
+    engine.check_finite = counting
+    try:
+        yield calls
+    finally:
+        engine.check_finite = real
+
+
 def _run(bad_at: int | None, log_every: int, periodic_every: int, max_iters: int = 10):
     p, optimization = _optimization()
-    logged, acted, calls = [], [], []
+    logged, acted = [], []
 
     def step(it):
         loss = (p - 1.0) ** 2
@@ -29,18 +47,9 @@ def _run(bad_at: int | None, log_every: int, periodic_every: int, max_iters: int
     def on_log(done, lr):
         logged.append(done)
 
-    real = engine.check_finite
-
-    def counting(losses, it):
-        calls.append(it)
-        real(losses, it)
-
-    engine.check_finite, saved = counting, engine.check_finite
-    try:
+    with _host_checks() as calls:
         trainer.train_loop(0, max_iters, step, optimization, objective="total", log_every=log_every, on_log=on_log,
                            periodic=[(periodic_every, acted.append)], not_guarded={"diag"}, guard_at_log=True)
-    finally:
-        engine.check_finite = saved
     return logged, acted, calls
 
 
@@ -68,17 +77,7 @@ def test_guard_at_log_never_checks_on_the_host_while_finite() -> None:
 
 def test_guard_per_iteration_without_the_option() -> None:
     p, optimization = _optimization()
-    seen = []
-    real = engine.check_finite
-
-    def counting(losses, it):
-        seen.append(it)
-        real(losses, it)
-
-    engine.check_finite, saved = counting, engine.check_finite
-    try:
+    with _host_checks() as seen:
         trainer.train_loop(0, 3, lambda it: {"total": (p - 1.0) ** 2}, optimization, objective="total",
                            log_every=5, on_log=lambda d, lr: None)
-    finally:
-        engine.check_finite = saved
     assert seen == [0, 1, 2]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow_util import REPO, planned_jobs, snakemake, write_config
+from workflow_util import REPO, make_workdir, planned_jobs, snakemake, write_config
 
 PRESETS = sorted((REPO / "workflow" / "presets").glob("*.yaml"))
 
@@ -30,12 +30,7 @@ IMAGE_SETTING_JOBS = {
 
 @pytest.fixture()
 def workdir(tmp_path: Path) -> Path:
-    # Presets name ../shared/data relative to the repository root: run where that resolves.
-    work = tmp_path / "work"
-    work.mkdir()
-    for name in ("config.yaml", "workflow"):
-        (work / name).symlink_to(REPO / name)
-    return work
+    return make_workdir(tmp_path)
 
 
 def _preset_config(preset: Path, tmp_path: Path) -> Path:

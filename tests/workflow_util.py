@@ -21,6 +21,16 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 DRY_RUN = frozenset({"-n", "--dry-run", "--dryrun"})
 
 
+def make_workdir(tmp_path: Path) -> Path:
+    """A Snakemake working directory ``tmp_path/work`` with ``config.yaml`` and ``workflow/`` linked from the
+    repository (presets name ``../shared/data`` relative to the repository root, so run where that resolves)."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("config.yaml", "workflow"):
+        (work / name).symlink_to(REPO / name)
+    return work
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
     """Run Snakemake with the repo's Snakefile and ``--directory workdir``; output captured as text.
 
