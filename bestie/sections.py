@@ -27,7 +27,7 @@ _DEFAULT_WD = {"sgd": 5e-4, "adamw": 1e-4}
 
 #: Keys of the ``bestie`` section that the pseudo-label baseline reads (:mod:`bestie.stages.score_baseline`);
 #: its rule gets only these, so that a change of another BESTIE key does not rerun it.
-BASELINE_KEYS = ("setting", "min_area", "point_threshold")
+BASELINE_KEYS = ("setting", "min_area", "point_threshold", "split_components")
 
 #: Keys of the ``instances`` section that BESTIE training reads: the grouping of its in-training validation
 #: and learning probe (:class:`~bestie.params.GroupingParams`, :meth:`InferenceConfig.grouping_params`).
@@ -325,6 +325,9 @@ class BestieConfig:
         setting: ``"image"`` (image-level labels + peak points) or ``"point"`` (GT center points).
         sigma, min_area, point_threshold: pseudo-label parameters (6, 50, 0.7;
             :class:`~bestie.params.PseudoLabelParams`).
+        split_components: split a WSSS component holding several points of its class into one pseudo
+            instance per point (false = the paper: no instance; a departure,
+            :class:`~bestie.params.PseudoLabelParams`).
         refine: online self-refinement on/off; ``refine_iter``: first (0-based) iteration that uses it
             (the public code's default 0: refinement from the start).
         center_threshold_refine, nms_kernel, beta, max_instances: refinement grouping (0.3, 41, 3, 5;
@@ -363,6 +366,7 @@ class BestieConfig:
     sigma: float = PseudoLabelParams.sigma
     min_area: int = PseudoLabelParams.min_area
     point_threshold: float = PseudoLabelParams.point_threshold
+    split_components: bool = PseudoLabelParams.split_components
     refine: bool = True
     refine_iter: int = 0
     center_threshold_refine: float = RefineParams.center_threshold
@@ -426,9 +430,10 @@ class BestieConfig:
                 raise ConfigError(msg)
 
     def pseudo_label_params(self) -> PseudoLabelParams:
-        """``setting``, ``sigma``, ``min_area``, ``point_threshold`` as a :class:`~bestie.params.PseudoLabelParams`."""
+        """``setting``, ``sigma``, ``min_area``, ``point_threshold``, ``split_components`` as a
+        :class:`~bestie.params.PseudoLabelParams`."""
         return PseudoLabelParams(setting=self.setting, sigma=self.sigma, min_area=self.min_area,
-                                 point_threshold=self.point_threshold)
+                                 point_threshold=self.point_threshold, split_components=self.split_components)
 
     def refine_params(self) -> RefineParams:
         """``center_threshold_refine``, ``nms_kernel``, ``beta``, ``max_instances`` as a

@@ -59,6 +59,7 @@ __all__ = [
     "render_targets",
     "MAX_COMPONENTS",
     "paste_gaussians",
+    "split_by_points",
 ]
 
 
@@ -258,8 +259,11 @@ def pseudo_instance_components(
     Every 8-connected component of ``wsss == c + 1`` with at least ``params.min_area`` pixels, for each
     present class ``c`` in ascending order (components in the label order of
     :func:`bestie.postprocess.class_components`), gets an id ``k = 1, 2, ...``; those holding exactly one kept
-    point are the pseudo instances (module docstring). The same components are the units of
-    self-refinement (:mod:`bestie.refine`), so the map serves both.
+    point are the pseudo instances (module docstring). With ``params.split_components`` a component holding
+    two or more such points is first split into one part per point (:func:`split_by_points`): the first part
+    keeps the component's id, the others get ids after all components, and every part of at least
+    ``min_area`` pixels is accepted. The same components (or parts) are the units of self-refinement
+    (:mod:`bestie.refine`), so the map serves both.
 
     Args:
         wsss, labels, points, num_classes, params: as :func:`make_pseudo_instance_labels`.
@@ -294,22 +298,20 @@ def pseudo_instance_components(
     boxes = []
     for c in present.tolist():
         for y0, x0, mask in class_components(seg == c + 1, params.min_area):
-            if len(rows) >= MAX_COMPONENTS:
-                raise DataError(f"pseudo labels: more than {MAX_COMPONENTS} WSSS components of >= "
-                                f"{params.min_area} px in one crop")
+            _check_component_count(len(rows), params.min_area)
             rows.append([c, -1, -1, 0])
             boxes.append((y0, x0, mask))
             np.copyto(comp_map[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]], np.int16(len(rows)), where=mask)
+    count, first = _points_per_component(comp_map, rows, py, px, pcls)
+    too_small = set()
+    if params.split_components:
+        for k in np.flatnonzero(count >= 2).tolist():
+            too_small |= _split_component(k, comp_map, rows, boxes, py, px, pcls, params.min_area)
+        count, first = _points_per_component(comp_map, rows, py, px, pcls)
     table = np.array(rows, dtype=np.int32).reshape(-1, 4)
-    # each kept point counts for the component under it when that component is of the point's class
-    k_pt = comp_map[py, px].astype(np.int64)
-    on = k_pt > 0
-    on[on] = table[k_pt[on] - 1, 0] == pcls[on]
-    count = np.bincount(k_pt[on], minlength=len(rows) + 1)[1:]
-    first = np.full(len(rows) + 1, -1, dtype=np.int64)
-    idx = np.flatnonzero(on)
-    first[k_pt[idx[::-1]]] = idx[::-1]  # the (only) point of a one-point component
     for k in np.flatnonzero(count == 1).tolist():
+        if k in too_small:
+            continue
         y0, x0, mask = boxes[k]
         if params.setting == "image":
             # centroid = mean pixel coordinate (image moments), mapped to the nearest pixel floor(v + 0.5)
@@ -327,6 +329,89 @@ def pseudo_instance_components(
         gaussians = np.stack([pcls, py, px], axis=1).astype(np.int32).reshape(-1, 3)
     return {"components": comp_map, "table": table, "gaussians": np.ascontiguousarray(gaussians, dtype=np.int32),
             "num_instances": int(acc.sum())}
+
+
+def _check_component_count(n: int, min_area: int) -> None:
+    if n >= MAX_COMPONENTS:
+        raise DataError(f"pseudo labels: more than {MAX_COMPONENTS} WSSS components of >= {min_area} px in one crop")
+
+
+def _points_per_component(comp_map: np.ndarray, rows: list, py, px, pcls) -> tuple[np.ndarray, np.ndarray]:
+    """``(count, first)``: per component ``k = 0..K-1`` the number of kept points of its class on it, and per
+    id ``0..K`` the index of the first such point (-1: none). A point counts for the component under it only
+    when that component is of the point's class."""
+    cls = np.array([r[0] for r in rows], dtype=np.int64)
+    k_pt = comp_map[py, px].astype(np.int64)
+    on = k_pt > 0
+    on[on] = cls[k_pt[on] - 1] == pcls[on]
+    count = np.bincount(k_pt[on], minlength=len(rows) + 1)[1:]
+    first = np.full(len(rows) + 1, -1, dtype=np.int64)
+    idx = np.flatnonzero(on)
+    first[k_pt[idx[::-1]]] = idx[::-1]
+    return count, first
+
+
+def split_by_points(mask: np.ndarray, ys, xs) -> np.ndarray:
+    """Split a region into one part per point: every pixel goes to its nearest point (Euclidean distance
+    in pixels; ties to the lower index), a Voronoi partition clipped to the region.
+
+    Args:
+        mask: ``(H, W)`` ``bool`` region.
+        ys, xs: ``(P,)`` integer pixel coordinates (row, column) of the points, ``P >= 1``; they may lie
+            outside ``mask``.
+
+    Returns:
+        ``(H, W)`` ``int32``: 0 off the region, ``i + 1`` on the pixels nearest to point ``i``. A part may
+        be empty (two points on one pixel) or, for a non-convex region, not connected.
+
+    Raises:
+        ValueError: no points, or ``ys`` and ``xs`` of different lengths.
+    """
+    ys = np.asarray(ys, dtype=np.float32).reshape(-1)
+    xs = np.asarray(xs, dtype=np.float32).reshape(-1)
+    if ys.size == 0 or ys.size != xs.size:
+        raise ValueError(f"split_by_points needs as many ys as xs, at least one; got {ys.size} and {xs.size}")
+    pix_y, pix_x = np.nonzero(mask)
+    best = np.full(pix_y.shape, np.inf, dtype=np.float32)
+    part = np.zeros(pix_y.shape, dtype=np.int32)
+    for i in range(ys.size):  # P is small (the points of one component): a loop over points, not pixels
+        d = (pix_y - ys[i]) ** 2 + (pix_x - xs[i]) ** 2
+        closer = d < best
+        best[closer] = d[closer]
+        part[closer] = i + 1
+    out = np.zeros(mask.shape, dtype=np.int32)
+    out[pix_y, pix_x] = part
+    return out
+
+
+def _split_component(k: int, comp_map, rows: list, boxes: list, py, px, pcls, min_area: int) -> set[int]:
+    """Split component ``k`` (0-based) in place by its points of its class (:func:`split_by_points`): the first
+    part keeps id ``k + 1``, the others get new ids appended to ``rows`` / ``boxes``. Returns the 0-based
+    ids of the parts below ``min_area`` pixels (kept as components, never accepted)."""
+    c = rows[k][0]
+    y0, x0, mask = boxes[k]
+    h, w = mask.shape
+    sel = np.flatnonzero((comp_map[py, px] == k + 1) & (pcls == c))
+    parts = split_by_points(mask, py[sel] - y0, px[sel] - x0)
+    small: set[int] = set()
+    view = comp_map[y0 : y0 + h, x0 : x0 + w]
+    for i in range(1, len(sel) + 1):
+        part = parts == i
+        area = int(part.sum())
+        if area == 0:
+            continue
+        if i == 1:
+            kid = k
+            boxes[k] = (y0, x0, part)
+        else:
+            _check_component_count(len(rows), min_area)
+            rows.append([c, -1, -1, 0])
+            boxes.append((y0, x0, part))
+            kid = len(rows) - 1
+            np.copyto(view, np.int16(kid + 1), where=part)
+        if area < min_area:
+            small.add(kid)
+    return small
 
 
 def render_pseudo_targets(comp: dict, *, num_classes: int, sigma: float = PseudoLabelParams.sigma) -> dict:

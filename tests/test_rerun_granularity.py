@@ -61,7 +61,7 @@ READS: dict[str, dict[str, tuple[str, ...]]] = {
     "import_wsss": {"dataset": ALL, "wsss": ("import_png_dir",)},
     "train_bestie": {"dataset": ALL, "bestie": ALL, "instances": _GROUPING},
     "predict_instances": {"dataset": ALL, "instances": ALL},
-    "score_baseline": {"dataset": ALL, "bestie": ("setting", "min_area", "point_threshold")},
+    "score_baseline": {"dataset": ALL, "bestie": ("setting", "min_area", "point_threshold", "split_components")},
     "export_pseudo_labels": {"dataset": ALL, "pseudo_labels": ALL},
     "train_maskrcnn": {"dataset": ALL, "maskrcnn": ALL},
     "evaluate": {"dataset": ALL, "evaluate": ALL},

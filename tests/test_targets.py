@@ -375,3 +375,72 @@ def test_compact_components_hand_case():
         assert int((c["components"] > 0).sum()) == 60 + 80 + 100
         gauss = [[0, *target]] if setting == "image" else [[0, 3, 4], [0, 13, 3], [0, 18, 9], [0, 22, 30]]
         np.testing.assert_array_equal(c["gaussians"], gauss)
+
+
+def test_split_by_points_nearest_point_hand_case():
+    """A 2 x 6 strip split by points at columns 0 and 5: three columns each; ties go to the lower index;
+    a second point on the same pixel gets an empty part."""
+    from bestie.targets import split_by_points
+
+    mask = np.zeros((4, 8), bool)
+    mask[1:3, 1:7] = True
+    parts = split_by_points(mask, [1, 2], [1, 6])
+    np.testing.assert_array_equal(parts[1], [0, 1, 1, 1, 2, 2, 2, 0])
+    np.testing.assert_array_equal(parts[2], [0, 1, 1, 1, 2, 2, 2, 0])
+    assert not parts[0].any() and not parts[3].any()
+    tie = split_by_points(np.ones((1, 3), bool), [0, 0], [0, 2])  # the middle pixel is equidistant
+    np.testing.assert_array_equal(tie, [[1, 1, 2]])
+    same = split_by_points(mask, [1, 1], [1, 1])
+    assert (same[mask] == 1).all()
+    with pytest.raises(ValueError):
+        split_by_points(mask, [], [])
+
+
+def test_split_components_gives_one_instance_per_point():
+    """A 10 x 40 component of class 0 with two points becomes two pseudo instances with split_components (the
+    halves, centroids at their centres), none without (the paper); a part below min_area is kept as a
+    component but not accepted; host and batched device renders agree."""
+    from bestie.instance_data import collate_compact
+    from bestie.stages.score_baseline import baseline_instances
+    from bestie.targets import pseudo_instance_components, render_targets
+
+    wsss = np.zeros((20, 50), np.uint8)
+    wsss[5:15, 5:45] = 1
+    pts = np.array([[10, 9, 0, 0.9], [39, 10, 0, 0.8]], np.float32)  # nearest-point boundary between x 24 / 25
+    paper = pseudo_instance_components(wsss, [0], pts, num_classes=1, params=PseudoLabelParams(min_area=50))
+    assert paper["num_instances"] == 0
+    params = PseudoLabelParams(min_area=50, split_components=True)
+    c = pseudo_instance_components(wsss, [0], pts, num_classes=1, params=params)
+    assert c["num_instances"] == 2
+    assert (c["components"][5:15, 5:25] == 1).all() and (c["components"][5:15, 25:45] == 2).all()
+    # centroids: rows 5..14 -> 9.5 -> 10; columns 5..24 -> 14.5 -> 15 and 25..44 -> 34.5 -> 35
+    np.testing.assert_array_equal(c["table"], [[0, 10, 15, 1], [0, 10, 35, 1]])
+    dense = make_pseudo_instance_labels(wsss, [0], pts, num_classes=1, params=params)
+    assert dense["weight"].sum() == 400 and dense["offset"][:, 10, 15].tolist() == [0, 0]
+    assert dense["offset"][:, 5, 44].tolist() == [5, -9]
+    comp_t = {k: torch.from_numpy(np.asarray(c[k])) for k in ("components", "table", "gaussians")}
+    batch = collate_compact([comp_t])
+    out = render_targets(batch["components"], batch["table"], batch["gaussians"], batch["first_row"],
+                         num_classes=1, sigma=params.sigma)
+    for key in ("center", "offset", "weight"):
+        np.testing.assert_array_equal(out[key][0].numpy(), dense[key], err_msg=key)
+    # the baseline scores exactly these masks, each with the conf of its point
+    base = baseline_instances(wsss, [0], pts, params, num_classes=1)
+    assert base["masks"].sum(axis=(1, 2)).tolist() == [200, 200]
+    np.testing.assert_allclose(base["scores"], [0.9, 0.8])
+    # a point near the end cuts off a part below min_area: that part is not an instance
+    pts_edge = np.array([[10, 10, 0, 0.9], [44, 10, 0, 0.8], [42, 10, 0, 0.8]], np.float32)
+    e = pseudo_instance_components(wsss, [0], pts_edge, num_classes=1, params=params)
+    # parts (ties to the lower index): x 5..26 to the first point, x 43..44 (20 px) to the second, x 27..42
+    # to the third
+    assert e["table"][:, 3].tolist() == [1, 0, 1] and e["num_instances"] == 2
+    assert [int((e["components"] == k).sum()) for k in (1, 2, 3)] == [220, 20, 160]
+    # the point setting points the offsets of each part to its own point
+    p = pseudo_instance_components(wsss, [0], pts, num_classes=1,
+                                   params=PseudoLabelParams(setting="point", min_area=50, split_components=True))
+    np.testing.assert_array_equal(p["table"], [[0, 9, 10, 1], [0, 10, 39, 1]])
+
+
+def test_split_components_rejects_non_bool():
+    with pytest.raises(ConfigError, match="split_components"):
+        PseudoLabelParams(split_components="yes")

@@ -1,8 +1,10 @@
 """Pseudo-label baseline: the instances that semantic knowledge transfer alone would give.
 
 An instance is a WSSS component (8-connected region of one class, at least ``min_area`` pixels) that
-holds exactly one point of its class with ``conf >= point_threshold``, scored by that point's conf
-(METHOD.md section 4, "Semantic knowledge transfer"). BESTIE's self-refinement must beat this at mAP50
+holds exactly one point of its class with ``conf >= point_threshold`` (with ``split_components``: also each
+part of a component split by its points), scored by that point's conf (METHOD.md section 4, "Semantic
+knowledge transfer"). The masks are those of :func:`bestie.targets.pseudo_instance_components`, which BESTIE
+trains on. BESTIE's self-refinement must beat this at mAP50
 (issue 5); the figure goes into the report as "pseudo-label baseline".
 
 Stage ``score_baseline`` (rule ``score_baseline``, ``bestie score-baseline``). It has no config section of
@@ -17,7 +19,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from bestie.params import PseudoLabelParams
 from bestie.report.units import percent
@@ -26,49 +27,49 @@ __all__ = ["baseline_instances", "run"]
 
 log = logging.getLogger(__name__)
 
-_EIGHT = np.ones((3, 3), dtype=bool)
-
 
 def baseline_instances(
     wsss: np.ndarray,
     labels: tuple[int, ...] | list[int],
     points: np.ndarray,
     params: PseudoLabelParams = PseudoLabelParams(),
+    *,
+    num_classes: int,
 ) -> dict[str, np.ndarray]:
-    """Instances = WSSS components holding exactly one confident point of their class.
+    """The accepted pseudo instances of :func:`bestie.targets.pseudo_instance_components` as predictions:
+    each mask scored by the conf of its one point.
 
     Args:
         wsss: (H, W) uint8 WSSS map: 0 background, ``c + 1`` for class ``c``, 255 uncertain.
         labels: present classes (0-based); components of other classes are ignored.
         points: (N, 4) float32 rows ``x, y, class, conf`` in pixels of this map.
-        params: the pseudo labels' :class:`~bestie.params.PseudoLabelParams`: components smaller than
-            ``min_area`` pixels are dropped, points with a conf below ``point_threshold`` are ignored
-            (``setting`` and ``sigma`` are not used).
+        params: the pseudo labels' :class:`~bestie.params.PseudoLabelParams` (``min_area``,
+            ``point_threshold``, ``split_components``; ``setting`` and ``sigma`` do not change the masks).
+        num_classes: ``C``, number of dataset classes.
 
     Returns:
         ``{"masks": (K, H, W) bool, "labels": (K,) int64, "scores": (K,) float32}``.
+
+    Raises:
+        DataError: malformed ``wsss``, ``labels`` or ``points`` (:func:`~bestie.targets.pseudo_instance_components`).
     """
+    from bestie.targets import point_pixels, pseudo_instance_components
+
     h, w = wsss.shape
-    pts = np.asarray(points, dtype=np.float32).reshape(-1, 4)
-    pts = pts[pts[:, 3] >= params.point_threshold]
-    xs = np.clip(np.round(pts[:, 0]).astype(np.int64), 0, w - 1)
-    ys = np.clip(np.round(pts[:, 1]).astype(np.int64), 0, h - 1)
+    comp = pseudo_instance_components(wsss, labels, points, num_classes=num_classes, params=params)
+    comp_map, table = comp["components"], comp["table"]
+    px, py, pcls, pconf, inside = point_pixels(points, h, w, num_classes)
+    keep = inside & (pconf >= params.point_threshold)
+    k_pt = np.zeros(len(px), dtype=np.int64)
+    k_pt[keep] = comp_map[py[keep], px[keep]]
+    accepted = np.flatnonzero(table[:, 3] == 1)
     masks, out_labels, scores = [], [], []
-    for c in sorted(set(int(c) for c in labels)):
-        comp, n = ndimage.label(wsss == c + 1, structure=_EIGHT)
-        if n == 0:
-            continue
-        sel = pts[:, 2].astype(np.int64) == c
-        ids = comp[ys[sel], xs[sel]]
-        inside = ids > 0
-        counts = np.bincount(ids[inside], minlength=n + 1)
-        areas = np.bincount(comp.ravel(), minlength=n + 1)
-        best = np.zeros(n + 1, dtype=np.float32)
-        np.maximum.at(best, ids[inside], pts[sel][inside, 3])
-        for k in np.flatnonzero((counts == 1) & (areas >= params.min_area)):
-            masks.append(comp == k)
-            out_labels.append(c)
-            scores.append(best[k])
+    for k in accepted.tolist():
+        c = int(table[k, 0])
+        on = (k_pt == k + 1) & (pcls == c)
+        masks.append(comp_map == k + 1)
+        out_labels.append(c)
+        scores.append(float(pconf[on].max()))
     if not masks:
         return {
             "masks": np.zeros((0, h, w), dtype=bool),
@@ -126,7 +127,7 @@ def run(cfg, dataset_cfg: dict, split: str, wsss_h5: Path, points_h5: Path | Non
                 points = centers_from_instances(gt["masks"], gt["labels"])
             else:
                 points = point_store.read_array(image_id, "points")
-            pred = baseline_instances(wsss, dataset.labels(image_id), points, params)
+            pred = baseline_instances(wsss, dataset.labels(image_id), points, params, num_classes=dataset.num_classes)
             evaluator.update(pred, gt)
             scored += 1
     finally:
