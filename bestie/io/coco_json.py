@@ -256,6 +256,24 @@ def make_annotation(
     return ann
 
 
+def _record_ids(path: str, records: Sequence[Mapping[str, Any]], what: str, keys: tuple[str, ...]) -> set[int]:
+    """The ``id`` of each record of a COCO dataset's ``images`` or ``categories`` list, as ints.
+
+    Raises:
+        DataError: a record lacks one of ``keys`` (the message shows the record) or repeats an id; each
+            message names the file ``path`` and the kind of record ``what``.
+    """
+    ids: set[int] = set()
+    for rec in records:
+        for key in keys:
+            if key not in rec:
+                raise DataError(f"{path}: {what} record lacks {key!r}: {dict(rec)}")
+        if int(rec["id"]) in ids:
+            raise DataError(f"{path}: duplicate {what} id {rec['id']}")
+        ids.add(int(rec["id"]))
+    return ids
+
+
 def write_coco_dataset(
     path: str | os.PathLike,
     images: Sequence[Mapping[str, Any]],
@@ -279,22 +297,8 @@ def write_coco_dataset(
         ArtifactError: the file cannot be written (previous content is kept).
     """
     path = os.fspath(path)
-    image_ids: set[int] = set()
-    for rec in images:
-        for key in ("id", "file_name", "height", "width"):
-            if key not in rec:
-                raise DataError(f"{path}: image record lacks {key!r}: {dict(rec)}")
-        if int(rec["id"]) in image_ids:
-            raise DataError(f"{path}: duplicate image id {rec['id']}")
-        image_ids.add(int(rec["id"]))
-    cat_ids: set[int] = set()
-    for rec in categories:
-        for key in ("id", "name"):
-            if key not in rec:
-                raise DataError(f"{path}: category record lacks {key!r}: {dict(rec)}")
-        if int(rec["id"]) in cat_ids:
-            raise DataError(f"{path}: duplicate category id {rec['id']}")
-        cat_ids.add(int(rec["id"]))
+    image_ids = _record_ids(path, images, "image", ("id", "file_name", "height", "width"))
+    cat_ids = _record_ids(path, categories, "category", ("id", "name"))
     ann_ids: set[int] = set()
     for rec in annotations:
         for key in ("id", "image_id", "category_id", "segmentation"):
