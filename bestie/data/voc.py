@@ -27,6 +27,7 @@ import numpy as np
 
 from bestie.errors import ConfigError, DataError
 from bestie.data.images import load_label_png, load_rgb, unreadable_images
+from bestie.data.textfiles import read_text
 
 __all__ = ["VOC_CLASSES", "VOCDataset", "IMAGE_EXTENSIONS", "check_class_names", "read_split_list", "nfc",
            "list_stems", "near_miss", "xml_object_names"]
@@ -305,12 +306,7 @@ class VOCDataset:
 
     def _read_list_file(self, path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
         self._source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise DataError(f"list file not found: {path}") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read list file {path}: {exc}") from exc
+        text = read_text(path, "list file")
         ids: list[str] = []
         labels: dict[str, tuple[int, ...]] = {}
         seen: dict[str, int] = {}
