@@ -7,8 +7,6 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -19,8 +17,7 @@ import pytest
 from bestie.errors import ArtifactError
 from bestie.io import atomic
 from bestie.io.atomic import atomic_path, atomic_write, write_json_atomic
-
-REPO = Path(__file__).resolve().parents[1]
+from process_util import python_child, sigkill_mid_write
 
 
 def _others(directory: Path, keep: str) -> list[str]:
@@ -189,22 +186,7 @@ def test_sigkill_mid_write_leaves_old_file_intact(tmp_path):
     target = tmp_path / "big.bin"
     old = os.urandom(1 << 16)
     target.write_bytes(old)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_WRITER, str(target)], env=env)
-    try:
-        deadline = time.monotonic() + 30
-        # wait until the child has written a good amount into its temp file
-        while time.monotonic() < deadline:
-            temps = [p for p in tmp_path.iterdir() if p.name != "big.bin"]
-            if temps and temps[0].stat().st_size > 4 * 65536:
-                break
-            assert proc.poll() is None, "writer exited early"
-            time.sleep(0.02)
-        else:
-            pytest.fail("the writer subprocess did not start writing within 30 s")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    proc = sigkill_mid_write(_SLOW_WRITER, target, min_bytes=4 * 65536, timeout_s=30)
     assert proc.returncode == -signal.SIGKILL
     assert target.read_bytes() == old
     # the orphaned temp file is hidden and named after the target
@@ -228,10 +210,8 @@ _JSON_WRITER = textwrap.dedent(
 def test_two_processes_writing_in_one_directory_never_corrupt_each_other(tmp_path):
     """Two runs in one working directory: unique temp paths, so every read of the shared target is a
     complete file of one writer and each run's own artifact is its own."""
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     shared = tmp_path / "shared.json"
-    procs = [subprocess.Popen([sys.executable, "-c", _JSON_WRITER, tag, str(shared), str(tmp_path / f"{tag}.json")],
-                              env=env) for tag in ("A", "B")]
+    procs = [python_child(_JSON_WRITER, tag, shared, tmp_path / f"{tag}.json") for tag in ("A", "B")]
     reads = 0
     while any(p.poll() is None for p in procs):
         if shared.exists():

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import textwrap
-import time
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -16,8 +11,7 @@ import pytest
 
 from bestie.errors import ArtifactError
 from bestie.io.h5store import H5Reader, H5Writer, decode_id, encode_id
-
-REPO = Path(__file__).resolve().parents[1]
+from process_util import sigkill_mid_write
 
 ODD_IDS = [
     "2007_000032",
@@ -215,21 +209,7 @@ def test_sigkill_mid_write_keeps_previous_store(tmp_path):
     cams = np.random.default_rng(5).random((2, 8, 8)).astype(np.float16)
     with H5Writer(path, attrs={"run": 1}) as w:
         w.write("old", cams=cams)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_H5, str(path)], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            temps = [p for p in tmp_path.iterdir() if p.name != "cams.h5"]
-            if temps and temps[0].stat().st_size > 200_000:
-                break
-            assert proc.poll() is None, "writer exited early"
-            time.sleep(0.02)
-        else:
-            pytest.fail("the writer subprocess did not start writing within 60 s")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    proc = sigkill_mid_write(_SLOW_H5, path, min_bytes=200_000, timeout_s=60)
     assert proc.returncode == -signal.SIGKILL
     with H5Reader(path) as r:
         assert r.ids() == ["old"] and r.file_attrs == {"run": 1}

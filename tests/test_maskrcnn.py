@@ -12,7 +12,7 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
-from bestie.data import build_dataset, generate_demo_dataset
+from bestie.data import build_dataset
 from bestie.data.demo import DEMO_CLASSES
 from bestie.engine import read_checkpoint
 from bestie.errors import ArtifactError, ConfigError, DataError, TrainingError, WeightsError
@@ -20,8 +20,8 @@ from bestie.io.coco_json import instances_to_coco_results
 from bestie.models.backbones import create_backbone
 from bestie.models.maskrcnn import build_maskrcnn
 from bestie.stages import evaluate as ev
-from bestie.stages import export_pseudo_labels as ex
 from bestie.stages import train_maskrcnn as tr
+from demo_util import demo_with_gt_pseudo_labels
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -31,16 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 def demo(tmp_path_factory):
     """Demo data (4 train, 2 val, 96x96) and pseudo labels = the GT instances of the train images."""
     tmp = tmp_path_factory.mktemp("mrcnn")
-    root = generate_demo_dataset(tmp / "demo", num_train=4, num_val=2, image_size=(96, 96))
-    cfg = {"format": "voc", "root": str(root), "classes": list(DEMO_CLASSES), "train_split": "train",
-           "eval_split": "val"}
-    ds = build_dataset(cfg, "train")
-    preds = {}
-    for i in ds.ids:
-        gt = ds.instances_gt(i)
-        preds[i] = {**gt, "scores": np.linspace(0.9, 0.6, len(gt["labels"])).astype(np.float32)}
-    pseudo = tmp / "pseudo.json"
-    ex.run(ex.ExportConfig(score_threshold=0.0, min_area=1), cfg, "train", preds, pseudo)
+    cfg, pseudo = demo_with_gt_pseudo_labels(tmp, num_train=4, num_val=2)
     return cfg, pseudo, tmp
 
 

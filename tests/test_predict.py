@@ -17,7 +17,7 @@ from pycocotools.cocoeval import COCOeval
 
 from bestie.cli import main
 from bestie.config import to_dict
-from bestie.data import build_dataset, generate_demo_dataset
+from bestie.data import build_dataset
 from bestie.data.demo import DEMO_CLASSES
 from bestie.data.images import load_rgb
 from bestie.engine import read_checkpoint, save_checkpoint
@@ -32,6 +32,7 @@ from bestie.stages.predict import PredictConfig, expand_inputs, load_predictor, 
 from bestie.stages.predict_instances import InferenceConfig, predict_image
 from bestie.stages.train_bestie import BestieConfig
 from coco_interop import assert_dataset_fields, assert_results_fields, quiet_coco
+from demo_util import demo_with_gt_pseudo_labels
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GAP_IDS = [1, 44, 90]  # COCO-like category ids with gaps for the BESTIE checkpoint
@@ -45,18 +46,10 @@ def demo(tmp_path_factory):
     """Demo data (4 train, 3 val, 96x96), a Mask R-CNN trained 4 iterations by the real trainer on the GT
     of the train images, and a folder with 2 val images and a truncated JPEG."""
     tmp = tmp_path_factory.mktemp("predict")
-    root = generate_demo_dataset(tmp / "demo", num_train=4, num_val=3, image_size=(96, 96))
-    cfg = {"format": "voc", "root": str(root), "classes": list(DEMO_CLASSES), "train_split": "train",
-           "eval_split": "val"}
-    ds = build_dataset(cfg, "train")
-    preds = {}
-    for i in ds.ids:
-        gt = ds.instances_gt(i)
-        preds[i] = {**gt, "scores": np.linspace(0.9, 0.6, len(gt["labels"])).astype(np.float32)}
-    ex.run(ex.ExportConfig(score_threshold=0.0, min_area=1), cfg, "train", preds, tmp / "pseudo.json")
+    cfg, pseudo = demo_with_gt_pseudo_labels(tmp, num_train=4, num_val=3)
     ck = tmp / "maskrcnn" / "model.pt"
     tr.run(tr.MaskRCNNConfig(weights=None, min_size=96, max_size=96, max_iters=4, batch_size=2, num_workers=0,
-                             checkpoint_every=0, amp=False), cfg, tmp / "pseudo.json", ck, tmp / "log.jsonl", device="cpu")
+                             checkpoint_every=0, amp=False), cfg, pseudo, ck, tmp / "log.jsonl", device="cpu")
     val = build_dataset(cfg, "val")
     folder = tmp / "images"
     folder.mkdir()

@@ -21,7 +21,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from bestie.errors import DataError
-from bestie.data.images import load_rgb, unreadable_images
+from bestie.data.images import drop_missing_images, drop_unreadable_images, load_rgb
 
 __all__ = ["COCODataset"]
 
@@ -83,21 +83,10 @@ class COCODataset:
             )
             more = f" ... and {len(missing) - _MAX_LISTED} more" if len(missing) > _MAX_LISTED else ""
             msg = f"{len(missing)} of {len(img_ids)} image(s) of {self.ann_file} have no image file: {listed}{more}"
-            if not skip_bad_images:
-                raise DataError(msg)
-            log.warning("%s; skipping them (skip_bad_images=True)", msg)
-            drop = set(missing)
-            img_ids = [i for i in img_ids if i not in drop]
+            img_ids = drop_missing_images(img_ids, missing, msg, skip_bad_images, log)
         if skip_bad_images and img_ids:
             paths = [self.image_dir / str(self.coco.imgs[i]["file_name"]) for i in img_ids]
-            bad = unreadable_images(paths)
-            if bad:
-                bad_paths = {p for p, _ in bad}
-                for _, fault in bad:
-                    log.warning("skipping unreadable image (skip_bad_images=True): %s", fault)
-                log.warning("%s: skipped %d of %d image(s) that cannot be decoded", self.ann_file, len(bad),
-                            len(img_ids))
-                img_ids = [i for i, p in zip(img_ids, paths) if p not in bad_paths]
+            img_ids = drop_unreadable_images(img_ids, paths, str(self.ann_file), log)
         self._int_ids = {str(i): i for i in img_ids}
         self.ids: list[str] = [str(i) for i in img_ids]
 

@@ -8,17 +8,19 @@ PIL's process-wide ``ImageFile.LOAD_TRUNCATED_IMAGES`` is set to ``False`` when 
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, TypeVar
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from bestie.errors import DataError
 
-__all__ = ["load_rgb", "load_label_png", "unreadable_images", "image_size"]
+__all__ = ["load_rgb", "load_label_png", "unreadable_images", "drop_missing_images", "drop_unreadable_images",
+           "image_size"]
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -133,6 +135,55 @@ def unreadable_images(paths: Sequence[str | os.PathLike]) -> list[tuple[Path, st
         except DataError as exc:
             bad.append((Path(p), str(exc)))
     return bad
+
+
+_Id = TypeVar("_Id")
+
+
+def drop_missing_images(ids: Sequence[_Id], missing: Sequence[_Id], msg: str, skip: bool,
+                        log: logging.Logger) -> list[_Id]:
+    """The datasets' ``skip_bad_images`` rule for ids without an image file.
+
+    Args:
+        ids: the image ids of the split, in order.
+        missing: those of ``ids`` that have no image file.
+        msg: the fault, naming the ids and files (the message of the error or of the warning).
+        skip: the dataset's ``skip_bad_images``.
+        log: the dataset module's logger.
+
+    Returns:
+        ``ids`` without ``missing`` (in order), after a warning ``"<msg>; skipping them (skip_bad_images=True)"``.
+
+    Raises:
+        DataError: ``msg``, when ``skip`` is False.
+    """
+    if not skip:
+        raise DataError(msg)
+    log.warning("%s; skipping them (skip_bad_images=True)", msg)
+    drop = set(missing)
+    return [i for i in ids if i not in drop]
+
+
+def drop_unreadable_images(ids: Sequence[_Id], paths: Sequence[Path], source: str, log: logging.Logger) -> list[_Id]:
+    """``ids`` without those whose image file cannot be decoded (:func:`unreadable_images`; ``skip_bad_images``).
+
+    Args:
+        ids: image ids.
+        paths: the image file of each id (same order).
+        source: the split list or annotation file, named by the summary warning.
+        log: the dataset module's logger: one warning per dropped file, then a summary line.
+
+    Returns:
+        The ids whose image decodes, in order (all of them when none fails).
+    """
+    bad = unreadable_images(paths)
+    if not bad:
+        return list(ids)
+    bad_paths = {p for p, _ in bad}
+    for _, fault in bad:
+        log.warning("skipping unreadable image (skip_bad_images=True): %s", fault)
+    log.warning("%s: skipped %d of %d image(s) that cannot be decoded", source, len(bad), len(ids))
+    return [i for i, p in zip(ids, paths) if p not in bad_paths]
 
 
 def load_label_png(path: str | os.PathLike) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 
 from bestie.io.atomic import atomic_write
 from bestie.errors import DataError
+from bestie.data.textfiles import read_text
 
 __all__ = [
     "POINT_COLUMNS",
@@ -78,12 +79,7 @@ def read_points_txt(path: str | os.PathLike) -> np.ndarray:
             the message names the file, the line number (1-based) and the text.
     """
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise DataError(f"point file not found: {p}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read point file {p}: {exc}") from exc
+    text = read_text(p, "point file")
     rows: list[tuple[float, float, float, float]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         fields = line.split()

@@ -26,7 +26,8 @@ from typing import Sequence
 import numpy as np
 
 from bestie.errors import ConfigError, DataError
-from bestie.data.images import load_label_png, load_rgb, unreadable_images
+from bestie.data.images import drop_missing_images, drop_unreadable_images, load_label_png, load_rgb
+from bestie.data.textfiles import read_text
 
 __all__ = ["VOC_CLASSES", "VOCDataset", "IMAGE_EXTENSIONS", "check_class_names", "read_split_list", "nfc",
            "list_stems", "near_miss", "xml_object_names"]
@@ -252,13 +253,10 @@ class VOCDataset:
             msg = f"{len(missing)} of {len(ids)} image(s) listed in {self._source} have no image file: " + _fmt_ids(
                 missing, paths
             )
-            if not skip_bad_images:
-                raise DataError(msg)
-            log.warning("%s; skipping them (skip_bad_images=True)", msg)
-            drop = set(missing)
-            ids = [i for i in ids if i not in drop]
+            ids = drop_missing_images(ids, missing, msg, skip_bad_images, log)
         if skip_bad_images and ids:
-            ids = self._drop_unreadable(ids)
+            paths = [self.root / "JPEGImages" / self._image_names[i] for i in ids]
+            ids = drop_unreadable_images(ids, paths, self._source, log)
         self.ids: list[str] = ids
         self._xml = list_stems(self.root / "Annotations", (".xml",))
         self._cls_png = list_stems(self.root / "SegmentationClass", (".png",))
@@ -275,20 +273,6 @@ class VOCDataset:
         self._id_set = set(self.ids)
 
     # ------------------------------------------------------------------ construction helpers
-    def _drop_unreadable(self, ids: list[str]) -> list[str]:
-        """``ids`` without those whose image file cannot be decoded (truncated, not an image, ...),
-        one logged warning per dropped file plus a summary line."""
-        paths = [self.root / "JPEGImages" / self._image_names[i] for i in ids]
-        bad = unreadable_images(paths)
-        if not bad:
-            return ids
-        bad_paths = {p for p, _ in bad}
-        for _, fault in bad:
-            log.warning("skipping unreadable image (skip_bad_images=True): %s", fault)
-        kept = [i for i, p in zip(ids, paths) if p not in bad_paths]
-        log.warning("%s: skipped %d of %d image(s) that cannot be decoded", self._source, len(bad), len(ids))
-        return kept
-
     def _read_split(self, split: str) -> list[str]:
         sets = self.root / "ImageSets" / "Segmentation"
         path = sets / f"{split}.txt"
@@ -305,12 +289,7 @@ class VOCDataset:
 
     def _read_list_file(self, path: Path) -> tuple[list[str], dict[str, tuple[int, ...]]]:
         self._source = str(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise DataError(f"list file not found: {path}") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise DataError(f"cannot read list file {path}: {exc}") from exc
+        text = read_text(path, "list file")
         ids: list[str] = []
         labels: dict[str, tuple[int, ...]] = {}
         seen: dict[str, int] = {}

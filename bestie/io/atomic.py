@@ -112,6 +112,25 @@ def _commit(tmp: str, target: Path) -> None:
 
 
 @contextlib.contextmanager
+def _committed(tmp: str, target: Path) -> Iterator[None]:
+    """Commit ``tmp`` onto ``target`` (:func:`_commit`) when the block succeeds; remove it when it raises.
+
+    The block writes (and syncs) ``tmp``. Any exception (``KeyboardInterrupt`` included) removes ``tmp`` and is
+    re-raised, a disk-full ``OSError`` as the :class:`ArtifactError` of :func:`_disk_full_error` (errno kept,
+    naming ``target``); the previous content of ``target`` is left intact.
+    """
+    try:
+        yield
+        _commit(tmp, target)
+    except BaseException as exc:
+        _remove_quietly(tmp)
+        full = _disk_full_error(exc, target)
+        if full is not None:
+            raise full from exc
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
     """Open ``path`` for writing such that it is replaced only when the ``with`` block succeeds.
 
@@ -144,18 +163,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None
         os.close(fd)
         _remove_quietly(tmp)
         raise
-    try:
-        with fh:
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        _commit(tmp, target)
-    except BaseException as exc:
-        _remove_quietly(tmp)
-        full = _disk_full_error(exc, target)
-        if full is not None:
-            raise full from exc
-        raise
+    with _committed(tmp, target), fh:
+        yield fh
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 @contextlib.contextmanager
@@ -177,7 +188,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     target = Path(path)
     fd, tmp = _make_temp(target)
     os.close(fd)
-    try:
+    with _committed(tmp, target):
         yield tmp
         try:
             sync_fd = os.open(tmp, os.O_RDONLY)
@@ -187,13 +198,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.fsync(sync_fd)
         finally:
             os.close(sync_fd)
-        _commit(tmp, target)
-    except BaseException as exc:
-        _remove_quietly(tmp)
-        full = _disk_full_error(exc, target)
-        if full is not None:
-            raise full from exc
-        raise
 
 
 def to_jsonable(obj: Any) -> Any:

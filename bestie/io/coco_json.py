@@ -32,6 +32,7 @@ __all__ = [
     "encode_masks",
     "decode_rle",
     "mask_to_bbox",
+    "check_instances",
     "instances_to_coco_results",
     "make_annotation",
     "write_coco_dataset",
@@ -149,26 +150,41 @@ def mask_to_bbox(mask: np.ndarray | Mapping[str, Any]) -> list[float]:
     return [float(v) for v in mask_utils.toBbox(rle)]
 
 
-def _check_instances(instances: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def check_instances(
+    instances: Mapping[str, Any], source: str, score_dtype: type = np.float64
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays of an instances dict, checked (the dict that BESTIE inference and the HDF5 stores hold).
+
+    Args:
+        instances: ``{"masks": (N, H, W) bool/0-1, "labels": (N,) int 0-based, "scores": (N,) float}``.
+        source: what the dict is, named by every error message (a file and image id, or ``"instances"``).
+        score_dtype: dtype of the returned scores; the finite check is made on them.
+
+    Returns:
+        ``(masks, labels, scores)``: ``masks`` and ``labels`` as :func:`numpy.asarray` gives them (no copy,
+        dtype kept), ``scores`` as ``score_dtype``.
+
+    Raises:
+        DataError: a missing key, masks that are not 3-D, ``N`` that differs between the arrays,
+            non-integer or negative labels, NaN / inf scores.
+    """
     for key in ("masks", "labels", "scores"):
         if key not in instances:
-            raise DataError(f"instances dict lacks {key!r} (has {sorted(instances)})")
+            raise DataError(f"{source}: lacks {key!r} (has {sorted(instances)})")
     masks = np.asarray(instances["masks"])
     labels = np.asarray(instances["labels"])
-    scores = np.asarray(instances["scores"], dtype=np.float64)
+    scores = np.asarray(instances["scores"], dtype=score_dtype)
     if masks.ndim != 3:
-        raise DataError(f"instances['masks'] must be (N, H, W), got shape {masks.shape}")
+        raise DataError(f"{source}: masks must be (N, H, W), got shape {masks.shape}")
     n = masks.shape[0]
     if labels.shape != (n,) or scores.shape != (n,):
-        raise DataError(
-            f"instances: masks {masks.shape}, labels {labels.shape} and scores {scores.shape} disagree on N"
-        )
+        raise DataError(f"{source}: masks {masks.shape}, labels {labels.shape} and scores {scores.shape} disagree on N")
     if n and not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"instances['labels'] must be integers, got dtype {labels.dtype}")
+        raise DataError(f"{source}: labels must be integers, got dtype {labels.dtype}")
     if n and labels.min() < 0:
-        raise DataError(f"instances['labels'] must be 0-based class indices >= 0, got {labels.min()}")
+        raise DataError(f"{source}: labels must be 0-based class indices >= 0, got {labels.min()}")
     if not np.all(np.isfinite(scores)):
-        raise DataError("instances['scores'] hold NaN or inf")
+        raise DataError(f"{source}: scores hold NaN or inf")
     return masks, labels, scores
 
 
@@ -189,7 +205,7 @@ def instances_to_coco_results(
     Raises:
         DataError: inconsistent shapes, negative labels, non-finite scores.
     """
-    masks, labels, scores = _check_instances(instances)
+    masks, labels, scores = check_instances(instances, "instances")
     if masks.shape[0] == 0:
         return []
     rles = encode_masks(masks)
@@ -240,6 +256,24 @@ def make_annotation(
     return ann
 
 
+def _record_ids(path: str, records: Sequence[Mapping[str, Any]], what: str, keys: tuple[str, ...]) -> set[int]:
+    """The ``id`` of each record of a COCO dataset's ``images`` or ``categories`` list, as ints.
+
+    Raises:
+        DataError: a record lacks one of ``keys`` (the message shows the record) or repeats an id; each
+            message names the file ``path`` and the kind of record ``what``.
+    """
+    ids: set[int] = set()
+    for rec in records:
+        for key in keys:
+            if key not in rec:
+                raise DataError(f"{path}: {what} record lacks {key!r}: {dict(rec)}")
+        if int(rec["id"]) in ids:
+            raise DataError(f"{path}: duplicate {what} id {rec['id']}")
+        ids.add(int(rec["id"]))
+    return ids
+
+
 def write_coco_dataset(
     path: str | os.PathLike,
     images: Sequence[Mapping[str, Any]],
@@ -263,22 +297,8 @@ def write_coco_dataset(
         ArtifactError: the file cannot be written (previous content is kept).
     """
     path = os.fspath(path)
-    image_ids: set[int] = set()
-    for rec in images:
-        for key in ("id", "file_name", "height", "width"):
-            if key not in rec:
-                raise DataError(f"{path}: image record lacks {key!r}: {dict(rec)}")
-        if int(rec["id"]) in image_ids:
-            raise DataError(f"{path}: duplicate image id {rec['id']}")
-        image_ids.add(int(rec["id"]))
-    cat_ids: set[int] = set()
-    for rec in categories:
-        for key in ("id", "name"):
-            if key not in rec:
-                raise DataError(f"{path}: category record lacks {key!r}: {dict(rec)}")
-        if int(rec["id"]) in cat_ids:
-            raise DataError(f"{path}: duplicate category id {rec['id']}")
-        cat_ids.add(int(rec["id"]))
+    image_ids = _record_ids(path, images, "image", ("id", "file_name", "height", "width"))
+    cat_ids = _record_ids(path, categories, "category", ("id", "name"))
     ann_ids: set[int] = set()
     for rec in annotations:
         for key in ("id", "image_id", "category_id", "segmentation"):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bestie.models.backbones import create_backbone
-from bestie.models.pam import PAM
+from bestie.models.pam import PAM, PAM_ALPHA
 
 __all__ = ["CAMClassifier"]
 
@@ -30,7 +30,7 @@ class CAMClassifier(nn.Module):
         weights: backbone weights, see :func:`~bestie.models.backbones.create_backbone` (``"imagenet"``,
             a file path, or ``None`` for random initialisation).
         use_pam: follow each extra conv by :class:`~bestie.models.pam.PAM` (else by a ReLU only).
-        alpha: the PAM controller.
+        alpha: the PAM controller (default :data:`~bestie.models.pam.PAM_ALPHA`).
         num_extra_convs: number of new 3x3 convs (the reference VGG16 head has 3 of 512 channels). With 0,
             PAM (when used) acts on the backbone features directly.
         extra_channels: width of the extra convs.
@@ -59,9 +59,9 @@ class CAMClassifier(nn.Module):
         self,
         backbone_name: str,
         num_classes: int,
-        weights: str | os.PathLike | None = "imagenet",
+        weights: str | os.PathLike | None,
         use_pam: bool = True,
-        alpha: float = 0.7,
+        alpha: float = PAM_ALPHA,
         num_extra_convs: int = 2,
         extra_channels: int = 512,
         output_stride: int | None = None,

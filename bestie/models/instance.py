@@ -268,8 +268,8 @@ class BestieNet(nn.Module):
 
     def __init__(
         self,
-        backbone: str = "tf_efficientnet_lite0",
-        num_classes: int = 20,
+        backbone: str,
+        num_classes: int,
         weights: str | None = None,
         head: str = "light",
         *,

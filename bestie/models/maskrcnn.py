@@ -351,9 +351,9 @@ def _build_resnet(
 
 
 def build_maskrcnn(
-    name: str = DEFAULT_MODEL,
-    num_classes: int = 20,
-    weights: str | os.PathLike | None = "imagenet",
+    name: str,
+    num_classes: int,
+    weights: str | os.PathLike | None,
     *,
     min_size: int | None = None,
     max_size: int | None = None,
@@ -368,7 +368,7 @@ def build_maskrcnn(
     """Build a Mask R-CNN for ``num_classes`` foreground classes (docs/METHOD.md, stage 6).
 
     Args:
-        name: one of :data:`MASKRCNN_MODELS`.
+        name: one of :data:`MASKRCNN_MODELS` (:data:`DEFAULT_MODEL` is the configuration's default).
         num_classes: ``C``; the detector has ``C + 1`` outputs, label ``c + 1`` = dataset class ``c``.
         weights: ``None`` (random init), ``"imagenet"`` (EfficientNet-Lite0/2 from the installed package;
             refused for ResNet-50) or the path of a state dict file: a whole detector (keys ``backbone.*``;

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PAM"]
+__all__ = ["PAM", "PAM_ALPHA"]
+
+#: The PAM controller of the paper (0.7): activations below this fraction of their channel's peak are zeroed.
+PAM_ALPHA = 0.7
 
 
 class PAM(nn.Module):
@@ -24,7 +27,7 @@ class PAM(nn.Module):
         ValueError: ``alpha`` outside ``[0, 1]``, or an input that is not 4-D.
     """
 
-    def __init__(self, alpha: float = 0.7) -> None:
+    def __init__(self, alpha: float = PAM_ALPHA) -> None:
         super().__init__()
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"PAM alpha must be in [0, 1], got {alpha}")

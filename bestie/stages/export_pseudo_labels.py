@@ -45,6 +45,7 @@ import numpy as np
 
 from bestie.errors import ArtifactError, ConfigError, DataError
 from bestie.io.coco_json import category_ids  # noqa: F401 (re-exported: train_bestie / train_maskrcnn import it here)
+from bestie.io.coco_json import check_instances
 from bestie.sections import ExportConfig  # noqa: F401 (the stage's config section)
 
 __all__ = ["ExportConfig", "category_ids", "filter_instances", "gt_instances", "run"]
@@ -73,23 +74,12 @@ def filter_instances(
         (ties keep the input order).
 
     Raises:
-        DataError: missing keys, inconsistent shapes, non-integer labels, non-finite scores.
+        DataError: missing keys, inconsistent shapes, non-integer or negative labels, non-finite scores
+            (:func:`bestie.io.coco_json.check_instances`), an empty image size.
     """
-    for key in ("masks", "labels", "scores"):
-        if key not in instances:
-            raise DataError(f"{source}: lacks array {key!r} (has {sorted(instances)})")
-    masks = np.asarray(instances["masks"])
-    labels = np.asarray(instances["labels"])
-    scores = np.asarray(instances["scores"], dtype=np.float32)
-    if masks.ndim != 3 or masks.shape[1] == 0 or masks.shape[2] == 0:
+    masks, labels, scores = check_instances(instances, source, score_dtype=np.float32)
+    if masks.shape[1] == 0 or masks.shape[2] == 0:
         raise DataError(f"{source}: masks must be (N, H, W) with H, W > 0, got shape {masks.shape}")
-    n = masks.shape[0]
-    if labels.shape != (n,) or scores.shape != (n,):
-        raise DataError(f"{source}: {n} masks but labels {labels.shape} and scores {scores.shape}")
-    if n and not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"{source}: labels must be integers, got dtype {labels.dtype}")
-    if not np.all(np.isfinite(scores)):
-        raise DataError(f"{source}: scores hold NaN or inf")
     masks = masks.astype(bool, copy=False)
     labels = labels.astype(np.int64)
     keep = scores >= cfg.score_threshold
