@@ -25,7 +25,12 @@ from dataclasses import dataclass
 
 from bestie.errors import ConfigError
 
-__all__ = ["SETTINGS", "PseudoLabelParams", "GroupingParams", "RefineParams", "check_nms_kernel", "check_sigma"]
+__all__ = ["PAM_ALPHA", "SETTINGS", "PseudoLabelParams", "GroupingParams", "RefineParams", "check_nms_kernel", "check_sigma"]
+
+#: The PAM controller of the paper (0.7; METHOD.md section 1): activations below this fraction of their
+#: channel's peak are zeroed. Here, not in :mod:`bestie.models.pam`, so that the torch-free config sections
+#: take their default from the same constant.
+PAM_ALPHA = 0.7
 
 #: Supervision settings: image-level labels + peak points, or GT instance center points.
 SETTINGS = ("image", "point")

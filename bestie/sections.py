@@ -14,7 +14,7 @@ from typing import Literal
 
 from bestie.data.transforms import DEFAULT_SCALES
 from bestie.errors import ConfigError
-from bestie.params import SETTINGS, GroupingParams, PseudoLabelParams, RefineParams
+from bestie.params import PAM_ALPHA, SETTINGS, GroupingParams, PseudoLabelParams, RefineParams
 from bestie.wsss.crf import BG_SEED, FG_SEED, CrfParams
 
 __all__ = ["ClassifierConfig", "CamConfig", "WsssConfig", "BestieConfig", "InferenceConfig", "ExportConfig",
@@ -91,7 +91,7 @@ class ClassifierConfig:
     backbone: str = "tf_efficientnet_lite0"
     weights: str | None = "imagenet"
     use_pam: bool = True
-    alpha: float = 0.7
+    alpha: float = PAM_ALPHA
     num_extra_convs: int = 2
     extra_channels: int = 256
     output_stride: int | None = 16

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["PAM", "PAM_ALPHA"]
+from bestie.params import PAM_ALPHA
 
-#: The PAM controller of the paper (0.7): activations below this fraction of their channel's peak are zeroed.
-PAM_ALPHA = 0.7
+__all__ = ["PAM", "PAM_ALPHA"]
 
 
 class PAM(nn.Module):
