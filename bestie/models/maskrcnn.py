@@ -50,7 +50,6 @@ from bestie.errors import ConfigError, WeightsError
 
 __all__ = [
     "MASKRCNN_MODELS",
-    "DEFAULT_MODEL",
     "TimmFPNBackbone",
     "build_maskrcnn",
     "load_state_dict_file",
@@ -59,7 +58,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "maskrcnn_efficientnet_lite0_fpn"
 
 #: Per-architecture defaults of the input resize (shorter side ``min_size``, longer side capped at
 #: ``max_size``, pixels) used when the caller passes ``None``.
@@ -368,7 +366,8 @@ def build_maskrcnn(
     """Build a Mask R-CNN for ``num_classes`` foreground classes (docs/METHOD.md, stage 6).
 
     Args:
-        name: one of :data:`MASKRCNN_MODELS` (:data:`DEFAULT_MODEL` is the configuration's default).
+        name: one of :data:`MASKRCNN_MODELS` (the configuration's default:
+            :attr:`bestie.sections.MaskRCNNConfig.model`).
         num_classes: ``C``; the detector has ``C + 1`` outputs, label ``c + 1`` = dataset class ``c``.
         weights: ``None`` (random init), ``"imagenet"`` (EfficientNet-Lite0/2 from the installed package;
             refused for ResNet-50) or the path of a state dict file: a whole detector (keys ``backbone.*``;
