@@ -55,6 +55,7 @@ def predict_maps(
     std: Sequence[float],
     cfg: InferenceConfig,
     device: str | torch.device,
+    labels: Sequence[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Network maps of one image at its original size.
 
@@ -64,6 +65,8 @@ def predict_maps(
         mean, std: the encoder's RGB normalisation (inputs in [0, 1]).
         cfg: input size policy and flip.
         device: where to run.
+        labels: 0-based classes of the image-level label, or None: when given, the softmax runs over
+            background and these classes only (the others get probability 0; ``instances.image_labels``).
 
     Returns:
         ``{"seg_prob": (C+1, H, W), "center": (C, H, W), "offset": (2, H, W)}`` float32 tensors on
@@ -83,7 +86,7 @@ def predict_maps(
     if cfg.flip:
         x = torch.cat([x, x.flip(-1)], dim=0)
     out = model(x, output_size=(H, W))
-    prob = F.softmax(out["seg"].float(), dim=1)
+    prob = F.softmax(_restrict_to_labels(out["seg"].float(), labels), dim=1)
     center = out["center"].float()
     offset = out["offset"].float()
     if cfg.flip:
@@ -95,6 +98,17 @@ def predict_maps(
     else:
         prob, center, offset = prob[0], center[0], offset[0]
     return {"seg_prob": prob, "center": center, "offset": offset}
+
+
+def _restrict_to_labels(logits: torch.Tensor, labels: Sequence[int] | None) -> torch.Tensor:
+    """``(N, C+1, H, W)`` logits with the classes outside ``labels`` (and background) set to ``-inf``;
+    unchanged for ``labels`` None or empty."""
+    if labels is None or len(labels) == 0:
+        return logits
+    keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    keep[0] = True
+    keep[torch.as_tensor([int(c) + 1 for c in labels], dtype=torch.long, device=logits.device)] = True
+    return logits.masked_fill(~keep.view(1, -1, 1, 1), float("-inf"))
 
 
 def predict_image(
@@ -172,7 +186,8 @@ def evaluate_model(
     Args:
         model: the network (switched to eval mode here, its previous mode restored at the end).
         dataset: a ``bestie.data`` dataset (``ids``, ``num_classes``, ``image``, ``instances_gt``).
-        cfg: inference settings.
+        cfg: inference settings (with ``cfg.image_labels`` each image's softmax is restricted to
+            ``dataset.labels(id)``, :func:`predict_maps`).
         device: where to run.
         mean, std: encoder normalisation.
         ids: the images to predict (default: all of the dataset).
@@ -200,7 +215,8 @@ def evaluate_model(
     try:
         for img_id in progress_bar(id_list, desc="predict", disable=not progress):
             image = dataset.image(img_id)
-            maps = predict_maps(model, image, mean, std, cfg, device)
+            labels = dataset.labels(img_id) if cfg.image_labels else None
+            maps = predict_maps(model, image, mean, std, cfg, device, labels)
             inst = _instances_from_maps(maps, cfg)
             n_inst += int(inst["labels"].shape[0])
             n_source += np.bincount(inst["sources"].astype(np.int64), minlength=3)[:3]

@@ -458,6 +458,11 @@ class InferenceConfig:
         flip: flip test-time augmentation.
         resize: long side (pixels) of the network input before rounding, or None for the original size.
         size_divisor: the network input sides are rounded up to a multiple of this (32; 1 = no rounding).
+        image_labels: restrict the semantic softmax of an image to background and its image-level labels
+            (the supervision of the train images, known there; an image without labels is predicted
+            unrestricted). False = the paper. A departure (issue 15): a semantic head that has not yet
+            separated many classes labels the objects with the dominant one, and the export then drops
+            them as absent from the image's labels.
     """
 
     center_threshold: float = GroupingParams.center_threshold
@@ -467,6 +472,7 @@ class InferenceConfig:
     flip: bool = True
     resize: int | None = None
     size_divisor: int = 32
+    image_labels: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.center_threshold <= 1.0:

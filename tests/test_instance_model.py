@@ -244,3 +244,19 @@ def test_center_agnostic_one_channel_broadcast_and_rebuilt_from_config() -> None
     assert build_bestie_net(old).center_mode == "class"
     with pytest.raises(ConfigError, match="center_mode"):
         BestieNet("tf_efficientnet_lite0", C, None, "light", center_mode="shared", warn_random=False)
+
+
+def test_predict_maps_restricted_to_image_labels() -> None:
+    """With the image-level labels, the softmax runs over background + those classes: the other classes get
+    probability 0, the kept ones are the unrestricted probabilities renormalised; no labels = unrestricted."""
+    net = _MirrorNet()  # 3 seg channels: background, class 0, class 1
+    img = _test_image(37, 50)
+    cfg = InferenceConfig(flip=False)
+    full = predict_maps(net, img, (0.5,) * 3, (0.5,) * 3, cfg, "cpu")["seg_prob"]
+    only1 = predict_maps(net, img, (0.5,) * 3, (0.5,) * 3, cfg, "cpu", labels=[1])["seg_prob"]
+    assert torch.equal(only1[1], torch.zeros(37, 50))
+    kept = full[[0, 2]]
+    torch.testing.assert_close(only1[[0, 2]], kept / kept.sum(0, keepdim=True))
+    torch.testing.assert_close(predict_maps(net, img, (0.5,) * 3, (0.5,) * 3, cfg, "cpu", labels=[])["seg_prob"], full)
+    flip = predict_maps(net, img, (0.5,) * 3, (0.5,) * 3, InferenceConfig(flip=True), "cpu", labels=[0])["seg_prob"]
+    assert torch.equal(flip[2], torch.zeros(37, 50))
