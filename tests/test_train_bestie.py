@@ -544,7 +544,8 @@ def test_validation_and_probe_group_with_the_instances_grouping(inputs, tmp_path
         expected = GroupingParams() if grouping is None else grouping
         assert _state(ckpt)["extra"]["inference"] == {
             "center_threshold": expected.center_threshold, "nms_kernel": expected.nms_kernel, "beta": expected.beta,
-            "min_area": expected.min_area, "flip": cfg.val_flip, "resize": None, "size_divisor": 32}
+            "min_area": expected.min_area, "flip": cfg.val_flip, "resize": None, "size_divisor": 32,
+            "image_labels": False}
         assert [r["iteration"] for r in _records(log) if r["event"] == "val"] == [2]
         shares[name] = summary["probe"]["probe_peak_share"]
     # a fresh centre head scores about 0 (either sign) at every peak: none reaches the default 0.1, most reach 0.0
