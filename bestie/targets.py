@@ -303,16 +303,16 @@ def pseudo_instance_components(
             boxes.append((y0, x0, mask))
             np.copyto(comp_map[y0 : y0 + mask.shape[0], x0 : x0 + mask.shape[1]], np.int16(len(rows)), where=mask)
     count, first = _points_per_component(comp_map, rows, py, px, pcls)
-    too_small = set()
-    if params.split_components:
-        for k in np.flatnonzero(count >= 2).tolist():
-            too_small |= _split_component(k, comp_map, rows, boxes, py, px, pcls, params.min_area)
+    merged = np.flatnonzero(count >= 2).tolist() if params.split_components else []
+    for k in merged:
+        _split_component(k, comp_map, rows, boxes, py, px, pcls, params.min_area)
+    if merged:
         count, first = _points_per_component(comp_map, rows, py, px, pcls)
     table = np.array(rows, dtype=np.int32).reshape(-1, 4)
     for k in np.flatnonzero(count == 1).tolist():
-        if k in too_small:
-            continue
         y0, x0, mask = boxes[k]
+        if merged and np.count_nonzero(mask) < params.min_area:
+            continue  # a split part below min_area stays a component, never an instance
         if params.setting == "image":
             # centroid = mean pixel coordinate (image moments), mapped to the nearest pixel floor(v + 0.5)
             mom = cv2.moments(mask.view(np.uint8), binaryImage=True)
@@ -384,34 +384,25 @@ def split_by_points(mask: np.ndarray, ys, xs) -> np.ndarray:
     return out
 
 
-def _split_component(k: int, comp_map, rows: list, boxes: list, py, px, pcls, min_area: int) -> set[int]:
+def _split_component(k: int, comp_map, rows: list, boxes: list, py, px, pcls, min_area: int) -> None:
     """Split component ``k`` (0-based) in place by its points of its class (:func:`split_by_points`): the first
-    part keeps id ``k + 1``, the others get new ids appended to ``rows`` / ``boxes``. Returns the 0-based
-    ids of the parts below ``min_area`` pixels (kept as components, never accepted)."""
+    part (never empty: it holds its own point and wins ties) keeps id ``k + 1``, the other non-empty parts get
+    new ids appended to ``rows`` / ``boxes``."""
     c = rows[k][0]
     y0, x0, mask = boxes[k]
     h, w = mask.shape
     sel = np.flatnonzero((comp_map[py, px] == k + 1) & (pcls == c))
     parts = split_by_points(mask, py[sel] - y0, px[sel] - x0)
-    small: set[int] = set()
+    boxes[k] = (y0, x0, parts == 1)
     view = comp_map[y0 : y0 + h, x0 : x0 + w]
-    for i in range(1, len(sel) + 1):
+    for i in range(2, len(sel) + 1):
         part = parts == i
-        area = int(part.sum())
-        if area == 0:
+        if not part.any():
             continue
-        if i == 1:
-            kid = k
-            boxes[k] = (y0, x0, part)
-        else:
-            _check_component_count(len(rows), min_area)
-            rows.append([c, -1, -1, 0])
-            boxes.append((y0, x0, part))
-            kid = len(rows) - 1
-            np.copyto(view, np.int16(kid + 1), where=part)
-        if area < min_area:
-            small.add(kid)
-    return small
+        _check_component_count(len(rows), min_area)
+        rows.append([c, -1, -1, 0])
+        boxes.append((y0, x0, part))
+        np.copyto(view, np.int16(len(rows)), where=part)
 
 
 def render_pseudo_targets(comp: dict, *, num_classes: int, sigma: float = PseudoLabelParams.sigma) -> dict:
