@@ -43,6 +43,32 @@ def test_shipped_configs_build_every_stage(path):
         from_dict(cls, cfg[section], section)
 
 
+def _merged(base: dict, over: dict) -> dict:
+    """``over`` merged into ``base`` key by key, recursively (as Snakemake merges ``--configfile`` files)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "workflow" / "presets" / "overlays").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_overlays_build_every_stage_over_the_preset_they_name(path):
+    """Each overlay's usage line names its preset; the two merged are a valid config of every stage."""
+    import re
+
+    text = path.read_text()
+    named = re.search(r"--configfile (\S+) (\S+)", text)
+    assert named and named.group(2) == f"workflow/presets/overlays/{path.name}", "usage line names the overlay"
+    cfg = yaml.safe_load(text)
+    assert cfg["run"] == path.stem  # its own results/<run>/, never the preset's
+    cfg = _merged(yaml.safe_load((REPO / named.group(1)).read_text()), cfg)
+    validate(cfg, str(schema.SCHEMA_PATH))
+    for section, (module, name) in schema.STAGE_SECTIONS.items():
+        cls = getattr(importlib.import_module(f"bestie.stages.{module}"), name)
+        from_dict(cls, cfg[section], section)
+
+
 def test_from_dict_names_unknown_and_mistyped_keys():
     @dataclasses.dataclass(frozen=True)
     class Cfg:

@@ -380,6 +380,15 @@ def test_predict_instances_stage(inputs, tmp_path: Path) -> None:
         arr = r.read(r.ids()[0])
         assert arr["masks"].ndim == 3 and arr["masks"].shape[1:] == (64, 64)
         assert arr["labels"].shape == arr["scores"].shape == (arr["masks"].shape[0],)
+    assert metrics["image_labels_applied"] is False
+    # instances.image_labels: on the training split only; elsewhere switched off (the GT labels would leak)
+    m_val = run(InferenceConfig(min_area=5, image_labels=True), ds_cfg, "val", ckpt, tmp_path / "i3.h5",
+                tmp_path / "m3.json", device="cpu")
+    assert m_val["image_labels_applied"] is False
+    assert (m_val["num_instances"], m_val["mAP50"]) == (metrics["num_instances"], metrics["mAP50"])
+    m_train = run(InferenceConfig(min_area=5, image_labels=True), ds_cfg, "train", ckpt, tmp_path / "i4.h5",
+                  tmp_path / "m4.json", device="cpu")
+    assert m_train["image_labels_applied"] is True
     with pytest.raises(ConfigError, match="classes"):
         bad = dict(ds_cfg, classes=["a", "b"])
         run(InferenceConfig(), bad, "val", ckpt, tmp_path / "i2.h5", tmp_path / "m2.json", device="cpu")

@@ -15,6 +15,11 @@ Output HDF5 (``bestie.io.h5store`` store, one group per image id):
 - image attr ``image_size`` = ``(H, W)``; file attrs: stage name, class names, inference config,
   checkpoint path.
 
+``instances.image_labels`` (each image's softmax restricted to background and its image-level labels) applies to
+the training split only, where those labels are the supervision; on any other split the GT labels would leak
+into the scores, so it is switched off there, with a log line and ``"image_labels_applied": false`` in the
+metrics.
+
 Metrics JSON: VOC instance AP (mAP25/50/70/75, per class, ``bestie.evaluation.voc``) over the images
 with GT, and the **semantic drift** (the share of GT-instance pixels that the network labels background:
 the paper's measure of the drift of its semantic branch), plus counts and timing.
@@ -22,6 +27,7 @@ the paper's measure of the drift of its semantic branch), plus counts and timing
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Mapping
@@ -53,6 +59,16 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def _image_labels_for_split(cfg: InferenceConfig, dataset_cfg: Mapping[str, Any], split: str) -> InferenceConfig:
+    """``cfg`` with ``image_labels`` switched off (and logged) unless ``split`` is the dataset's training split."""
+    train_split = dataset_cfg.get("split") or dataset_cfg.get("train_split") or "train"  # as build_dataset
+    if not cfg.image_labels or split == train_split:
+        return cfg
+    log.warning("predict_instances %s: instances.image_labels applies to the training split (%s) only; "
+                "predicting %s without it", split, train_split, split)
+    return dataclasses.replace(cfg, image_labels=False)
 
 
 def run(
@@ -88,6 +104,7 @@ def run(
     from bestie.io.h5store import H5Writer
 
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = _image_labels_for_split(cfg, dataset_cfg, split)
     dataset = build_dataset(dataset_cfg, split)
     model, extra = load_bestie_model(checkpoint, dev)
     if int(model.num_classes) != int(dataset.num_classes):
@@ -109,7 +126,7 @@ def run(
         metrics = evaluate_model(model, dataset, cfg, dev, mean=mean, std=std, writer=writer, progress=True)
     metrics = {"split": split, "checkpoint": str(checkpoint), "checkpoint_kind": extra.get("kind"),
                "checkpoint_iteration": extra.get("iteration"), "config": to_dict(cfg),
-               "class_names": list(dataset.class_names), **metrics}
+               "class_names": list(dataset.class_names), "image_labels_applied": cfg.image_labels, **metrics}
     write_json_atomic(out_metrics_json, metrics)
     from bestie.report.units import percent
 
