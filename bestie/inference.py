@@ -8,7 +8,10 @@ the pixels of each predicted class component around the predicted centers (the
 Input size policy (:class:`InferenceConfig`): the image is optionally resized so that its long side is
 ``resize`` pixels, then resized to the next multiple of ``size_divisor`` (32, as the public code) on each
 side; the network's maps are upsampled straight to the original image size (offsets rescaled to original
-pixels by :class:`bestie.models.instance.BestieNet`), so instances are in original pixels.
+pixels by :class:`bestie.models.instance.BestieNet`), so instances are in original pixels. With ``resize``
+the grouping's pixel sizes (NMS window 41, ``min_area``, clustering) stay those of the network input: they are
+scaled by :func:`grouping_scale` (= original long side / ``resize``), as the paper's grouping runs at the
+scale its network was trained at.
 
 Flip test-time augmentation: the image and its mirror image form one batch of 2; semantic probabilities,
 centers and ``dy`` are averaged with the mirrored maps of the flipped branch; ``dx`` of the flipped branch
@@ -34,7 +37,7 @@ from bestie.data import transforms as T
 from bestie.errors import ArtifactError, ConfigError, DataError
 from bestie.sections import InferenceConfig
 
-__all__ = ["network_input_size", "predict_maps", "predict_image", "semantic_drift", "evaluate_model",
+__all__ = ["network_input_size", "grouping_scale", "predict_maps", "predict_image", "semantic_drift", "evaluate_model",
            "load_bestie_model"]
 
 
@@ -132,11 +135,18 @@ def predict_image(
     return _instances_from_maps(maps, cfg)
 
 
+def grouping_scale(image_size: tuple[int, int], cfg: InferenceConfig) -> float:
+    """How many times larger than the network's input scale an ``(H, W)`` image is: ``max(H, W) / cfg.resize``,
+    or 1 without ``resize``. The grouping's pixel sizes (NMS window, ``min_area``, clustering) are those of the
+    network input and are scaled by it (:func:`bestie.postprocess.scaled_grouping`)."""
+    return 1.0 if cfg.resize is None else max(image_size) / float(cfg.resize)
+
+
 def _instances_from_maps(maps: Mapping[str, torch.Tensor], cfg: InferenceConfig) -> dict[str, np.ndarray]:
     from bestie.postprocess import get_instances
 
     inst = get_instances(maps["seg_prob"], maps["center"], maps["offset"], params=cfg.grouping_params(),
-                         return_sources=True)
+                         return_sources=True, scale=grouping_scale(tuple(maps["seg_prob"].shape[-2:]), cfg))
     masks = np.asarray(inst["masks"], dtype=bool)
     labels = np.asarray(inst["labels"], dtype=np.int64).reshape(-1)
     scores = np.asarray(inst["scores"], dtype=np.float32).reshape(-1)

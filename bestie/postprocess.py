@@ -27,6 +27,12 @@ post-processing, rewritten vectorised (numpy + OpenCV, one image on the CPU):
 A component without any center becomes one instance scored ``max center x mean probability`` (the
 public default ``val_ignore=False``); with ``ignore_centerless=True`` it is dropped.
 
+Scale: the pixel sizes above (NMS window, ``min_area``, the clustering radius 2.5 px, area 21 +- beta and
+distance 100 px) are those of the network's input. When the maps are upsampled to an image ``scale`` times
+larger (inference with ``instances.resize``), :func:`get_instances` multiplies lengths by ``scale`` and areas by
+``scale ** 2``, so that the grouping sees the objects as it would at the training scale (the paper trains and
+infers at about the same scale; its window 41 is in those pixels).
+
 Conventions: offsets are ``(dy, dx)`` in pixels from a pixel to its center, as written by
 :mod:`bestie.targets`; centers are ``(y, x)`` integer pixels. Flip averaging and offset rescaling to the
 output size are the caller's job.
@@ -34,6 +40,7 @@ output size are the caller's job.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 
 import cv2
@@ -49,6 +56,7 @@ __all__ = [
     "semantic_argmax",
     "get_instances",
     "group_component",
+    "scaled_grouping",
     "instance_peaks",
     "class_components",
     "nearest_center",
@@ -252,11 +260,28 @@ def semantic_argmax(prob: np.ndarray) -> np.ndarray:
     return out
 
 
+def scaled_grouping(params: GroupingParams, scale: float) -> GroupingParams:
+    """``params`` for maps ``scale`` times the network input's size: ``nms_kernel`` x scale (rounded, made
+    odd), ``min_area`` and ``beta`` x scale ** 2; ``params`` itself for ``scale == 1``.
+
+    Raises:
+        DataError: ``scale`` not finite and > 0.
+    """
+    if not (np.isfinite(scale) and scale > 0):
+        raise DataError(f"scaled_grouping: scale must be a finite number > 0, got {scale!r}")
+    if scale == 1.0:
+        return params
+    kernel = max(1, int(round(params.nms_kernel * scale)))
+    return dataclasses.replace(params, nms_kernel=kernel + 1 - kernel % 2, beta=params.beta * scale * scale,
+                               min_area=int(round(params.min_area * scale * scale)))
+
+
 def group_component(
     scores: np.ndarray,
     comp: np.ndarray,
     offset: np.ndarray,
     params: GroupingParams,
+    scale: float,
 ):
     """Centers and pixel grouping inside one component (steps 2-4 of the module docstring).
 
@@ -266,7 +291,9 @@ def group_component(
         comp: ``(h, w)`` bool component mask.
         offset: ``(2, h, w)`` float32 ``(dy, dx)`` on the same pixels.
         params: ``center_threshold``, ``nms_kernel``, ``beta`` as in :func:`get_instances` (``min_area`` is
-            the caller's: it selects the components).
+            the caller's: it selects the components), already at this resolution (:func:`scaled_grouping`).
+        scale: these maps' size over the network input's: the clustering radius (2.5 px), ideal area (21)
+            and minimum distance (100 px) are scaled by it (module docstring).
 
     Returns:
         ``(centers, clustered, ys, xs, inst)``: ``(K, 2)`` int64 ``(y, x)`` centers (NMS first, then
@@ -277,12 +304,13 @@ def group_component(
     centers = _nms(scores, params.center_threshold, int(params.nms_kernel))
     clustered = np.zeros(centers.shape[0], dtype=bool)
     if params.beta > 0:
-        cl = cluster_centers(offset, comp, beta=params.beta)
+        cl = cluster_centers(offset, comp, beta=params.beta, magnitude_threshold=CLUSTER_MAGNITUDE * scale,
+                             ideal_area=CLUSTER_AREA * scale * scale)
         if cl.shape[0]:
             cl = cl[scores[cl[:, 0], cl[:, 1]] > CLUSTER_MIN_SCORE]
         if cl.shape[0] and centers.shape[0]:
             d2 = ((cl[:, None, :] - centers[None, :, :]).astype(np.float64) ** 2).sum(-1)
-            cl = cl[np.sqrt(d2.min(axis=1)) > CLUSTER_MIN_DISTANCE]
+            cl = cl[np.sqrt(d2.min(axis=1)) > CLUSTER_MIN_DISTANCE * scale]
         if cl.shape[0]:
             scores[cl[:, 0], cl[:, 1]] = 1.0
             centers = np.concatenate([centers, cl], axis=0)
@@ -358,6 +386,7 @@ def get_instances(
     params: GroupingParams = GroupingParams(),
     ignore_centerless: bool = False,
     return_sources: bool = False,
+    scale: float = 1.0,
 ) -> dict:
     """Instances of one image from softmax probabilities, center maps and offsets (METHOD.md section 4).
 
@@ -374,6 +403,9 @@ def get_instances(
         return_sources: also return ``"sources"``: ``(N,)`` int8, :data:`SOURCE_CENTER` /
             :data:`SOURCE_CLUSTER` / :data:`SOURCE_FALLBACK` per instance (the learning probe of BESTIE
             training and the prediction metrics count how many instances the center head produced).
+        scale: the maps' size over the network input's (> 0; 1 = the maps are at the input's size): the
+            pixel sizes of ``params`` and of the clustering are those of the network input, scaled here
+            (:func:`scaled_grouping`, module docstring).
 
     Returns:
         ``{"masks": (N, H, W) bool, "labels": (N,) int64 0-based class, "scores": (N,) float32}``, ordered by
@@ -381,7 +413,7 @@ def get_instances(
         dummy instance, class 0 with an empty mask and score 0, instead).
 
     Raises:
-        DataError: shapes that do not match.
+        DataError: shapes that do not match; ``scale`` not finite and > 0.
     """
     prob = _to_numpy(seg_prob, "seg_prob", 3)
     ctr = _to_numpy(center, "center", 3)
@@ -392,6 +424,7 @@ def get_instances(
             f"get_instances: seg_prob {prob.shape}, center {ctr.shape} and offset {off.shape} do not match "
             f"(expected (C+1,H,W), (C,H,W), (2,H,W))"
         )
+    params = scaled_grouping(params, float(scale))
     seg = semantic_argmax(prob)
     present = np.flatnonzero(np.bincount(seg.ravel(), minlength=c1)[1:])
     found = []  # (class, y0, x0, local mask, score, source)
@@ -402,7 +435,7 @@ def get_instances(
             scores = np.where(comp, ctr[c][win], np.float32(0.0))
             pc = prob[c + 1][win]
             centers, clustered, ys, xs, inst = group_component(
-                scores, comp, off[(slice(None),) + win], params
+                scores, comp, off[(slice(None),) + win], params, float(scale)
             )
             if ys is None:
                 if not ignore_centerless:

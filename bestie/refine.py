@@ -162,7 +162,8 @@ def _refine_sample_image(
             hh, ww = comp.shape
             win = (slice(y0, y0 + hh), slice(x0, x0 + ww))
             scores = np.where(comp, ctr[win], np.float32(0.0))
-            centers, _, ys, xs, inst = group_component(scores, comp, offset[(slice(None),) + win], grouping)
+            centers, _, ys, xs, inst = group_component(scores, comp, offset[(slice(None),) + win], grouping,
+                                                       1.0)  # training crops: the network's own scale
             if ys is None:
                 continue
             k = centers.shape[0]

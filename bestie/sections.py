@@ -456,7 +456,9 @@ class InferenceConfig:
         beta: center-clustering parameter of low-offset regions (3).
         min_area: predicted class components below this many pixels are dropped (50).
         flip: flip test-time augmentation.
-        resize: long side (pixels) of the network input before rounding, or None for the original size.
+        resize: long side (pixels) of the network input before rounding, or None for the original size. The
+            grouping's pixel sizes (``nms_kernel``, ``min_area``, clustering) are then at this scale: scaled by
+            original long side / ``resize`` when grouping at the original size (:mod:`bestie.inference`).
         size_divisor: the network input sides are rounded up to a multiple of this (32; 1 = no rounding).
         image_labels: restrict the semantic softmax of an image to background and its image-level labels
             (the supervision of the train images, known there; an image without labels is predicted

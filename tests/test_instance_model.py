@@ -260,3 +260,11 @@ def test_predict_maps_restricted_to_image_labels() -> None:
     torch.testing.assert_close(predict_maps(net, img, (0.5,) * 3, (0.5,) * 3, cfg, "cpu", labels=[])["seg_prob"], full)
     flip = predict_maps(net, img, (0.5,) * 3, (0.5,) * 3, InferenceConfig(flip=True), "cpu", labels=[0])["seg_prob"]
     assert torch.equal(flip[2], torch.zeros(37, 50))
+
+
+def test_grouping_scale_is_original_over_network_scale() -> None:
+    from bestie.inference import grouping_scale
+
+    assert grouping_scale((480, 640), InferenceConfig(resize=384)) == pytest.approx(640 / 384)
+    assert grouping_scale((640, 427), InferenceConfig(resize=320)) == pytest.approx(2.0)
+    assert grouping_scale((480, 640), InferenceConfig()) == 1.0  # no resize: the paper's original size

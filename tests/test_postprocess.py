@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from bestie.errors import ConfigError, DataError
 from bestie.postprocess import (
+    scaled_grouping,
     SOURCE_CENTER,
     SOURCE_CLUSTER,
     SOURCE_FALLBACK,
@@ -271,3 +272,41 @@ def test_real_voc_targets_round_trip():
                 assert sc == pytest.approx(tgt["center"][c][m].max(), rel=1e-6)
         checked += tgt["num_instances"]
     assert checked > 0
+
+
+def _bar_scene(f: int):
+    """A 40f x 80f image: one class-1 bar (rows 10f..30f, columns 10f..70f) with center peaks 0.9 at (20f, 30f) and
+    0.6 at (20f, 45f) (15f px apart), perfect offsets to the nearer one, and a centre-less 6f x 6f class-0 square."""
+    h, w = 40 * f, 80 * f
+    prob = np.zeros((3, h, w), np.float32)
+    prob[0] = 1.0
+    prob[:, 10 * f:30 * f, 10 * f:70 * f] = np.array([0.2, 0.0, 0.8], np.float32)[:, None, None]
+    prob[:, 32 * f:38 * f, 2 * f:8 * f] = np.array([0.3, 0.7, 0.0], np.float32)[:, None, None]
+    center = np.zeros((2, h, w), np.float32)
+    centers = [(20 * f, 30 * f), (20 * f, 45 * f)]
+    center[1][centers[0]], center[1][centers[1]] = 0.9, 0.6
+    assign = (np.arange(w)[None, :] >= int(37.5 * f)).astype(int).repeat(h, 0)
+    return prob, center, perfect_offsets(h, w, centers, assign)
+
+
+def test_scaled_grouping_sizes():
+    p = GroupingParams()
+    assert scaled_grouping(p, 1.0) is p
+    q = scaled_grouping(p, 2.0)
+    assert (q.nms_kernel, q.min_area, q.beta, q.center_threshold) == (83, 200, 12.0, p.center_threshold)
+    assert scaled_grouping(p, 0.5).nms_kernel == 21 and scaled_grouping(p, 0.5).min_area == 12
+    with pytest.raises(DataError, match="scale"):
+        scaled_grouping(p, 0.0)
+
+
+def test_get_instances_at_twice_the_scale_equals_the_upsampled_result():
+    """The same scene drawn twice as large and grouped with scale=2 gives the upsampled instances of scale 1."""
+    small = get_instances(*_bar_scene(1))
+    # at scale 1 the second peak lies inside the 41 px window of the first, and the 36 px square is below 50 px
+    assert small["masks"].shape[0] == 1 and small["labels"].tolist() == [1]
+    plain = get_instances(*_bar_scene(2))  # unscaled: the peaks are now 30 px apart, the square 144 px
+    assert plain["masks"].shape[0] == 3
+    big = get_instances(*_bar_scene(2), scale=2.0)
+    np.testing.assert_array_equal(big["labels"], small["labels"])
+    np.testing.assert_allclose(big["scores"], small["scores"], rtol=1e-6)
+    np.testing.assert_array_equal(big["masks"], small["masks"].repeat(2, axis=1).repeat(2, axis=2))
