@@ -262,7 +262,8 @@ def semantic_argmax(prob: np.ndarray) -> np.ndarray:
 
 def scaled_grouping(params: GroupingParams, scale: float) -> GroupingParams:
     """``params`` for maps ``scale`` times the network input's size: ``nms_kernel`` x scale (rounded, made
-    odd), ``min_area`` and ``beta`` x scale ** 2; ``params`` itself for ``scale == 1``.
+    odd), ``min_area`` x scale ** 2; ``params`` itself for ``scale == 1``. (The clustering sizes, ``beta``
+    included, are scaled by :func:`group_component`.)
 
     Raises:
         DataError: ``scale`` not finite and > 0.
@@ -272,7 +273,7 @@ def scaled_grouping(params: GroupingParams, scale: float) -> GroupingParams:
     if scale == 1.0:
         return params
     kernel = max(1, int(round(params.nms_kernel * scale)))
-    return dataclasses.replace(params, nms_kernel=kernel + 1 - kernel % 2, beta=params.beta * scale * scale,
+    return dataclasses.replace(params, nms_kernel=kernel + 1 - kernel % 2,
                                min_area=int(round(params.min_area * scale * scale)))
 
 
@@ -291,9 +292,10 @@ def group_component(
         comp: ``(h, w)`` bool component mask.
         offset: ``(2, h, w)`` float32 ``(dy, dx)`` on the same pixels.
         params: ``center_threshold``, ``nms_kernel``, ``beta`` as in :func:`get_instances` (``min_area`` is
-            the caller's: it selects the components), already at this resolution (:func:`scaled_grouping`).
-        scale: these maps' size over the network input's: the clustering radius (2.5 px), ideal area (21)
-            and minimum distance (100 px) are scaled by it (module docstring).
+            the caller's: it selects the components); ``nms_kernel`` already at this resolution
+            (:func:`scaled_grouping`), ``beta`` at the network input's.
+        scale: these maps' size over the network input's: the clustering radius (2.5 px) and minimum distance
+            (100 px) are scaled by it, its ideal area (21) and tolerance ``beta`` by its square (module docstring).
 
     Returns:
         ``(centers, clustered, ys, xs, inst)``: ``(K, 2)`` int64 ``(y, x)`` centers (NMS first, then
@@ -304,8 +306,8 @@ def group_component(
     centers = _nms(scores, params.center_threshold, int(params.nms_kernel))
     clustered = np.zeros(centers.shape[0], dtype=bool)
     if params.beta > 0:
-        cl = cluster_centers(offset, comp, beta=params.beta, magnitude_threshold=CLUSTER_MAGNITUDE * scale,
-                             ideal_area=CLUSTER_AREA * scale * scale)
+        cl = cluster_centers(offset, comp, beta=params.beta * scale * scale,
+                             magnitude_threshold=CLUSTER_MAGNITUDE * scale, ideal_area=CLUSTER_AREA * scale * scale)
         if cl.shape[0]:
             cl = cl[scores[cl[:, 0], cl[:, 1]] > CLUSTER_MIN_SCORE]
         if cl.shape[0] and centers.shape[0]:

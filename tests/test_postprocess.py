@@ -293,7 +293,7 @@ def test_scaled_grouping_sizes():
     p = GroupingParams()
     assert scaled_grouping(p, 1.0) is p
     q = scaled_grouping(p, 2.0)
-    assert (q.nms_kernel, q.min_area, q.beta, q.center_threshold) == (83, 200, 12.0, p.center_threshold)
+    assert (q.nms_kernel, q.min_area, q.beta, q.center_threshold) == (83, 200, p.beta, p.center_threshold)
     assert scaled_grouping(p, 0.5).nms_kernel == 21 and scaled_grouping(p, 0.5).min_area == 12
     with pytest.raises(DataError, match="scale"):
         scaled_grouping(p, 0.0)

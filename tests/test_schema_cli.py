@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import yaml
-from snakemake.utils import validate
+from snakemake.utils import update_config, validate
 
 from bestie import schema
 from bestie.cli import main
@@ -43,14 +43,6 @@ def test_shipped_configs_build_every_stage(path):
         from_dict(cls, cfg[section], section)
 
 
-def _merged(base: dict, over: dict) -> dict:
-    """``over`` merged into ``base`` key by key, recursively (as Snakemake merges ``--configfile`` files)."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 @pytest.mark.parametrize("path", sorted((REPO / "workflow" / "presets" / "overlays").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_overlays_build_every_stage_over_the_preset_they_name(path):
@@ -62,7 +54,8 @@ def test_overlays_build_every_stage_over_the_preset_they_name(path):
     assert named and named.group(2) == f"workflow/presets/overlays/{path.name}", "usage line names the overlay"
     cfg = yaml.safe_load(text)
     assert cfg["run"] == path.stem  # its own results/<run>/, never the preset's
-    cfg = _merged(yaml.safe_load((REPO / named.group(1)).read_text()), cfg)
+    overlay, cfg = cfg, yaml.safe_load((REPO / named.group(1)).read_text())
+    update_config(cfg, overlay)  # as Snakemake merges --configfile files
     validate(cfg, str(schema.SCHEMA_PATH))
     for section, (module, name) in schema.STAGE_SECTIONS.items():
         cls = getattr(importlib.import_module(f"bestie.stages.{module}"), name)

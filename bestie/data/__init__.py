@@ -54,6 +54,7 @@ __all__ = [
     "centers_from_instances",
     "empty_points",
     "build_dataset",
+    "default_split",
     "DATASET_FORMATS",
 ]
 
@@ -69,6 +70,11 @@ def _voc_list_file(list_file: Any, split: str, list_split: str) -> str | None:
     if "{split}" in text:
         return text.replace("{split}", split)
     return text if split == list_split else None
+
+
+def default_split(cfg: Mapping[str, Any]) -> str:
+    """The split a dataset section trains on: ``split``, else ``train_split``, else ``"train"``."""
+    return cfg.get("split") or cfg.get("train_split") or "train"
 
 
 def build_dataset(cfg: Mapping[str, Any], split: str | None = None) -> VOCDataset | COCODataset:
@@ -96,8 +102,8 @@ def build_dataset(cfg: Mapping[str, Any], split: str | None = None) -> VOCDatase
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"dataset: expected a mapping, got {type(cfg).__name__}")
     fmt = cfg.get("format")
-    default_split = cfg.get("split") or cfg.get("train_split") or "train"
-    split_name = split if split is not None else default_split
+    train_split = default_split(cfg)
+    split_name = split if split is not None else train_split
     skip = parse_bool(cfg.get("skip_bad_images", False), "dataset.skip_bad_images")
 
     def need(key: str) -> Any:
@@ -111,7 +117,7 @@ def build_dataset(cfg: Mapping[str, Any], split: str | None = None) -> VOCDatase
         return VOCDataset(
             root=need("root"),
             split=split_name,
-            list_file=_voc_list_file(cfg.get("list_file") or None, split_name, default_split),
+            list_file=_voc_list_file(cfg.get("list_file") or None, split_name, train_split),
             class_names=tuple(classes) if classes else VOC_CLASSES,
             skip_bad_images=skip,
         )

@@ -63,7 +63,9 @@ log = logging.getLogger(__name__)
 
 def _image_labels_for_split(cfg: InferenceConfig, dataset_cfg: Mapping[str, Any], split: str) -> InferenceConfig:
     """``cfg`` with ``image_labels`` switched off (and logged) unless ``split`` is the dataset's training split."""
-    train_split = dataset_cfg.get("split") or dataset_cfg.get("train_split") or "train"  # as build_dataset
+    from bestie.data import default_split
+
+    train_split = default_split(dataset_cfg)
     if not cfg.image_labels or split == train_split:
         return cfg
     log.warning("predict_instances %s: instances.image_labels applies to the training split (%s) only; "
