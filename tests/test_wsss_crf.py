@@ -91,9 +91,14 @@ def test_uncertain_rule_hand_made():
                               fg_seed=0.30, bg_seed=0.05, return_dense=True)
     # argmax with bg 0.35: class 5 (4+1), bg (0.32 <= 0.35), bg, bg, class 10 (9+1)
     assert dense.tolist() == [[5, 0, 0, 0, 10]]
-    # pixel 1: fg seed of class 4 (0.32 > 0.30) but argmax says bg -> 255; pixel 2: no seed -> kept;
-    # pixel 3: bg seed (0.01 < 0.05) agreeing -> 0; pixels 0 and 4: fg seeds agreeing -> kept
-    assert out.tolist() == [[5, 255, 0, 0, 10]]
+    # the foreground seed threshold is max(0.30, 0.35): pixel 1 (0.32) is no seed -> kept (it was 255 while
+    # the seed sat below the background threshold); pixel 2: no seed -> kept; pixel 3: bg seed (0.01 < 0.05)
+    # agreeing -> 0; pixels 0 and 4: fg seeds agreeing -> kept. Without the CRF no seed can disagree with the
+    # argmax: only the CRF makes pixels uncertain.
+    assert out.tolist() == [[5, 0, 0, 0, 10]]
+    # a CRF-like relabelling that flips pixel 0 to background and pixel 3 to class 5 makes both uncertain
+    seeds = seed_map(None, np.stack([cam_a, cam_b]), [4, 9], fg_seed=0.35, bg_seed=0.05)
+    assert mark_uncertain(np.array([[0, 0, 0, 5, 10]], np.uint8), seeds).tolist() == [[255, 0, 0, 255, 10]]
 
 
 def test_seed_map_raw_and_mark_uncertain():
@@ -205,3 +210,18 @@ def test_crf_on_real_image_respects_labels_and_improves_coarse_cam():
     acc_crf = (dense[valid] == gt[valid]).mean()
     acc_cam = (threshold_argmax(cams, np.array(labels), 0.35)[valid] == gt[valid]).mean()
     assert acc_crf > acc_cam
+
+
+def test_uncertain_rule_seeds_sit_on_the_right_side_of_the_background_threshold():
+    # bg_threshold 0.75 above fg_seed 0.30 (the demo's "auto" threshold): max CAM 0.90 / 0.50 / 0.20 / 0.01.
+    # The seeds are taken at max(0.30, 0.75) and min(0.05, 0.75): pixel 1 (0.50) is background for the argmax
+    # and no seed, so it stays 0 (with a 0.30 foreground seed it became 255).
+    cam = np.array([[[0.90, 0.50, 0.20, 0.01]]], np.float32)
+    img = np.zeros((1, 4, 3), np.uint8)
+    out = cams_to_wsss(img, cam, [1], bg_threshold=0.75, crf=False, fg_seed=0.30, bg_seed=0.05)
+    assert out.tolist() == [[2, 0, 0, 0]]
+    # bg_threshold 0.02 below bg_seed 0.05: pixel 3 (0.03) is foreground for the argmax and no seed (< 0.02
+    # would be), so it keeps its class; with a 0.05 background seed it became 255.
+    cam = np.array([[[0.90, 0.50, 0.03, 0.01]]], np.float32)
+    out = cams_to_wsss(img, cam, [1], bg_threshold=0.02, crf=False, fg_seed=0.30, bg_seed=0.05)
+    assert out.tolist() == [[2, 2, 2, 0]]

@@ -388,8 +388,12 @@ def cams_to_wsss(
     - ``max_k CAM_k < bg_seed`` (a background seed) and the step-2 label is not 0.
 
     Pixels that are no seed keep the step-2 label. With ``fg_seed`` / ``bg_seed`` None, no pixel becomes
-    255. Note that with ``bg_threshold >= fg_seed`` the pixels with ``fg_seed < max CAM <= bg_threshold``
-    are foreground seeds that the argmax calls background, hence 255.
+    255. A foreground seed must score above the background threshold and a background seed below it: the
+    thresholds used are ``max(fg_seed, bg_threshold)`` and ``min(bg_seed, bg_threshold)``. (IRN's 0.30 lies above its background score 0.16; with a higher
+    ``bg_threshold``, e.g. an ``"auto"`` 0.75 on the demo, every pixel with ``0.30 < max CAM <= 0.75``
+    would be a foreground seed that the argmax calls background, hence 255: 48 % of the demo's pixels,
+    where BESTIE's semantic head then learned no background and predicted foreground. Measured
+    2026-12-07, docs/RESULTS.md.)
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB image.
@@ -417,6 +421,8 @@ def cams_to_wsss(
     cams, classes_arr = check_wsss_inputs(image, cams, classes)
     if not 0.0 <= float(bg_threshold) <= 1.0:
         raise ConfigError(f"bg_threshold must be in [0, 1], got {bg_threshold!r}")
+    if fg_seed is not None and bg_seed is not None and not 0.0 <= bg_seed <= fg_seed:
+        raise ConfigError(f"seed thresholds need 0 <= bg_seed <= fg_seed, got bg_seed={bg_seed}, fg_seed={fg_seed}")
     height, width = image.shape[:2]
     if cams.shape[0] == 0:
         dense = np.zeros((height, width), np.uint8)
@@ -429,7 +435,7 @@ def cams_to_wsss(
     if fg_seed is None or bg_seed is None:
         out = dense.copy()
     else:
-        seeds = seed_map(image, cams, classes_arr, fg_seed=fg_seed, bg_seed=bg_seed, mode=seed_mode,
-                         crf_params=crf_params)
+        seeds = seed_map(image, cams, classes_arr, fg_seed=max(float(fg_seed), float(bg_threshold)),
+                         bg_seed=min(float(bg_seed), float(bg_threshold)), mode=seed_mode, crf_params=crf_params)
         out = mark_uncertain(dense, seeds)
     return (out, dense) if return_dense else out
