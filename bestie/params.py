@@ -112,21 +112,29 @@ class GroupingParams:
         nms_kernel: odd max-pool window of the center NMS, pixels (41).
         beta: center-clustering area tolerance (3); ``<= 0`` disables clustering.
         min_area: components of the semantic map with fewer pixels are ignored (50).
+        min_center_support: a center of a component with several keeps its group only if at least this
+            share of the group's pixels vote (``pixel + offset``) within 8 px (network input scale,
+            :data:`bestie.postprocess.SUPPORT_RADIUS`) of it; the others' pixels are regrouped among the
+            rest. In ``[0, 1]``; 0 = off, the paper (:func:`bestie.postprocess.supported_centers`).
 
     Raises:
-        ConfigError: even or non-positive ``nms_kernel``, negative ``center_threshold`` or ``min_area``.
+        ConfigError: even or non-positive ``nms_kernel``, negative ``center_threshold`` or ``min_area``,
+            ``min_center_support`` outside ``[0, 1]``.
     """
 
     center_threshold: float = 0.1
     nms_kernel: int = 41
     beta: float = 3.0
     min_area: int = PseudoLabelParams.min_area  # the same METHOD.md limit on WSSS / semantic components
+    min_center_support: float = 0.0
 
     def __post_init__(self) -> None:
         check_nms_kernel(self.nms_kernel)
         _check_min_area(self.min_area)
         if self.center_threshold < 0:
             raise ConfigError(f"center_threshold must be >= 0, got {self.center_threshold!r}")
+        if not 0.0 <= self.min_center_support <= 1.0:
+            raise ConfigError(f"min_center_support must be in [0, 1], got {self.min_center_support!r}")
 
 
 @dataclass(frozen=True)

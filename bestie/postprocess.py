@@ -24,6 +24,12 @@ post-processing, rewritten vectorised (numpy + OpenCV, one image on the CPU):
    tests ``center score >= 1`` instead, which also catches real predictions >= 1, and then multiplies the
    probability by itself).
 
+6. optional, off by default (``min_center_support``, a departure from the paper): in a component with
+   several centers, a center whose group's pixels mostly vote far from it (fewer than
+   ``min_center_support`` of them land within :data:`SUPPORT_RADIUS` of it) is dropped and its pixels
+   regrouped among the others (:func:`supported_centers`). Offsets that do not converge on a second peak of
+   the center map mean that peak cuts an object rather than marks one.
+
 A component without any center becomes one instance scored ``max center x mean probability`` (the
 public default ``val_ignore=False``); with ``ignore_centerless=True`` it is dropped.
 
@@ -60,6 +66,8 @@ __all__ = [
     "instance_peaks",
     "class_components",
     "nearest_center",
+    "supported_centers",
+    "SUPPORT_RADIUS",
     "CLUSTER_MAGNITUDE",
     "CLUSTER_AREA",
     "CLUSTER_MIN_SCORE",
@@ -82,6 +90,8 @@ CLUSTER_AREA = 21
 CLUSTER_MIN_SCORE = 0.05
 #: a clustered center joins existing NMS centers only farther than this (pixels) from all of them
 CLUSTER_MIN_DISTANCE = 100.0
+#: a center's votes count as support within this distance of it (pixels at the network input's scale)
+SUPPORT_RADIUS = 8.0
 #: elements per chunk of the (pixels x centers) distance matrix in nearest-center assignment
 _CHUNK = 1 << 20
 
@@ -283,8 +293,9 @@ def group_component(
     offset: np.ndarray,
     params: GroupingParams,
     scale: float,
+    min_support: float = 0.0,
 ):
-    """Centers and pixel grouping inside one component (steps 2-4 of the module docstring).
+    """Centers and pixel grouping inside one component (steps 2-4 and 6 of the module docstring).
 
     Args:
         scores: ``(h, w)`` float32 center scores of the component's class, already 0 outside ``comp``;
@@ -296,6 +307,8 @@ def group_component(
             (:func:`scaled_grouping`), ``beta`` at the network input's.
         scale: these maps' size over the network input's: the clustering radius (2.5 px) and minimum distance
             (100 px) are scaled by it, its ideal area (21) and tolerance ``beta`` by its square (module docstring).
+        min_support: ``min_center_support`` of :class:`~bestie.params.GroupingParams` (0 = off; self-refinement
+            leaves it off); :data:`SUPPORT_RADIUS` is scaled by ``scale``.
 
     Returns:
         ``(centers, clustered, ys, xs, inst)``: ``(K, 2)`` int64 ``(y, x)`` centers (NMS first, then
@@ -323,7 +336,35 @@ def group_component(
     ly = ys.astype(np.float32) + offset[0, ys, xs]
     lx = xs.astype(np.float32) + offset[1, ys, xs]
     inst = nearest_center(ly, lx, centers)
+    if min_support > 0 and centers.shape[0] > 1:
+        keep = supported_centers(ly, lx, centers, inst, min_support, SUPPORT_RADIUS * scale)
+        if not keep.all():
+            centers, clustered = centers[keep], clustered[keep]
+            inst = nearest_center(ly, lx, centers)
     return centers, clustered, ys, xs, inst
+
+
+def supported_centers(ly: np.ndarray, lx: np.ndarray, centers: np.ndarray, inst: np.ndarray, min_support: float,
+                      radius: float) -> np.ndarray:
+    """Which centers the offsets support (step 6 of the module docstring; a departure from the paper).
+
+    Args:
+        ly, lx: ``(n,)`` float32 votes ``pixel + offset`` (row, column) of the component's pixels.
+        centers: ``(K, 2)`` int64 ``(y, x)`` centers. inst: ``(n,)`` int64 center of each pixel (nearest vote).
+        min_support: share in ``[0, 1]`` of a group's pixels that must vote within ``radius`` of its center.
+        radius: pixels, at the maps' resolution.
+
+    Returns:
+        ``(K,)`` bool: centers whose share reaches ``min_support``; when none does, the best-supported one
+        (first on ties), so a component keeps at least one center.
+    """
+    near = (ly - centers[inst, 0]) ** 2 + (lx - centers[inst, 1]) ** 2 < radius * radius
+    k = centers.shape[0]
+    share = np.bincount(inst, weights=near, minlength=k) / np.maximum(np.bincount(inst, minlength=k), 1)
+    keep = share >= min_support
+    if not keep.any():
+        keep[int(np.argmax(share))] = True
+    return keep
 
 
 def instance_peaks(values: np.ndarray, inst: np.ndarray, k: int) -> np.ndarray:
@@ -437,7 +478,7 @@ def get_instances(
             scores = np.where(comp, ctr[c][win], np.float32(0.0))
             pc = prob[c + 1][win]
             centers, clustered, ys, xs, inst = group_component(
-                scores, comp, off[(slice(None),) + win], params, float(scale)
+                scores, comp, off[(slice(None),) + win], params, float(scale), params.min_center_support
             )
             if ys is None:
                 if not ignore_centerless:

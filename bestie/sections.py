@@ -448,13 +448,18 @@ class InferenceConfig:
     """Settings of BESTIE inference (config section ``instances``, formerly ``inference``; METHOD.md section 4,
     "Inference").
 
-    The first four keys make the :class:`~bestie.params.GroupingParams` of :meth:`grouping_params`.
+    The first five keys make the :class:`~bestie.params.GroupingParams` of :meth:`grouping_params`.
 
     Attributes:
         center_threshold: minimum center-heatmap score of an instance center (0.1).
         nms_kernel: max-pool window of the center NMS, pixels (41).
         beta: center-clustering parameter of low-offset regions (3).
         min_area: predicted class components below this many pixels are dropped (50).
+        min_center_support: in a component with several centers, drop a center when fewer than this share
+            of its group's pixels vote within 8 px (network input scale) of it, and regroup its pixels
+            (0 = off, the paper; :func:`bestie.postprocess.supported_centers`). A departure (issue 15): on
+            coco128-voc the center head fires at several points of one object whose offsets do not
+            converge there, and the cuts cost more than they gain (docs/RESULTS.md, 2026-12-07).
         flip: flip test-time augmentation.
         resize: long side (pixels) of the network input before rounding, or None for the original size. The
             grouping's pixel sizes (``nms_kernel``, ``min_area``, clustering) are then at this scale: scaled by
@@ -471,6 +476,7 @@ class InferenceConfig:
     nms_kernel: int = GroupingParams.nms_kernel
     beta: float = GroupingParams.beta
     min_area: int = GroupingParams.min_area
+    min_center_support: float = GroupingParams.min_center_support
     flip: bool = True
     resize: int | None = None
     size_divisor: int = 32
@@ -483,15 +489,18 @@ class InferenceConfig:
             raise ConfigError(f"instances.nms_kernel must be an odd positive integer, got {self.nms_kernel}")
         if self.min_area < 0:
             raise ConfigError(f"instances.min_area must be >= 0, got {self.min_area}")
+        if not 0.0 <= self.min_center_support <= 1.0:
+            raise ConfigError(f"instances.min_center_support must be in [0, 1], got {self.min_center_support}")
         if self.resize is not None and self.resize < 8:
             raise ConfigError(f"instances.resize must be >= 8 pixels or null, got {self.resize}")
         if self.size_divisor < 1:
             raise ConfigError(f"instances.size_divisor must be >= 1, got {self.size_divisor}")
 
     def grouping_params(self) -> GroupingParams:
-        """``center_threshold``, ``nms_kernel``, ``beta``, ``min_area`` as a :class:`~bestie.params.GroupingParams`."""
+        """``center_threshold``, ``nms_kernel``, ``beta``, ``min_area``, ``min_center_support`` as a
+        :class:`~bestie.params.GroupingParams`."""
         return GroupingParams(center_threshold=self.center_threshold, nms_kernel=self.nms_kernel, beta=self.beta,
-                              min_area=self.min_area)
+                              min_area=self.min_area, min_center_support=self.min_center_support)
 
 
 # ------------------------------------------------------------ export_pseudo_labels

@@ -21,6 +21,7 @@ from bestie.postprocess import (
     group_pixels,
     instance_peaks,
     semantic_argmax,
+    supported_centers,
 )
 from bestie.params import GroupingParams
 from bestie.targets import make_pseudo_instance_labels
@@ -310,3 +311,41 @@ def test_get_instances_at_twice_the_scale_equals_the_upsampled_result():
     np.testing.assert_array_equal(big["labels"], small["labels"])
     np.testing.assert_allclose(big["scores"], small["scores"], rtol=1e-6)
     np.testing.assert_array_equal(big["masks"], small["masks"].repeat(2, axis=1).repeat(2, axis=2))
+
+
+def test_min_center_support_keeps_converging_centers_and_drops_a_peak_without_votes():
+    prob, center, off, bar, sq = make_two_instance_scene()
+    base = get_instances(prob, center, off)
+    # perfect offsets: every pixel votes exactly on its center, so even a 0.9 share keeps both bar instances
+    kept = get_instances(prob, center, off, params=GroupingParams(min_center_support=0.9))
+    np.testing.assert_array_equal(kept["masks"], base["masks"])
+    np.testing.assert_array_equal(kept["scores"], base["scores"])
+    # zero offsets (the head has not learned them): the votes are the pixels themselves, and the two peaks
+    # cut the bar at column 55 (a tie goes to the first center). 193 pixels lie closer than 8 px to a
+    # center, so the left group (cols 10-55, 920 px) has support 193 / 920 = 0.210, the right one (cols
+    # 56-109, 1080 px) 193 / 1080 = 0.179
+    zero = np.zeros_like(off)
+    cut = get_instances(prob, center, zero, return_sources=True)
+    assert cut["masks"].shape[0] == 3
+    whole = get_instances(prob, center, zero, params=GroupingParams(min_center_support=0.2), return_sources=True)
+    np.testing.assert_array_equal(whole["labels"], [0, 1])
+    np.testing.assert_array_equal(whole["masks"][1], bar)
+    np.testing.assert_array_equal(whole["sources"], [SOURCE_CENTER, SOURCE_CENTER])
+    exp = 0.9 * (50 * 20 * 0.8 + 50 * 20 * 0.6) / (100 * 20)  # the kept center's score x the bar's mean prob
+    np.testing.assert_allclose(whole["scores"][1], exp, rtol=1e-6)
+    # at 0.17 both shares pass and the cut stays
+    part = get_instances(prob, center, zero, params=GroupingParams(min_center_support=0.17))
+    np.testing.assert_array_equal(part["masks"], cut["masks"])
+
+
+def test_supported_centers_shares_radius_and_fallback():
+    centers = np.array([[0, 0], [0, 20]], np.int64)
+    ly = np.zeros(6, np.float32)
+    lx = np.array([0, 1, 9, 20, 30, 40], np.float32)  # group 0: x 0, 1, 9; group 1: x 20, 30, 40
+    inst = np.array([0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(supported_centers(ly, lx, centers, inst, 0.5, 8.0), [True, False])  # 2/3, 1/3
+    np.testing.assert_array_equal(supported_centers(ly, lx, centers, inst, 0.5, 16.0), [True, True])  # 1, 2/3
+    # none reaches the share: the best-supported center stays
+    np.testing.assert_array_equal(supported_centers(ly, lx, centers, inst, 0.9, 8.0), [True, False])
+    with pytest.raises(ConfigError):
+        GroupingParams(min_center_support=1.5)
