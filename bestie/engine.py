@@ -37,6 +37,7 @@ from bestie.errors import ArtifactError, ConfigError, TrainingError
 
 __all__ = [
     "DistInfo",
+    "resolve_device",
     "init_distributed",
     "unwrap_model",
     "seed_everything",
@@ -82,6 +83,31 @@ class DistInfo:
         return self.rank == 0
 
 
+def resolve_device(device: str | torch.device | None, who: str = "bestie") -> torch.device:
+    """The device a stage runs on: ``device`` when given, else ``cuda`` when CUDA is available, else ``cpu``.
+
+    Args:
+        device: ``None`` / ``""`` (choose), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, or a ``torch.device``.
+        who: the stage, named in the errors.
+
+    Raises:
+        ConfigError: an unparsable or unsupported device, ``cuda`` without CUDA, or a GPU index that does
+            not exist here.
+    """
+    try:
+        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"{who}: bad device {device!r} (use cpu, cuda or cuda:N): {exc}") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{who}: device {device!r} requested but CUDA is not available here")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{who}: device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
+    elif dev.type != "cpu":
+        raise ConfigError(f"{who}: unsupported device {device!r} (use cpu, cuda or cuda:N)")
+    return dev
+
+
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Initialise ``torch.distributed`` when launched by ``torchrun``, else describe a single process.
 
@@ -106,9 +132,7 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
         if not _dist_ready():
             torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
         return DistInfo(rank, world, local, dev, True)
-    if want is None:
-        want = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return DistInfo(0, 1, 0, want, False)
+    return DistInfo(0, 1, 0, resolve_device(want, "init_distributed"), False)
 
 
 def _dist_ready() -> bool:

@@ -505,3 +505,22 @@ def test_sigkill_under_snakemake_keeps_the_log_and_resumes_to_the_same_weights(t
     b = torch.load(k / "pam.pt", map_location="cpu", weights_only=True)
     assert a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+
+
+def test_resolve_device_choices_and_errors():
+    from bestie.engine import resolve_device
+    from bestie.errors import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("") == resolve_device(None)
+    with pytest.raises(ConfigError, match="evaluate: unsupported device 'meta'"):
+        resolve_device("meta", "evaluate")
+    with pytest.raises(ConfigError, match="predict: bad device 'gpu0'"):
+        resolve_device("gpu0", "predict")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="make_cams: device 'cuda' requested but CUDA is not available"):
+            resolve_device("cuda", "make_cams")
+    else:
+        with pytest.raises(ConfigError, match="GPU"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}", "make_cams")

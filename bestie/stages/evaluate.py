@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bestie.engine import resolve_device
 from bestie.errors import ConfigError, DataError
 from bestie.data import eval_dataset_cfg
 from bestie.evaluation.coco import build_coco_gt, coco_subset, pr_curves
@@ -91,7 +92,7 @@ def run(
         from bestie.data import build_dataset
 
         dataset = build_dataset(eval_dataset_cfg(dataset_cfg, split), split=split)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device, "evaluate")
     model, extra = load_maskrcnn(checkpoint, score_threshold=cfg.score_threshold, max_dets=cfg.max_dets)
     if list(extra.get("class_names", [])) != list(dataset.class_names):
         raise ConfigError(

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from bestie.config import to_dict
+from bestie.engine import resolve_device
 from bestie.errors import ArtifactError, ConfigError
 from bestie.report.units import percent
 from bestie.sections import CamConfig  # noqa: F401 (the stage's config section)
@@ -203,7 +204,7 @@ def run(cfg: CamConfig, dataset_cfg: Mapping[str, Any], checkpoint: Path | Seque
     from bestie.peaks import extract_peaks
 
     t0 = time.time()
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device, "make_cams")
     paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(c) for c in checkpoint]
     if not paths:
         raise ArtifactError("make_cams: no classifier checkpoint given")

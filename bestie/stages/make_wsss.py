@@ -343,7 +343,9 @@ def _run_affinity(cfg: WsssConfig, ds, reader, cams_h5: Path, writer, png_dir, s
     from bestie.wsss.affinity import AffinityNet, affinity_scores, load_affinity_checkpoint, save_affinity_checkpoint
     from bestie.wsss.crf import dense_crf
 
-    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from bestie.engine import resolve_device
+
+    dev = resolve_device(device, "make_wsss")
     torch.manual_seed(cfg.seed)
     backbone = create_backbone(cfg.affinity_backbone, cfg.affinity_weights)
     net = AffinityNet(backbone, stride=cfg.affinity_stride).to(dev)

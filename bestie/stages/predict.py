@@ -66,6 +66,7 @@ import cv2
 import numpy as np
 import torch
 
+from bestie.engine import resolve_device
 from bestie.errors import ArtifactError, ConfigError, DataError
 from bestie.sections import PredictConfig  # noqa: F401 (the stage's config section)
 
@@ -264,21 +265,6 @@ class _BestiePredictor(_Predictor):
         return out
 
 
-def _device(device: str | None) -> torch.device:
-    try:
-        dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"predict: bad device {device!r} (use cpu, cuda or cuda:N): {exc}") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"predict: device {device!r} requested but CUDA is not available here")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"predict: device {device!r} requested but only {torch.cuda.device_count()} GPU(s) exist")
-    elif dev.type != "cpu":
-        raise ConfigError(f"predict: unsupported device {device!r} (use cpu, cuda or cuda:N)")
-    return dev
-
-
 def load_predictor(checkpoint: str | os.PathLike, cfg: PredictConfig, device: str | None = None) -> _Predictor:
     """Load a BESTIE or Mask R-CNN checkpoint of this pipeline for prediction.
 
@@ -298,7 +284,7 @@ def load_predictor(checkpoint: str | os.PathLike, cfg: PredictConfig, device: st
     from bestie.engine import read_checkpoint
 
     path = Path(checkpoint)
-    dev = _device(device)
+    dev = resolve_device(device, "predict")
     state = read_checkpoint(path)
     extra = dict(state.get("extra") or {})
     kind = extra.get("kind")

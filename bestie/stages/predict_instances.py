@@ -32,9 +32,8 @@ import logging
 import os
 from typing import Any, Mapping
 
-import torch
-
 from bestie.config import to_dict
+from bestie.engine import resolve_device
 from bestie.errors import ConfigError
 # the stage's library, re-exported for the callers of this module (train_bestie, predict, benchmarks, tests)
 from bestie.inference import (  # noqa: F401
@@ -105,7 +104,7 @@ def run(
     from bestie.io.atomic import write_json_atomic
     from bestie.io.h5store import H5Writer
 
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device, "predict_instances")
     cfg = _image_labels_for_split(cfg, dataset_cfg, split)
     dataset = build_dataset(dataset_cfg, split)
     model, extra = load_bestie_model(checkpoint, dev)
