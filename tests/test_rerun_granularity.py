@@ -46,7 +46,7 @@ class AllBut(tuple):
 
 
 ALL = AllBut()
-_GROUPING = ("center_threshold", "nms_kernel", "beta", "min_area")
+_GROUPING = ("center_threshold", "nms_kernel", "beta", "min_area", "min_center_support")
 
 #: rule -> {section: the keys its stage reads}; "classifier_{kind}" is the job's own classifier section.
 #: The `check` rule reads its stage keys (bestie.check.CHECKED_KEYS) from its command line, not its params,

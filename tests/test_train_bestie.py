@@ -547,14 +547,14 @@ def test_validation_and_probe_group_with_the_instances_grouping(inputs, tmp_path
     cfg = _tiny_cfg(max_iters=2, val_every=2, val_max_images=1, checkpoint_every=10, nms_kernel=7, beta=2.0)
     shares = {}
     for name, grouping in (("default", None), ("zero", GroupingParams(center_threshold=0.0, nms_kernel=5, beta=1.5,
-                                                                       min_area=3))):
+                                                                       min_area=3, min_center_support=0.2))):
         ckpt, log = tmp_path / name / "model.pt", tmp_path / name / "log.jsonl"
         summary = tb.run(cfg, ds_cfg, wsss, points, ckpt, log, device="cpu", grouping=grouping)
         expected = GroupingParams() if grouping is None else grouping
         assert _state(ckpt)["extra"]["inference"] == {
             "center_threshold": expected.center_threshold, "nms_kernel": expected.nms_kernel, "beta": expected.beta,
-            "min_area": expected.min_area, "flip": cfg.val_flip, "resize": None, "size_divisor": 32,
-            "image_labels": False}
+            "min_area": expected.min_area, "min_center_support": expected.min_center_support, "flip": cfg.val_flip,
+            "resize": None, "size_divisor": 32, "image_labels": False}
         assert [r["iteration"] for r in _records(log) if r["event"] == "val"] == [2]
         shares[name] = summary["probe"]["probe_peak_share"]
     # a fresh centre head scores about 0 (either sign) at every peak: none reaches the default 0.1, most reach 0.0
