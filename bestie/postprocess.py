@@ -293,7 +293,6 @@ def group_component(
     offset: np.ndarray,
     params: GroupingParams,
     scale: float,
-    min_support: float = 0.0,
 ):
     """Centers and pixel grouping inside one component (steps 2-4 and 6 of the module docstring).
 
@@ -306,9 +305,9 @@ def group_component(
             the caller's: it selects the components); ``nms_kernel`` already at this resolution
             (:func:`scaled_grouping`), ``beta`` at the network input's.
         scale: these maps' size over the network input's: the clustering radius (2.5 px) and minimum distance
-            (100 px) are scaled by it, its ideal area (21) and tolerance ``beta`` by its square (module docstring).
-        min_support: ``min_center_support`` of :class:`~bestie.params.GroupingParams` (0 = off; self-refinement
-            leaves it off); :data:`SUPPORT_RADIUS` is scaled by ``scale``.
+            (100 px) are scaled by it, its ideal area (21) and tolerance ``beta`` by its square (module docstring),
+            and so is :data:`SUPPORT_RADIUS` of ``params.min_center_support`` (0 = off; self-refinement's
+            grouping leaves it off).
 
     Returns:
         ``(centers, clustered, ys, xs, inst)``: ``(K, 2)`` int64 ``(y, x)`` centers (NMS first, then
@@ -336,8 +335,8 @@ def group_component(
     ly = ys.astype(np.float32) + offset[0, ys, xs]
     lx = xs.astype(np.float32) + offset[1, ys, xs]
     inst = nearest_center(ly, lx, centers)
-    if min_support > 0 and centers.shape[0] > 1:
-        keep = supported_centers(ly, lx, centers, inst, min_support, SUPPORT_RADIUS * scale)
+    if params.min_center_support > 0 and centers.shape[0] > 1:
+        keep = supported_centers(ly, lx, centers, inst, params.min_center_support, SUPPORT_RADIUS * scale)
         if not keep.all():
             centers, clustered = centers[keep], clustered[keep]
             inst = nearest_center(ly, lx, centers)
@@ -478,7 +477,7 @@ def get_instances(
             scores = np.where(comp, ctr[c][win], np.float32(0.0))
             pc = prob[c + 1][win]
             centers, clustered, ys, xs, inst = group_component(
-                scores, comp, off[(slice(None),) + win], params, float(scale), params.min_center_support
+                scores, comp, off[(slice(None),) + win], params, float(scale)
             )
             if ys is None:
                 if not ignore_centerless:

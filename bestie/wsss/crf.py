@@ -321,8 +321,7 @@ def seed_map(
     """
     if mode not in ("raw", "crf"):
         raise ConfigError(f"seed mode must be 'raw' or 'crf', got {mode!r}")
-    if not 0.0 <= bg_seed <= fg_seed:
-        raise ConfigError(f"seed thresholds need 0 <= bg_seed <= fg_seed, got bg_seed={bg_seed}, fg_seed={fg_seed}")
+    _check_seed_thresholds(fg_seed, bg_seed)
     if image is not None:
         image = _check_image(image, "seed_map")
     cams, classes_arr = check_wsss_inputs(image, cams, classes, "seed_map")
@@ -345,6 +344,11 @@ def seed_map(
     seeds[(f_idx == 0) & (b_idx == 0)] = 0
     seeds[f_idx > 0] = keys[f_idx[f_idx > 0]]
     return seeds
+
+
+def _check_seed_thresholds(fg_seed: float, bg_seed: float) -> None:
+    if not 0.0 <= bg_seed <= fg_seed:
+        raise ConfigError(f"seed thresholds need 0 <= bg_seed <= fg_seed, got bg_seed={bg_seed}, fg_seed={fg_seed}")
 
 
 def mark_uncertain(labels: np.ndarray, seeds: np.ndarray) -> np.ndarray:
@@ -389,11 +393,11 @@ def cams_to_wsss(
 
     Pixels that are no seed keep the step-2 label. With ``fg_seed`` / ``bg_seed`` None, no pixel becomes
     255. A foreground seed must score above the background threshold and a background seed below it: the
-    thresholds used are ``max(fg_seed, bg_threshold)`` and ``min(bg_seed, bg_threshold)``. (IRN's 0.30 lies above its background score 0.16; with a higher
-    ``bg_threshold``, e.g. an ``"auto"`` 0.75 on the demo, every pixel with ``0.30 < max CAM <= 0.75``
-    would be a foreground seed that the argmax calls background, hence 255: 48 % of the demo's pixels,
-    where BESTIE's semantic head then learned no background and predicted foreground. Measured
-    2026-12-07, docs/RESULTS.md.)
+    thresholds used are ``max(fg_seed, bg_threshold)`` and ``min(bg_seed, bg_threshold)``. (IRN's 0.30 lies
+    above its background score 0.16. With a higher ``bg_threshold``, e.g. an ``"auto"`` 0.75 on the demo,
+    every pixel with ``0.30 < max CAM <= 0.75`` would be a foreground seed that the argmax calls
+    background, hence 255: 48 % of the demo's pixels, where BESTIE's semantic head then learned no
+    background and predicted foreground. Measured 2026-12-07, docs/RESULTS.md.)
 
     Args:
         image: ``(H, W, 3)`` uint8 RGB image.
@@ -421,8 +425,8 @@ def cams_to_wsss(
     cams, classes_arr = check_wsss_inputs(image, cams, classes)
     if not 0.0 <= float(bg_threshold) <= 1.0:
         raise ConfigError(f"bg_threshold must be in [0, 1], got {bg_threshold!r}")
-    if fg_seed is not None and bg_seed is not None and not 0.0 <= bg_seed <= fg_seed:
-        raise ConfigError(f"seed thresholds need 0 <= bg_seed <= fg_seed, got bg_seed={bg_seed}, fg_seed={fg_seed}")
+    if fg_seed is not None and bg_seed is not None:
+        _check_seed_thresholds(fg_seed, bg_seed)  # before the CRF, not after it in seed_map
     height, width = image.shape[:2]
     if cams.shape[0] == 0:
         dense = np.zeros((height, width), np.uint8)
