@@ -350,6 +350,9 @@ class BestieConfig:
         log_every: iterations between ``train`` log records.
         probe_images: crops of the learning probe (:mod:`bestie.probe`) measured at every ``train`` log
             record and at the end (0 = off).
+        probe_final_images: the end record's second probe (``probe_final``): one crop of each of this many
+            training images, spread evenly (all of them when the set is smaller; 0 = off). The few crops of
+            ``probe_images`` hold a handful of peaks, too few to judge a head by (issue 15).
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with a GradScaler); ignored on CPU.
     """
 
@@ -399,6 +402,7 @@ class BestieConfig:
     val_flip: bool = False
     log_every: int = 20
     probe_images: int = 8
+    probe_final_images: int = 1000
     amp: bool = True
 
     def __post_init__(self) -> None:
@@ -417,6 +421,7 @@ class BestieConfig:
             (self.val_every >= 0, f"bestie.val_every must be >= 0, got {self.val_every}"),
             (self.log_every >= 1, f"bestie.log_every must be >= 1, got {self.log_every}"),
             (self.probe_images >= 0, f"bestie.probe_images must be >= 0, got {self.probe_images}"),
+            (self.probe_final_images >= 0, f"bestie.probe_final_images must be >= 0, got {self.probe_final_images}"),
             (self.center_support_weight >= 1.0,
              f"bestie.center_support_weight must be >= 1, got {self.center_support_weight}"),
             (self.num_workers >= 0, f"bestie.num_workers must be >= 0, got {self.num_workers}"),

@@ -9,7 +9,7 @@ import torch
 from bestie.errors import ConfigError
 from bestie.losses import BestieLoss
 from bestie.params import GroupingParams
-from bestie.probe import PROBE_EPOCH, peak_scores, probe_keys, probe_metrics
+from bestie.probe import PROBE_EPOCH, peak_scores, probe_keys, probe_metrics, probe_over_dataset
 from bestie.targets import make_pseudo_instance_labels
 
 INF = dict(grouping=GroupingParams(center_threshold=0.1, nms_kernel=41, beta=3.0, min_area=50))
@@ -73,3 +73,50 @@ def test_probe_keys_spread_and_errors():
     assert probe_keys(3, 8) == [(i, PROBE_EPOCH) for i in (0, 1, 2)]
     with pytest.raises(ConfigError):
         probe_keys(5, 0)
+
+
+class _Crops:
+    """Probe samples by key: sample ``k`` is the hand-made scene; its image carries ``k`` so that the fake
+    network below can tell the crops apart."""
+
+    def __init__(self, n: int):
+        batch, self.logits = scene()
+        self.target = {k: v[0] for k, v in batch.items()}
+        self.n = n
+
+    def __getitem__(self, key):
+        i = key[0]
+        return {"image": torch.full((3, 64, 96), float(i)), "semantic": torch.zeros(64, 96, dtype=torch.long),
+                **self.target}
+
+
+def test_probe_over_dataset_adds_up_over_batches():
+    """Crops 0 and 2 predicted perfectly, crop 1 all zero: the pooled figures by hand, and the same for any
+    batch size (the totals of probe_sums add up, they are not averaged per batch)."""
+    crops = _Crops(3)
+    loss = BestieLoss()
+
+    def forward(image):
+        n = image.shape[0]
+        good = (image[:, 0, 0, 0] != 1).float().view(n, 1, 1, 1)
+        return {"seg": crops.logits.expand(n, -1, -1, -1), "center": good * crops.target["center"][None],
+                "offset": crops.target["offset"][None].expand(n, -1, -1, -1)}
+
+    keys = probe_keys(3, 3)
+    figs = [probe_over_dataset(forward, crops, keys, loss.center_term, batch_size=b, **INF) for b in (1, 2, 3)]
+    assert figs[0] == pytest.approx(figs[1]) and figs[0] == pytest.approx(figs[2])
+    f = figs[0]
+    one = probe_metrics({"seg": crops.logits, "center": torch.zeros(1, 2, 64, 96),
+                         "offset": crops.target["offset"][None]}, {k: v[None] for k, v in crops.target.items()},
+                        loss.center_term, **INF)
+    assert f["probe_crops"] == 3 and f["probe_peaks"] == 6
+    assert f["probe_peak_score"] == pytest.approx(4 / 6) and f["probe_peak_share"] == pytest.approx(4 / 6)
+    # every crop has the same weighted pixels, so the pooled MSEs are the means over the crops
+    assert f["probe_center_mse_zero"] == pytest.approx(one["probe_center_mse_zero"], rel=1e-6)
+    assert f["probe_center_mse"] == pytest.approx(one["probe_center_mse_zero"] / 3, rel=1e-6)
+    # perfect centres and offsets: both instances from centres; all-zero centres: both from the fallback
+    assert f["probe_instances"] == 6 and f["probe_center_instance_share"] == pytest.approx(4 / 6)
+    with pytest.raises(ConfigError):
+        probe_over_dataset(forward, crops, [], loss.center_term, **INF)
+    with pytest.raises(ConfigError):
+        probe_over_dataset(forward, crops, keys, loss.center_term, batch_size=0, **INF)

@@ -351,6 +351,12 @@ def test_inert_refinement_is_logged_and_warned(inputs, tmp_path: Path, caplog: p
     assert train[0]["probe_peak_score"] == pytest.approx(0.0, abs=0.05)
     assert train[0]["probe_center_mse"] == pytest.approx(train[0]["probe_center_mse_zero"], rel=0.1)
     assert _records(log)[-1]["probe"] == summary["probe"]
+    # the end record's second probe reads one crop of every training image (fewer than probe_final_images)
+    final = summary["probe_final"]
+    assert final["probe_crops"] == len(build_dataset(ds_cfg, "train").ids)
+    assert final["probe_peaks"] >= summary["probe"]["probe_peaks"] > 0
+    assert final["probe_center_mse"] == pytest.approx(final["probe_center_mse_zero"], rel=0.1)
+    assert _records(log)[-1]["probe_final"] == final
 
 
 def test_predict_instances_stage(inputs, tmp_path: Path) -> None:

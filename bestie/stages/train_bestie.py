@@ -58,7 +58,7 @@ _DIAGNOSTIC_KEYS = {"refined", "refined_pixel_share"}
 
 # Config keys that may change between a killed run and its resumption without changing the result.
 _RESUME_FREE_KEYS = {"num_workers", "checkpoint_every", "log_every", "val_every", "val_max_images", "val_split",
-                     "probe_images"}
+                     "probe_images", "probe_final_images"}
 
 
 def best_checkpoint_path(out_checkpoint: str | os.PathLike) -> Path:
@@ -215,6 +215,27 @@ def _run_probe(model: torch.nn.Module, probe: Mapping[str, torch.Tensor] | None,
     return probe_metrics(out, probe, loss_fn.center_term, grouping=grouping)
 
 
+def _run_final_probe(model: torch.nn.Module, train_ds: Any, cfg: BestieConfig, loss_fn: Any, device: torch.device,
+                     grouping: GroupingParams) -> dict[str, Any] | None:
+    """The end record's ``probe_final``: the probe over one crop of each of ``cfg.probe_final_images`` training
+    images (:func:`bestie.probe.probe_over_dataset`), in eval mode, batches of ``max(probe_images, 1)``;
+    None when off."""
+    if not cfg.probe_final_images:
+        return None
+    from bestie.instance_data import DenseTargets
+    from bestie.probe import probe_keys, probe_over_dataset
+
+    net = engine.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    try:
+        return probe_over_dataset(lambda image: net(image.to(device)), DenseTargets(train_ds),
+                                  probe_keys(len(train_ds), cfg.probe_final_images), loss_fn.center_term,
+                                  grouping=grouping, batch_size=max(cfg.probe_images, 1))
+    finally:
+        net.train(was_training)
+
+
 def _build_val(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], jlog: engine.JsonLog) -> Any:
     """The validation dataset, or None (no val split, or it cannot be built: logged, training goes on)."""
     if cfg.val_split is None:
@@ -368,6 +389,8 @@ def _train(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], wsss_h5: Any, poin
     bar.close()
     validate(cfg.max_iters)
     summary = records.summary(start_iter, out_checkpoint, best, train_ds.num_skipped_empty)
+    if dist.is_main:
+        summary["probe_final"] = _run_final_probe(ddp_model, train_ds, cfg, loss_fn, dev, grouping)
     trainer.finish(dist, jlog, out_checkpoint, model, cfg.max_iters, {**extra_base, "kind": "last", "best": best},
                    {"event": "end", **summary})
     return summary
