@@ -35,6 +35,7 @@ All checkpoints are :func:`bestie.engine.save_checkpoint` files whose ``extra`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -196,6 +197,18 @@ def _make_loss(cfg: BestieConfig) -> torch.nn.Module:
                       center_support_weight=cfg.center_support_weight)
 
 
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """The unwrapped network in eval mode for the ``with`` block, its previous mode restored after."""
+    net = engine.unwrap_model(model)
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
 @torch.no_grad()
 def _run_probe(model: torch.nn.Module, probe: Mapping[str, torch.Tensor] | None, loss_fn: Any,
                device: torch.device, grouping: GroupingParams) -> dict[str, Any]:
@@ -205,13 +218,8 @@ def _run_probe(model: torch.nn.Module, probe: Mapping[str, torch.Tensor] | None,
         return {}
     from bestie.probe import probe_metrics
 
-    net = engine.unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    try:
+    with _eval_mode(model) as net:
         out = net(probe["image"].to(device))
-    finally:
-        net.train(was_training)
     return probe_metrics(out, probe, loss_fn.center_term, grouping=grouping)
 
 
@@ -225,15 +233,10 @@ def _run_final_probe(model: torch.nn.Module, train_ds: Any, cfg: BestieConfig, l
     from bestie.instance_data import DenseTargets
     from bestie.probe import probe_keys, probe_over_dataset
 
-    net = engine.unwrap_model(model)
-    was_training = net.training
-    net.eval()
-    try:
+    with _eval_mode(model) as net:
         return probe_over_dataset(lambda image: net(image.to(device)), DenseTargets(train_ds),
                                   probe_keys(len(train_ds), cfg.probe_final_images), loss_fn.center_term,
                                   grouping=grouping, batch_size=max(cfg.probe_images, 1))
-    finally:
-        net.train(was_training)
 
 
 def _build_val(cfg: BestieConfig, dataset_cfg: Mapping[str, Any], jlog: engine.JsonLog) -> Any:
