@@ -208,8 +208,8 @@ def evaluate_model(
         ``{"num_images", "num_images_with_gt", "num_instances", "mAP25", "mAP50", "mAP70", "mAP75"
         (None without GT), "voc": the evaluator's full result or None, "semantic_drift": float or None,
         "semantic_drift_pixels": [background, total], "seconds_per_image", "instances_by_source":
-        {"center", "cluster", "fallback"} counts, "center_instance_share": share in [0, 1] of instances
-        not from the centre-less fallback (None without instances)}``.
+        {"center", "cluster", "fallback"} counts, "median_area_by_source", "center_instance_share": see
+        :func:`instance_source_summary`}``.
     """
     from bestie.evaluation.voc import VOCInstanceEvaluator
     from bestie.progress import progress as progress_bar
@@ -218,7 +218,8 @@ def evaluate_model(
     id_list = list(dataset.ids if ids is None else ids)
     drift_bg = drift_total = 0
     n_gt = n_inst = 0
-    n_source = np.zeros(3, dtype=np.int64)  # instances from a center / a clustered center / the fallback
+    sources: list[np.ndarray] = []  # per image: (N,) int8 source of each instance
+    areas: list[np.ndarray] = []  # per image: (N,) int64 mask area in pixels
     was_training = model.training
     model.eval()
     t0 = time.time()
@@ -229,7 +230,8 @@ def evaluate_model(
             maps = predict_maps(model, image, mean, std, cfg, device, labels)
             inst = _instances_from_maps(maps, cfg)
             n_inst += int(inst["labels"].shape[0])
-            n_source += np.bincount(inst["sources"].astype(np.int64), minlength=3)[:3]
+            sources.append(inst["sources"])
+            areas.append(inst["masks"].reshape(inst["masks"].shape[0], -1).sum(axis=1))
             if writer is not None:
                 writer.write(img_id, masks=inst["masks"], labels=inst["labels"], scores=inst["scores"])
                 writer.set_attrs(img_id, image_size=tuple(image.shape[:2]))
@@ -257,11 +259,47 @@ def evaluate_model(
     result["voc"] = voc
     result["semantic_drift"] = drift_bg / drift_total if drift_total else None
     result["semantic_drift_pixels"] = [drift_bg, drift_total]
-    result["instances_by_source"] = {"center": int(n_source[0]), "cluster": int(n_source[1]),
-                                     "fallback": int(n_source[2])}
-    # the share of predicted instances the center head made (NMS or clustered centers, not the fallback)
-    result["center_instance_share"] = (float(n_source[:2].sum() / n_inst) if n_inst else None)
+    result.update(instance_source_summary(np.concatenate(sources) if sources else np.zeros(0, np.int8),
+                                          np.concatenate(areas) if areas else np.zeros(0, np.int64)))
     return result
+
+
+def instance_source_summary(sources: np.ndarray, areas: np.ndarray) -> dict[str, Any]:
+    """Count predicted instances by where they came from, with the median mask area of each kind.
+
+    The share from centres alone can mislead: on coco128-voc most fallback instances are small fragments of the
+    semantic map that score below the export threshold, while the instances from centres are whole objects or
+    merged WSSS blobs (docs/RESULTS.md, 2026-12-07 session 15). The areas tell the two apart.
+
+    Args:
+        sources: ``(N,)`` integer source of each instance: :data:`bestie.postprocess.SOURCE_CENTER` (0),
+            ``SOURCE_CLUSTER`` (1) or ``SOURCE_FALLBACK`` (2).
+        areas: ``(N,)`` mask area of each instance in pixels (of the image it was predicted on).
+
+    Returns:
+        ``{"instances_by_source": {"center", "cluster", "fallback"}: int counts,
+        "median_area_by_source": the same keys: median area in pixels (float) or None where there is none,
+        "center_instance_share": share in [0, 1] of instances not from the centre-less fallback (None for N = 0)}``.
+
+    Raises:
+        DataError: ``sources`` and ``areas`` differ in length, or a source is not 0, 1 or 2.
+    """
+    from bestie.postprocess import SOURCE_CENTER, SOURCE_CLUSTER, SOURCE_FALLBACK
+
+    sources = np.asarray(sources).reshape(-1)
+    areas = np.asarray(areas).reshape(-1)
+    if sources.shape != areas.shape:
+        raise DataError(f"instance_source_summary: {sources.size} sources but {areas.size} areas")
+    names = {"center": SOURCE_CENTER, "cluster": SOURCE_CLUSTER, "fallback": SOURCE_FALLBACK}
+    if not np.isin(sources, list(names.values())).all():
+        unknown = sorted(set(sources.tolist()) - set(names.values()))
+        raise DataError(f"instance_source_summary: unknown source values {unknown} (expected 0, 1 or 2)")
+    counts = {k: int((sources == v).sum()) for k, v in names.items()}
+    medians = {k: (float(np.median(areas[sources == v])) if counts[k] else None) for k, v in names.items()}
+    n = int(sources.size)
+    return {"instances_by_source": counts, "median_area_by_source": medians,
+            # the share of predicted instances the center head made (NMS or clustered centers, not the fallback)
+            "center_instance_share": (counts["center"] + counts["cluster"]) / n if n else None}
 
 
 def load_bestie_model(

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bestie.errors import ConfigError, DataError
+from bestie.inference import instance_source_summary
 from bestie.models.instance import BestieNet, build_bestie_net, convert_sync_batchnorm, upsample_outputs
 from bestie.stages.predict_instances import (
     InferenceConfig,
@@ -224,6 +225,20 @@ def test_semantic_drift_hand_checked() -> None:
     assert semantic_drift(sem, masks) == (3, 7)
     with pytest.raises(DataError):
         semantic_drift(sem[:2], masks)
+
+
+def test_instance_source_summary_hand_checked() -> None:
+    # sources 0 center, 1 cluster, 2 fallback; areas in pixels
+    out = instance_source_summary(np.array([0, 2, 0, 2, 2, 0], np.int8), np.array([900, 10, 500, 30, 20, 700]))
+    assert out["instances_by_source"] == {"center": 3, "cluster": 0, "fallback": 3}
+    assert out["median_area_by_source"] == {"center": 700.0, "cluster": None, "fallback": 20.0}
+    assert out["center_instance_share"] == 0.5
+    empty = instance_source_summary(np.zeros(0, np.int8), np.zeros(0, np.int64))
+    assert empty["center_instance_share"] is None and empty["median_area_by_source"]["center"] is None
+    with pytest.raises(DataError, match="areas"):
+        instance_source_summary(np.array([0, 1]), np.array([5]))
+    with pytest.raises(DataError, match=r"unknown source values \[3\]"):
+        instance_source_summary(np.array([0, 3]), np.array([5, 6]))
 
 
 def test_center_agnostic_one_channel_broadcast_and_rebuilt_from_config() -> None:

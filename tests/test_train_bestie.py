@@ -380,6 +380,9 @@ def test_predict_instances_stage(inputs, tmp_path: Path) -> None:
     if metrics["num_instances"]:
         exp = (by_source["center"] + by_source["cluster"]) / metrics["num_instances"]
         assert metrics["center_instance_share"] == pytest.approx(exp)
+    for key, n in by_source.items():  # a median area wherever there is an instance of that source
+        area = metrics["median_area_by_source"][key]
+        assert (area is None) == (n == 0) and (area is None or 0 < area <= 64 * 64)
     assert 0.0 <= metrics["semantic_drift"] <= 1.0 and metrics["mAP50"] is not None
     with H5Reader(out_h5) as r:
         assert len(r.ids()) == 2

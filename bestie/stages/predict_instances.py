@@ -131,7 +131,9 @@ def run(
     write_json_atomic(out_metrics_json, metrics)
     from bestie.report.units import percent
 
-    log.info("predict_instances %s: %d images, %d instances (%s %% from centres), mAP50 %s, semantic drift %s %%",
+    areas = metrics["median_area_by_source"]
+    log.info("predict_instances %s: %d images, %d instances (%s %% from centres; median area %s px from centres, "
+             "%s px from the fallback), mAP50 %s, semantic drift %s %%",
              split, metrics["num_images"], metrics["num_instances"], percent(metrics["center_instance_share"]),
-             percent(metrics["mAP50"]), percent(metrics["semantic_drift"]))
+             areas["center"], areas["fallback"], percent(metrics["mAP50"]), percent(metrics["semantic_drift"]))
     return metrics
