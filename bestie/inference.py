@@ -231,7 +231,7 @@ def evaluate_model(
             inst = _instances_from_maps(maps, cfg)
             n_inst += int(inst["labels"].shape[0])
             sources.append(inst["sources"])
-            areas.append(inst["masks"].reshape(inst["masks"].shape[0], -1).sum(axis=1))
+            areas.append(inst["masks"].sum(axis=(-2, -1)).reshape(-1))
             if writer is not None:
                 writer.write(img_id, masks=inst["masks"], labels=inst["labels"], scores=inst["scores"])
                 writer.set_attrs(img_id, image_size=tuple(image.shape[:2]))

@@ -384,6 +384,17 @@ def test_predict_instances_stage(inputs, tmp_path: Path) -> None:
         area = metrics["median_area_by_source"][key]
         assert (area is None) == (n == 0) and (area is None or 0 < area <= 64 * 64)
     assert 0.0 <= metrics["semantic_drift"] <= 1.0 and metrics["mAP50"] is not None
+    # a network that predicts background everywhere: no instance on any image, the summary's figures None
+    with torch.no_grad():
+        net.heads["seg"].out.weight.zero_()
+        net.heads["seg"].out.bias.copy_(torch.tensor([10.0, 0.0, 0.0, 0.0]))
+    ckpt_bg = tmp_path / "bg.pt"
+    engine.save_checkpoint(ckpt_bg, net, iteration=0, extra={"model_config": net.config, "mean": list(net.mean),
+                                                             "std": list(net.std), "kind": "last"})
+    m_bg = run(InferenceConfig(min_area=5), ds_cfg, "val", ckpt_bg, tmp_path / "bg.h5", tmp_path / "bg.json",
+               device="cpu")
+    assert m_bg["num_instances"] == 0 and m_bg["center_instance_share"] is None
+    assert m_bg["median_area_by_source"] == {"center": None, "cluster": None, "fallback": None}
     with H5Reader(out_h5) as r:
         assert len(r.ids()) == 2
         arr = r.read(r.ids()[0])
