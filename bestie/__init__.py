@@ -6,3 +6,7 @@ evaluation) as a plain Python function, a ``bestie <stage>`` subcommand and a Sn
 """
 
 __version__ = "0.1.0"
+
+# imported first, before any stage opens a file: it notes what descriptor 3 is at start (the workflow's
+# terminal, or nothing), so progress lines never go to a file that later took that number
+from bestie import progress as _progress  # noqa: E402,F401

@@ -55,20 +55,34 @@ RULE_ENV = "BESTIE_RULE"
 TERMINAL_FD = 3
 
 
+def _identity(fd: int) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of what descriptor ``fd`` refers to, or ``None`` when it is not open."""
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+#: what descriptor 3 referred to when this module was first imported (``bestie/__init__.py`` imports it,
+#: so before any stage opens a file). When the launcher did not open descriptor 3 (a rule's command run by
+#: hand without ``3>&2``, an executor that closes it), the first file a stage opens gets the number 3; it
+#: must not receive progress lines (they would corrupt an artifact such as the training's JSONL log).
+_TERMINAL_AT_IMPORT = _identity(TERMINAL_FD)
+
+
 def terminal_fd() -> int | None:
     """The descriptor for progress lines on the workflow's terminal, or ``None``.
 
-    It is :data:`TERMINAL_FD` when :data:`RULE_ENV` is set, the descriptor is open and writable and it is not
-    the file stderr already writes to (which would print every line twice).
+    It is :data:`TERMINAL_FD` when :data:`RULE_ENV` is set, the descriptor was already open when the
+    package was imported and still refers to the same object (not a file the process opened since, which
+    took the free number), and it is not the file stderr already writes to (which would print every line
+    twice).
     """
     if not os.environ.get(RULE_ENV):
         return None
-    try:
-        st = os.fstat(TERMINAL_FD)
-        err = os.fstat(2)
-    except OSError:
-        return None
-    if (st.st_dev, st.st_ino) == (err.st_dev, err.st_ino):
+    now, err = _identity(TERMINAL_FD), _identity(2)
+    if now is None or now != _TERMINAL_AT_IMPORT or now == err:
         return None
     return TERMINAL_FD
 

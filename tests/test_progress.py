@@ -105,6 +105,32 @@ def test_workflow_terminal_gets_rule_prefixed_lines_and_the_log_keeps_its_own(tm
     assert len(terminal.splitlines()) == 1 and terminal.startswith("[train_bestie] train: 4/4 (100%)")
 
 
+def test_a_file_that_takes_descriptor_3_gets_no_progress_lines(tmp_path):
+    """A rule's command run without `3>&2`: the first file the stage opens is descriptor 3 (here the JSONL
+    log a training writes); it must hold only what the stage writes, never the terminal's progress lines."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    artifact = tmp_path / "train_log.jsonl"
+    job = (
+        "import sys, bestie\n"  # the package is imported first, as `python -m bestie` does
+        "import bestie.progress as p\n"
+        f"f = open({str(artifact)!r}, 'w')\n"
+        "assert f.fileno() == p.TERMINAL_FD, f.fileno()\n"
+        "p.TERMINAL_INTERVAL = 0.0\n"
+        "with p.progress(total=3, desc='train') as bar:\n"
+        "    for _ in range(3):\n"
+        "        bar.update(1)\n"
+        "        f.write('{\"iteration\": 1}\\n'); f.flush()\n"
+    )
+    cmd = f"BESTIE_RULE=train_bestie {shlex.quote(sys.executable)} -c {shlex.quote(job)} 3>&- > /dev/null 2>&1"
+    env = {k: v for k, v in os.environ.items() if k != "BESTIE_RULE"}
+    subprocess.run(["bash", "-c", cmd], env=env, timeout=60, check=True)
+    assert artifact.read_text().splitlines() == ['{"iteration": 1}'] * 3
+
+
 def test_no_terminal_lines_outside_the_workflow(tmp_path):
     assert _job(tmp_path, None, interval=0.0)[0] == ""  # no rule named: a plain CLI run
     assert _job(tmp_path, "r", interval=0.0, redirect_fd3=False)[0] == ""  # descriptor 3 not open
