@@ -115,7 +115,7 @@ def test_a_file_that_takes_descriptor_3_gets_no_progress_lines(tmp_path):
 
     artifact = tmp_path / "train_log.jsonl"
     job = (
-        "import sys, bestie\n"  # the package is imported first, as `python -m bestie` does
+        "import bestie\n"  # the package is imported first, as `python -m bestie` does
         "import bestie.progress as p\n"
         f"f = open({str(artifact)!r}, 'w')\n"
         "assert f.fileno() == p.TERMINAL_FD, f.fileno()\n"
